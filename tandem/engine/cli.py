@@ -1,0 +1,82 @@
+"""``tandem generate``: one prompt in, one completion out, with the offline engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tandem.engine.model_files import DEFAULT_MODEL
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine flags shared by ``generate``, ``serve``, ``prefill`` and ``decode``."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="HF id (bundled: %(default)s), directory or .gguf file")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument("--max-model-len", type=int, default=4096)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=128)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step for bucketed batch sizes (slow start, faster steps)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: TANDEM_NUM_THREADS or all cores)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        seed=args.seed,
+        compile=args.compile,
+        num_threads=args.threads,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory),
+            enable_prefix_caching=args.enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens if args.enable_chunked_prefill
+            else max(args.max_num_batched_tokens, args.max_model_len),
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            max_model_len=args.max_model_len,
+        ),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt (sent through the chat template unless --raw)")
+    parser.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    add_engine_arguments(parser)
+    parser.set_defaults(max_model_len=2048)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tandem.engine.llm import LLM
+    from tandem.engine.llm_engine import ModelLoadError
+    from tandem.engine.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        llm = LLM.from_config(engine_config_from_args(args))
+        if args.raw:
+            out = llm.generate(args.prompt, params)
+        else:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params)
+    except (ValueError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out[0].outputs[0].text)
+    return 0

@@ -1,0 +1,80 @@
+"""Engine configuration: slotted dataclasses validated on construction, with tiny presets for tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def parse_memory(value: str | int | float, total_bytes: int | None = None) -> int:
+    """Parse '2GiB', '512MB', '1e9', 0.25 (a fraction of RAM) or a plain byte count into bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 0 < value < 1:
+            return int(value * (total_bytes or _total_ram()))
+        return int(value)
+    text = str(value).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "k": 2**10,
+             "m": 2**20, "g": 2**30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * mult)
+    number = float(text)
+    return parse_memory(number, total_bytes)
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = a default share of RAM
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size: must be a power of two in [1, 128], got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks: must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory: must be > 0, got {self.kv_cache_memory}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens: without chunked prefill it must be >= max_model_len "
+                f"({self.max_num_batched_tokens} < {self.max_model_len})"
+            )
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # torch.compile the decode step for a few bucketed batch sizes (CPU): pays ~2x at batch 1.
+    compile: bool = False
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype: must be bfloat16, float16 or float32, got {self.dtype!r}")

@@ -1,0 +1,107 @@
+"""The KV-cache manager: which blocks each request holds, prefix lookup, allocate and free.
+
+NOTE: ``allocate_slots`` returns None when the pool cannot satisfy a request; the scheduler decides
+what to do about it (wait or preempt). Nothing here knows about scheduling policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.engine.core.block_pool import BlockPool, KVCacheBlock
+from tandem.engine.core.request import Request
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found cached
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, block_size, enable_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self._num_cached_blocks: dict[str, int] = {}
+        self.prefix_stats = PrefixCacheStats()
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """The longest run of the request's leading full blocks already in the cache.
+
+        NOTE: at least one token is always left to compute, so the step produces logits to sample from.
+        """
+        if not self.enable_caching or request.num_computed_tokens > 0:
+            return [], 0
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for h in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        num_tokens = len(hits) * self.block_size
+        self.prefix_stats.queries += request.num_tokens
+        self.prefix_stats.hits += num_tokens
+        return hits, num_tokens
+
+    def blocks_needed(self, request: Request, num_new_tokens: int, num_new_computed_blocks: int = 0) -> int:
+        held = len(self.req_to_blocks.get(request.request_id, ())) + num_new_computed_blocks
+        total = request.num_computed_tokens + num_new_computed_blocks * self.block_size + num_new_tokens
+        return max(0, -(-total // self.block_size) - held)
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[KVCacheBlock] | None:
+        """Give ``request`` room for ``num_new_tokens`` more tokens (after ``new_computed_blocks``).
+
+        Returns the newly allocated blocks, or None (and changes nothing) if the pool is too small.
+        """
+        new_computed_blocks = new_computed_blocks or []
+        num_needed = self.blocks_needed(request, num_new_tokens, len(new_computed_blocks))
+        # Cached hits that are currently free will leave the free queue when touched.
+        num_free_hits = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return None
+        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            self._num_cached_blocks[request.request_id] = len(blocks)
+        new_blocks = self.pool.get_new_blocks(num_needed) if num_needed else []
+        blocks.extend(new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Enter the request's blocks that are full (and computed) into the prefix cache."""
+        if not self.enable_caching:
+            return
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        if not blocks:
+            return
+        start = self._num_cached_blocks.get(rid, 0)
+        end = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
+        if end > start:
+            self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, start, end)
+            self._num_cached_blocks[rid] = end
+
+    def free(self, request: Request) -> None:
+        blocks = self.req_to_blocks.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free_blocks(reversed(blocks))
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def take_events(self):
+        return self.pool.take_events()

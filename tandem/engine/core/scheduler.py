@@ -1,0 +1,300 @@
+"""The scheduler: policy only. Decides which requests run this step and how many tokens each gets.
+
+NOTE: there are no prefill or decode phases. Each running request needs ``num_tokens -
+num_computed_tokens`` more tokens computed; the step's token budget is shared among them, a long
+prompt takes a chunk, and a decode step is simply a request that needs one token. Requests waiting
+for remote KV (disaggregated decode) are parked while the rest of the batch keeps going.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tandem.engine.config import SchedulerConfig
+from tandem.engine.core.kv_cache_manager import KVCacheManager
+from tandem.engine.core.request import Request, RequestStatus
+
+
+class KVConnectorSchedulerSide(Protocol):
+    """The scheduler half of a KV connector (disaggregated prefill/decode)."""
+
+    def get_num_new_matched_tokens(self, request: Request, num_local_computed_tokens: int) -> int:
+        """Tokens (beyond the local prefix hits) whose KV will be loaded from a remote engine."""
+
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], num_local_blocks: int,
+                                 num_external_tokens: int) -> None:
+        """Blocks were allocated for the external tokens: start loading them."""
+
+    def get_finished_recving(self) -> dict[str, bool]:
+        """request_id -> whether its remote KV arrived intact (False: the load failed)."""
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """A request finished: (hold its blocks for a remote reader?, kv_transfer_params to return)."""
+
+    def get_finished_sending(self) -> list[str]:
+        """Requests whose held blocks may now be freed (read by the peer, or lease expired)."""
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    block_ids: list[int]
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """What the runner produced for the scheduled requests that sample this step."""
+
+    sampled: dict[str, int] = field(default_factory=dict)  # request_id -> token id
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[dict[int, float] | None]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """One request's progress after a step, for the output processor."""
+
+    request: Request
+    new_token_ids: list[int]
+    finished: bool
+    kv_transfer_params: dict | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        connector: KVConnectorSchedulerSide | None = None,
+    ) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # Requests finished but whose blocks are held for a remote reader: request_id -> request.
+        self.held: dict[str, Request] = {}
+        self.remote_waiting: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- admission -----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"prompt: {request.num_tokens} tokens leave no room to generate within "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.remote_waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.remote_waiting or self.held)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self._poll_connector()
+
+        # 1. Running requests first (oldest first), preempting the newest when blocks run out.
+        scheduled_ids: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                if self.kv.allocate_slots(request, num_new) is not None:
+                    break
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break  # the request preempted itself; nothing later can fit either
+            out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id)))
+            scheduled_ids.add(request.request_id)
+            budget -= num_new
+            i += 1
+
+        # 2. Admit waiting requests while there is budget, room and no preemption this step.
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if not self._group_ready(request):
+                skipped.append(self.waiting.popleft())
+                continue
+            computed_blocks, num_computed = self.kv.get_computed_blocks(request)
+            num_external = 0
+            if self.connector is not None and request.kv_transfer_params and request.num_computed_tokens == 0:
+                num_external = self.connector.get_num_new_matched_tokens(request, num_computed)
+            if num_external:
+                new_blocks = self.kv.allocate_slots(request, num_external, computed_blocks)
+                if new_blocks is None:
+                    break
+                self.waiting.popleft()
+                request.num_computed_tokens = num_computed
+                request.num_cached_tokens = num_computed
+                request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+                self.remote_waiting[request.request_id] = request
+                self.connector.update_state_after_alloc(  # type: ignore[union-attr]
+                    request, self.kv.block_ids(request.request_id), len(computed_blocks), num_external
+                )
+                continue
+            num_new = request.num_tokens - num_computed - request.num_computed_tokens
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            if request.num_computed_tokens == 0:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens += num_computed
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id)))
+            budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
+        return out
+
+    def _group_ready(self, request: Request) -> bool:
+        """n > 1 siblings wait until the first sibling's prompt is cached, then share its blocks."""
+        if request.group_id is None or not self.kv.enable_caching or request.num_computed_tokens:
+            return True
+        leader = self.requests.get(request.group_id)
+        if leader is None or leader is request or leader.is_finished:
+            return True
+        return leader.num_computed_tokens >= leader.num_prompt_tokens
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted.append(request.request_id)
+        # A preempted request may already be in out.scheduled (it was scheduled earlier this step).
+        out.scheduled[:] = [s for s in out.scheduled if s.request is not request]
+
+    def _poll_connector(self) -> None:
+        if self.connector is None:
+            return
+        for rid, ok in self.connector.get_finished_recving().items():
+            request = self.remote_waiting.pop(rid, None)
+            if request is None:
+                continue
+            if ok:
+                # Everything but the last prompt token arrived; the local step computes that one
+                # token and samples, exactly as an aggregated engine would.
+                request.num_computed_tokens = request.num_prompt_tokens - 1
+            else:
+                # Recompute locally from the local prefix hits; keep the blocks allocated.
+                request.num_computed_tokens = request.num_cached_tokens
+            self.kv.cache_blocks(request, request.num_computed_tokens)
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+        for rid in self.connector.get_finished_sending():
+            request = self.held.pop(rid, None)
+            if request is not None:
+                self.kv.free(request)
+
+    # ---- after the step ------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, output: ModelRunnerOutput) -> list[RequestUpdate]:
+        updates: list[RequestUpdate] = []
+        for item in sched.scheduled:
+            request = item.request
+            if request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += item.num_tokens
+            self.kv.cache_blocks(request, request.num_computed_tokens)
+            if request.request_id in output.prompt_logprobs:
+                request.prompt_logprobs.extend(output.prompt_logprobs[request.request_id])
+            token = output.sampled.get(request.request_id)
+            if token is None:
+                continue  # a prompt chunk that does not reach the end yet
+            request.append_output_token(token)
+            if request.request_id in output.logprobs:
+                request.output_logprobs.append(output.logprobs[request.request_id])
+            status = self._check_stop(request, token)
+            params = None
+            if status is not None:
+                params = self._finish(request, status)
+            updates.append(RequestUpdate(request, [token], status is not None, params))
+        return updates
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        sp = request.sampling_params
+        n_out = request.num_output_tokens
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token == request.eos_token_id:
+                return RequestStatus.FINISHED_STOPPED
+            if token in sp.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if sp.max_tokens is not None and n_out >= sp.max_tokens:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> dict | None:
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        params = None
+        hold = False
+        if self.connector is not None and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED):
+            hold, params = self.connector.request_finished(request, self.kv.block_ids(request.request_id))
+        if hold:
+            self.held[request.request_id] = request
+        else:
+            self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        return params
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish requests from outside the step (abort, stop string): their blocks are freed at once."""
+        done = []
+        for rid in request_ids:
+            request = self.requests.pop(rid, None)
+            if request is None or request.is_finished:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            self.remote_waiting.pop(rid, None)
+            request.status = status
+            self.kv.free(request)
+            done.append(request)
+        return done

@@ -1,0 +1,309 @@
+"""The engine: a scheduler, a model runner and output processing, driven one ``step()`` at a time.
+
+NOTE: this module is synchronous and knows nothing of HTTP or asyncio; the server runs it on its own
+thread (``async_engine.py``) and the offline ``LLM`` calls ``step()`` in a loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.core.kv_cache_manager import KVCacheManager
+from tandem.engine.core.request import Request, RequestStatus
+from tandem.engine.core.scheduler import KVConnectorSchedulerSide, Scheduler
+from tandem.engine.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop
+from tandem.engine.model_files import ModelNotFoundError
+from tandem.engine.model_runner import ModelRunner, set_threads
+from tandem.engine.models.llama import PRESETS, LlamaConfig, LlamaForCausalLM, rope_inv_freq
+from tandem.engine.outputs import RequestDelta
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.weights import WeightsError, load_config, load_state_dict, prepare
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message is one line naming the problem."""
+
+
+@dataclass(slots=True)
+class _Child:
+    """One of the ``n`` samples of a request, with its detokenizer state."""
+
+    parent_id: str
+    index: int
+    request: Request
+    detok: DetokenizerState = field(default_factory=DetokenizerState)
+    sent_prompt_logprobs: bool = False
+    sent_queue_time: bool = False
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks: int
+    num_free_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+def load_model(config: EngineConfig, progress: bool = True):
+    """Load (config, model, tokenizer, model name) for ``config.model``: an id, a path or ``preset:NAME``."""
+    name = config.model
+    if name and name.startswith("preset:"):
+        preset = PRESETS.get(name.split(":", 1)[1])
+        if preset is None:
+            raise ModelLoadError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        mc = LlamaConfig.from_hf(preset)
+        torch.manual_seed(config.seed)
+        model = LlamaForCausalLM(mc)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        return mc, model, None, name
+    try:
+        resolved, weights_dir = prepare(name)
+        mc = LlamaConfig.from_hf(load_config(weights_dir))
+        t0 = time.monotonic()
+        state = load_state_dict(weights_dir)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(mc)
+        model = model.to_empty(device="cpu")
+        model.inv_freq = rope_inv_freq(mc)  # buffers built on "meta" hold no values
+        model.load_hf_state_dict(state)
+        del state
+        tokenizer = _load_tokenizer(weights_dir)
+        if progress:
+            print(f"tandem: loaded {resolved.name} ({mc.architecture}, {mc.num_layers} layers) "
+                  f"in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        return mc, model, tokenizer, resolved.name
+    except (ModelNotFoundError, WeightsError, ValueError, OSError) as exc:
+        raise ModelLoadError(str(exc).splitlines()[0]) from exc
+
+
+def _load_tokenizer(weights_dir):
+    if not (weights_dir / "tokenizer.json").exists() and not (weights_dir / "tokenizer_config.json").exists():
+        return None
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", module="transformers")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(weights_dir)
+
+
+class LLMEngine:
+    """Owns the model, KV cache and scheduler; ``add_request`` then ``step`` until done."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        connector: KVConnectorSchedulerSide | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        set_threads(config.num_threads)
+        self.model_config, model, self.tokenizer, self.model_name = load_model(config, progress)
+        max_pos = self.model_config.max_position_embeddings
+        if config.scheduler.max_model_len > max_pos:
+            raise ModelLoadError(f"max_model_len: {config.scheduler.max_model_len} exceeds the model's {max_pos}")
+        self.runner = ModelRunner(config, self.model_config, model)
+        layout = self.runner.layout
+        self.kv_manager = KVCacheManager(layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, connector)
+        if progress:
+            print(f"tandem: KV cache {layout.total_bytes / 2**20:.0f} MiB = {layout.num_blocks} blocks "
+                  f"x {layout.block_size} tokens = {layout.num_blocks * layout.block_size} tokens "
+                  f"({config.dtype})", file=sys.stderr)
+        self.eos_token_id = self._eos_token_id()
+        self._children: dict[str, _Child] = {}
+        self._parents: dict[str, list[str]] = {}
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._ids = itertools.count()
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return int(self.tokenizer.eos_token_id)
+        eos = self.model_config.eos_token_id
+        return eos[0] if isinstance(eos, list) else eos
+
+    # ---- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: this model has no tokenizer; pass token ids")
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs
+        )
+        if hasattr(ids, "keys"):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        kv_transfer_params: dict | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request (``params.n`` samples). Raises ValueError for an invalid one."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._parents:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        if not prompt_token_ids:
+            raise ValueError("prompt: must not be empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        max_len = self.config.scheduler.max_model_len
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(
+                f"prompt: {len(prompt_token_ids)} tokens is too long for max_model_len={max_len} "
+                "(at least one token must be left to generate)"
+            )
+        children = []
+        for i in range(params.n):
+            cid = request_id if params.n == 1 else f"{request_id}-{i}"
+            child_params = params if params.n == 1 else params.clone(
+                n=1, seed=None if params.seed is None else params.seed + i
+            )
+            req = Request(
+                request_id=cid,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=child_params,
+                eos_token_id=self.eos_token_id,
+                arrival_time=arrival_time or time.monotonic(),
+                block_size=self.config.cache.block_size,
+                group_id=None if params.n == 1 or i == 0 else f"{request_id}-0",
+                kv_transfer_params=kv_transfer_params,
+            )
+            children.append(req)
+        for i, req in enumerate(children):
+            self.scheduler.add_request(req)
+            self._children[req.request_id] = _Child(request_id, i, req)
+        self._parents[request_id] = [r.request_id for r in children]
+        return request_id
+
+    def abort_request(self, request_ids: list[str] | str) -> None:
+        """Cancel requests: their blocks go back to the pool at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            for cid in self._parents.pop(rid, []):
+                self.scheduler.finish_requests([cid], RequestStatus.FINISHED_ABORTED)
+                self._children.pop(cid, None)
+                self.runner.sampler.forget(cid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents) or self.scheduler.has_work()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        output = self.runner.execute(sched)
+        updates = self.scheduler.update_from_output(sched, output)
+        deltas = []
+        for upd in updates:
+            child = self._children.get(upd.request.request_id)
+            if child is None:
+                continue
+            if upd.request.num_output_tokens == 1:
+                self.prompt_tokens_total += upd.request.num_prompt_tokens
+            self.generation_tokens_total += len(upd.new_token_ids)
+            deltas.append(self._process(child, upd.new_token_ids, upd.finished, upd.kv_transfer_params))
+        return deltas
+
+    def _process(self, child: _Child, new_ids: list[int], finished: bool, kv_params: dict | None) -> RequestDelta:
+        req = child.request
+        sp = req.sampling_params
+        new_text = ""
+        stop_reason: str | int | None = None
+        status = req.status
+        if finished and status == RequestStatus.FINISHED_STOPPED and new_ids:
+            stop_reason = new_ids[-1] if new_ids[-1] != req.eos_token_id else None
+        if self._detokenizer is not None:
+            text_ids = new_ids
+            if finished and status == RequestStatus.FINISHED_STOPPED and not sp.include_stop_str_in_output:
+                text_ids = []  # the EOS / stop token itself is not part of the text
+            self._detokenizer.skip_special_tokens = sp.skip_special_tokens
+            self._detokenizer.add(child.detok, text_ids)
+            text = child.detok.text
+            if sp.stop and not finished:
+                hit = find_stop(text, len(text) - child.detok.emitted + 1, sp.stop)
+                if hit is not None:
+                    idx, stop = hit
+                    cut = idx + len(stop) if sp.include_stop_str_in_output else idx
+                    child.detok.text = text = text[:cut]
+                    finished, stop_reason = True, stop
+                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                    status = RequestStatus.FINISHED_STOPPED
+            # While running, hold back a tail that could still become a stop string.
+            hold = 0 if finished or not sp.stop else max(len(s) for s in sp.stop) - 1
+            upto = max(child.detok.emitted, len(text) - hold)
+            new_text = text[child.detok.emitted : upto]
+            child.detok.emitted = upto
+        delta = RequestDelta(
+            request_id=child.parent_id,
+            index=child.index,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=finished,
+            finish_reason=status.finish_reason if finished else None,
+            stop_reason=stop_reason,
+            new_logprobs=req.output_logprobs[-len(new_ids):] if sp.logprobs is not None and new_ids else [],
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            kv_transfer_params=kv_params,
+        )
+        if sp.prompt_logprobs is not None and not child.sent_prompt_logprobs:
+            delta.prompt_logprobs = req.prompt_logprobs
+            child.sent_prompt_logprobs = True
+        if finished:
+            self._children.pop(req.request_id, None)
+            self.runner.sampler.forget(req.request_id)
+            siblings = self._parents.get(child.parent_id)
+            if siblings is not None and all(c not in self._children for c in siblings):
+                del self._parents[child.parent_id]
+        return delta
+
+    # ---- introspection -------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        pool = self.kv_manager.pool
+        ps = self.kv_manager.prefix_stats
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=pool.usage,
+            num_blocks=pool.num_blocks,
+            num_free_blocks=pool.num_free_blocks,
+            prefix_cache_queries=ps.queries,
+            prefix_cache_hits=ps.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+        )
+
+    def take_kv_events(self):
+        return self.kv_manager.take_events()

@@ -1,0 +1,167 @@
+"""The model runner: ``prepare_inputs -> forward -> sample`` over the paged KV cache.
+
+It owns the model, the KV cache buffer (one tensor, see ``core/kv_layout.py``) and the sampler. It
+is stateless across steps except for the KV contents: everything it needs comes from the
+``SchedulerOutput`` it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.core.kv_layout import KVCacheLayout
+from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tandem.engine.models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM, PrefillSeq
+from tandem.engine.sampler import Sampler, prompt_logprobs_for
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~46k tokens of SmolLM2-135M in bf16
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # flat token index whose logits are sampled, per sampling request
+    sample_items: list[ScheduledRequest]
+    order: list[ScheduledRequest]  # items in flat order (decodes first)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: LlamaConfig, model: LlamaForCausalLM) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.dtype = DTYPES[config.dtype]
+        self.device = torch.device(config.device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.inv_freq = self.model.inv_freq.float()
+        self.block_size = config.cache.block_size
+        self.layout = self._size_kv_cache()
+        # NOTE: one contiguous buffer; per-layer K/V are views into it (kvtransfer registers it once).
+        self.kv_buffer = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(model_config.num_layers)]
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
+
+    def _size_kv_cache(self) -> KVCacheLayout:
+        cfg, mc = self.config.cache, self.model_config
+        probe = KVCacheLayout(mc.num_layers, 1, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.config.dtype)
+        if cfg.num_blocks is not None:
+            num_blocks = cfg.num_blocks
+        else:
+            memory = cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+            num_blocks = memory // probe.bytes_per_block_all_layers
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory: {memory} bytes is less than one block ({probe.bytes_per_block_all_layers} bytes)"
+                )
+        needed = -(-self.config.scheduler.max_model_len // cfg.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"kv_cache_memory: {num_blocks} blocks cannot hold one max_model_len="
+                f"{self.config.scheduler.max_model_len} sequence ({needed} blocks needed)"
+            )
+        return KVCacheLayout(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.config.dtype)
+
+    # ---- prepare_inputs -> forward -> sample ---------------------------------------------------
+    def prepare_inputs(self, sched: SchedulerOutput) -> PreparedBatch:
+        bs = self.block_size
+        decodes = [s for s in sched.scheduled if s.num_tokens == 1]
+        prefills = [s for s in sched.scheduled if s.num_tokens > 1]
+        order = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_items: list[ScheduledRequest] = []
+        prefill_seqs: list[PrefillSeq] = []
+        for item in order:
+            req, start, n = item.request, item.request.num_computed_tokens, item.num_tokens
+            q_start = len(input_ids)
+            input_ids.extend(req.all_token_ids[start : start + n])
+            ids = item.block_ids
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(ids[pos // bs] * bs + pos % bs)
+            if start + n == req.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_items.append(item)
+            if n > 1:
+                ctx = start + n
+                prefill_seqs.append(
+                    PrefillSeq(q_start, n, ctx, torch.tensor(ids[: -(-ctx // bs)], dtype=torch.long))
+                )
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=prefill_seqs
+        )
+        if decodes:
+            max_blocks = max(-(-(d.request.num_computed_tokens + 1) // bs) for d in decodes)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            seq_lens = torch.empty(len(decodes), dtype=torch.long)
+            for row, d in enumerate(decodes):
+                ctx = d.request.num_computed_tokens + 1
+                nblk = -(-ctx // bs)
+                table[row, :nblk] = torch.tensor(d.block_ids[:nblk], dtype=torch.long)
+                seq_lens[row] = ctx
+            meta.decode_block_tables = table
+            meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
+                len(decodes), 1, 1, max_blocks * bs
+            )
+        return PreparedBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            meta=meta,
+            sample_rows=sample_rows,
+            sample_items=sample_items,
+            order=order,
+        )
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if not sched.scheduled:
+            return out
+        batch = self.prepare_inputs(sched)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        self._prompt_logprobs(batch, hidden, out)
+        if batch.sample_rows:
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            requests = [item.request for item in batch.sample_items]
+            result = self.sampler.sample(logits, requests)
+            for req, tok, lp in zip(requests, result.token_ids, result.logprobs):
+                out.sampled[req.request_id] = tok
+                if lp is not None:
+                    out.logprobs[req.request_id] = lp
+        return out
+
+    def _prompt_logprobs(self, batch: PreparedBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        offset = 0
+        for item in batch.order:
+            req, start, n = item.request, item.request.num_computed_tokens, item.num_tokens
+            k = req.sampling_params.prompt_logprobs
+            if k is not None and start < req.num_prompt_tokens:
+                # Position p's logits predict token p + 1; the first prompt token has no logprob.
+                end = min(start + n, req.num_prompt_tokens - 1)
+                entries: list[dict[int, float] | None] = [None] if start == 0 else []
+                if end > start:
+                    logits = self.model.compute_logits(hidden[offset : offset + (end - start)])
+                    entries.extend(prompt_logprobs_for(logits, req.prompt_token_ids[start + 1 : end + 1], k))
+                out.prompt_logprobs[req.request_id] = entries
+            offset += n
+
+
+def set_threads(num_threads: int | None) -> int:
+    """Use ``num_threads`` torch threads (default: TANDEM_NUM_THREADS or every core)."""
+    n = num_threads or int(os.environ.get("TANDEM_NUM_THREADS", "0")) or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+

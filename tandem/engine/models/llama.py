@@ -1,0 +1,305 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) written against the paged KV cache.
+
+Tokens of a step are packed into one flat sequence ``[T]``: first one token per decoding request,
+then each prefill chunk. The linear layers run once over all ``T`` tokens; attention reads and writes
+the paged KV cache through the ``AttentionMetadata`` passed in (never a module global).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(slots=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """Build from a Hugging Face ``config.json`` dict; unsupported architectures raise ValueError."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+            arch = by_type.get(model_type or "")
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or model_type!r}: Tandem serves "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            architecture=arch,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+
+# Tiny configurations for tests (randomly initialised): gpt-fast style named presets.
+PRESETS: dict[str, dict] = {
+    "tiny-llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False),
+    "tiny-qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=512, hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, rope_theta=1000000.0, tie_word_embeddings=True),
+}
+
+
+@dataclass(slots=True)
+class PrefillSeq:
+    """One prefill chunk in the packed batch."""
+
+    q_start: int  # offset of its first token in the flat batch
+    q_len: int
+    ctx_len: int  # tokens in the cache after this chunk (prefix + chunk)
+    block_ids: torch.Tensor  # [ceil(ctx_len / block_size)] blocks covering the context
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How this step's flat tokens map onto the paged KV cache."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot (block_id * block_size + offset) of each token
+    num_decode: int = 0  # the first num_decode tokens are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] True where attended
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, 1, D/2] (rotate-half convention, as in HF checkpoints)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        nb, bs = k_cache.shape[0], k_cache.shape[1]
+        k_flat = k_cache.view(nb * bs, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(nb * bs, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty(T, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+        group = self.num_heads // self.num_kv_heads
+        if meta.num_decode:
+            bd = meta.num_decode
+            # Gather each sequence's blocks into [Bd, kv_heads, L, D] (L = max_blocks * block_size).
+            kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+            vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+            qd = q[:bd].view(bd, self.num_kv_heads, group, self.head_dim)
+            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [Bd, kvh, group, L]
+            scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
+            out[:bd] = torch.matmul(probs, vd).view(bd, self.num_heads, self.head_dim)
+        for seq in meta.prefills:
+            qs = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+            if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
+                ks = k[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
+                vs = v[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                ks = k_cache[seq.block_ids].flatten(0, 1)[: seq.ctx_len].transpose(0, 1).unsqueeze(0)
+                vs = v_cache[seq.block_ids].flatten(0, 1)[: seq.ctx_len].transpose(0, 1).unsqueeze(0)
+                # Query i sits at position ctx_len - q_len + i and sees keys up to it.
+                qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=x.device).unsqueeze(1)
+                mask = torch.arange(seq.ctx_len, device=x.device).unsqueeze(0) <= qpos
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            out[seq.q_start : seq.q_start + seq.q_len] = o[0].transpose(0, 1)
+        return self.o_proj(out.view(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden] (normalised); logits are computed separately."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
+        cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
+        h = self.embed_tokens(input_ids)
+        residual = h
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_caches[i]
+            a = layer.self_attn(layer.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+            residual = residual + a
+            m = layer.mlp(layer.post_attention_layernorm(residual))
+            residual = residual + m
+            h = residual
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise."""
+        cfg = self.config
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return state[name]
+            except KeyError:
+                raise ValueError(f"weights are missing tensor {name!r}") from None
+
+        def put(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+            if param.shape != value.shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            param.copy_(value)
+
+        put(self.embed_tokens.weight, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        put(self.norm.weight, take("model.norm.weight"), "model.norm.weight")
+        if self.lm_head is not None:
+            put(self.lm_head.weight, state.get("lm_head.weight", state["model.embed_tokens.weight"]), "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            qkv = torch.cat([take(attn + f"{n}_proj.weight") for n in "qkv"], dim=0)
+            put(layer.self_attn.qkv_proj.weight, qkv, attn + "qkv")
+            if cfg.qkv_bias:
+                bias = torch.cat([take(attn + f"{n}_proj.bias") for n in "qkv"], dim=0)
+                put(layer.self_attn.qkv_proj.bias, bias, attn + "qkv bias")
+            put(layer.self_attn.o_proj.weight, take(attn + "o_proj.weight"), attn + "o_proj.weight")
+            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0)
+            put(layer.mlp.gate_up_proj.weight, gate_up, p + "mlp.gate_up")
+            put(layer.mlp.down_proj.weight, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
+            put(layer.input_layernorm.weight, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
+            put(layer.post_attention_layernorm.weight, take(p + "post_attention_layernorm.weight"),
+                p + "post_attention_layernorm.weight")

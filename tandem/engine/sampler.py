@@ -1,0 +1,132 @@
+"""Turning logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds and logprobs.
+
+NOTE: each seeded request owns a ``torch.Generator`` and draws exactly one exponential vector per
+sampled token, so its output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.core.request import Request
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    # Per row: {token_id: logprob} holding the top-k tokens and the chosen one (None if not asked).
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self._global = torch.Generator().manual_seed(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return self._global
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(seed)
+            self._generators[request.request_id] = gen
+        return gen
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        """logits: [B, V] (any float dtype), one row per request."""
+        logits = logits[:, : self.vocab_size].float()
+        want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        for row, request in enumerate(requests):
+            sp = request.sampling_params
+            if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
+                self._apply_penalties(logits[row], request)
+            if request.num_output_tokens < sp.min_tokens:
+                banned = list(sp.stop_token_ids)
+                if request.eos_token_id is not None and not sp.ignore_eos:
+                    banned.append(request.eos_token_id)
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+        greedy = all(r.sampling_params.greedy for r in requests)
+        if greedy:
+            chosen = logits.argmax(dim=-1).tolist()
+        else:
+            chosen = [0] * len(requests)
+            for row, request in enumerate(requests):
+                sp = request.sampling_params
+                if sp.greedy:
+                    chosen[row] = int(logits[row].argmax())
+                    continue
+                probs = self._probs(logits[row], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+                # Exponential race == sampling from probs, with one draw per token from the request's own RNG.
+                q = torch.empty_like(probs).exponential_(generator=self._generator(request))
+                chosen[row] = int((probs / q).argmax())
+
+        out_logprobs: list[dict[int, float] | None] = []
+        for row, request in enumerate(requests):
+            if not want_logprobs[row]:
+                out_logprobs.append(None)
+                continue
+            assert raw_logprobs is not None
+            k = request.sampling_params.logprobs or 0
+            entry: dict[int, float] = {}
+            entry[chosen[row]] = float(raw_logprobs[row, chosen[row]])
+            if k:
+                vals, idx = raw_logprobs[row].topk(k)
+                for t, v in zip(idx.tolist(), vals.tolist()):
+                    entry.setdefault(t, v)
+            out_logprobs.append(entry)
+        return SampleResult(chosen, out_logprobs)
+
+    @staticmethod
+    def _probs(row: torch.Tensor, temperature: float, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
+        row = row / temperature
+        if top_k is not None and top_k < row.numel():
+            kth = row.topk(top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if min_p > 0:
+            probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cum = sorted_probs.cumsum(0)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            drop = (cum - sorted_probs) >= top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return probs / probs.sum()
+
+    @staticmethod
+    def _apply_penalties(row: torch.Tensor, request: Request) -> None:
+        sp = request.sampling_params
+        if sp.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+        if (sp.presence_penalty or sp.frequency_penalty) and request.output_token_ids:
+            ids, counts = torch.tensor(request.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            row[ids] -= sp.frequency_penalty * counts.float() + sp.presence_penalty
+
+
+def prompt_logprobs_for(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[dict[int, float]]:
+    """Logprobs of each actual next prompt token (plus the top-k) for logits rows [n, V]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, tok in enumerate(next_tokens):
+        entry = {tok: float(lp[row, tok])}
+        if k:
+            vals, idx = lp[row].topk(k)
+            for t, v in zip(idx.tolist(), vals.tolist()):
+                entry.setdefault(t, v)
+        out.append(entry)
+    return out
