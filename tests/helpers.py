@@ -1,0 +1,39 @@
+"""Small builders shared by tests: engines, requests, HF greedy references, leak checks."""
+
+from __future__ import annotations
+
+import torch
+
+from tandem.engine.core.request import Request
+from tandem.engine.sampling_params import SamplingParams
+
+
+def create_request(request_id: str, prompt: list[int], max_tokens: int = 8, block_size: int = 4, **params) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=prompt,
+        sampling_params=SamplingParams(max_tokens=max_tokens, temperature=0.0, **params),
+        eos_token_id=None,
+        block_size=block_size,
+    )
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers ``generate`` greedy continuation (stops at EOS like the engine does)."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=hf_model.config.eos_token_id,
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def assert_engine_idle(engine) -> None:
+    """No request left and every KV block back in the pool."""
+    pool = engine.kv_manager.pool
+    assert not engine.has_unfinished_requests()
+    assert pool.num_free_blocks == pool.num_blocks, f"{pool.num_blocks - pool.num_free_blocks} blocks leaked"
+    assert not engine.kv_manager.req_to_blocks
