@@ -214,6 +214,10 @@ class LLMEngine:
                 self._children.pop(cid, None)
                 self.runner.sampler.forget(cid)
 
+    def is_active(self, request_id: str) -> bool:
+        """Whether a request (any of its samples) is still queued or running."""
+        return request_id in self._parents
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or self.scheduler.has_work()
 
@@ -277,6 +281,9 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             kv_transfer_params=kv_params,
         )
+        if not child.sent_queue_time and req.first_scheduled_time is not None:
+            delta.queue_time = max(0.0, req.first_scheduled_time - req.arrival_time)
+            child.sent_queue_time = True
         if sp.prompt_logprobs is not None and not child.sent_prompt_logprobs:
             delta.prompt_logprobs = req.prompt_logprobs
             child.sent_prompt_logprobs = True

@@ -21,6 +21,7 @@ class RequestDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None
+    queue_time: float | None = None  # seconds from arrival to first schedule, on the first delta only
     error: str | None = None
 
 
