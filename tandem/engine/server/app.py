@@ -130,6 +130,8 @@ class _RequestTracker:
         self.last: float | None = None
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.expected = 0  # samples submitted
+        self.finished = 0
 
     def on_delta(self, delta: RequestDelta) -> None:
         now = time.monotonic()
@@ -146,6 +148,7 @@ class _RequestTracker:
         if delta.queue_time is not None:
             self.m.queue_time.labels(label).observe(delta.queue_time)
         if delta.finished:
+            self.finished += 1
             self.m.request_success.labels(label, delta.finish_reason or "stop").inc()
 
     def on_prompt(self, num_tokens: int) -> None:
@@ -155,6 +158,8 @@ class _RequestTracker:
 
     def done(self) -> None:
         label = self.m.model_name
+        if self.finished < self.expected:  # the client went away (or the engine failed): aborted
+            self.m.request_success.labels(label, "abort").inc(self.expected - self.finished)
         self.m.e2e.labels(label).observe(time.monotonic() - self.start)
         self.m.generation_tokens_hist.labels(label).observe(self.output_tokens)
 
@@ -227,6 +232,48 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
 
 
 # ---- the app ---------------------------------------------------------------------------------------
+class RequestContextMiddleware:
+    """Request ids and API-key checks, as plain ASGI.
+
+    NOTE: not Starlette's BaseHTTPMiddleware, which hides client disconnects from the handlers
+    (and so would keep generating for clients that are gone).
+    """
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        keys = self.state.config.api_keys
+        if keys and scope["path"].startswith(PROTECTED_PREFIXES):
+            auth = headers.get("authorization", "")
+            token = auth[7:] if auth[:7].lower() == "bearer " else ""
+            # Compare against every key, in constant time, without short-circuiting.
+            ok = False
+            for key in keys:
+                ok |= hmac.compare_digest(token.encode(), key.encode())
+            if not ok:
+                self.state.metrics.request_errors.labels(self.state.config.model_name, "401").inc()
+                response = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                    code="invalid_api_key").response({"x-request-id": request_id})
+                await response(scope, receive, send)
+                return
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def build_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.kv_hub.bind(asyncio.get_running_loop())
@@ -247,29 +294,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Tandem engine", version=tandem.__version__, lifespan=lifespan)
     app.state.tandem = state
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        path = request.url.path
-        if state.config.api_keys and path.startswith(PROTECTED_PREFIXES):
-            auth = request.headers.get("authorization", "")
-            token = auth[7:] if auth[:7].lower() == "bearer " else ""
-            # Compare against every key, in constant time, without short-circuiting.
-            ok = False
-            for key in state.config.api_keys:
-                ok |= hmac.compare_digest(token.encode(), key.encode())
-            if not ok:
-                state.metrics.request_errors.labels(state.config.model_name, "401").inc()
-                return APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                code="invalid_api_key").response({"x-request-id": request_id})
-        try:
-            response = await call_next(request)
-        except Exception:  # never leak a traceback to the client
-            logger.exception("unhandled error on %s", path)
-            response = APIError(500, "internal server error", code="internal_error").response()
-        response.headers["x-request-id"] = request_id
-        return response
+    app.add_middleware(RequestContextMiddleware, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -431,6 +456,7 @@ class _GenContext:
         streams = []
         for i, (ids, p) in enumerate(zip(prompt_ids, params)):
             self.tracker.on_prompt(len(ids))
+            self.tracker.expected += p.n
             streams.append(self.state.engine.generate(self.engine_id(i, len(prompt_ids)), ids, p, self.kv_params))
         return streams
 

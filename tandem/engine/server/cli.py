@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from tandem.engine.cli import add_engine_arguments, engine_config_from_args
@@ -75,6 +76,9 @@ def serve(args: argparse.Namespace, role: str = "aggregated", extensions=(), eng
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, loop="auto", http="auto")
     server = uvicorn.Server(config)
+    # NOTE: uvicorn re-raises the signal it caught once shutdown is done; a no-op handler makes a
+    # graceful SIGTERM end with exit status 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if engine.error is not None:
         print(f"error: {engine.error}", file=sys.stderr)
