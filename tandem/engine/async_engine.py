@@ -163,10 +163,15 @@ class AsyncEngine:
             return
         self._loop.call_soon_threadsafe(self.ready.set)
         engine = self.engine
+        idle = True
         while True:
-            block = not engine.has_unfinished_requests() and not self.step_hooks_pending(engine)
+            # Block on the command queue while nothing can run; while blocks are held for, or being
+            # pulled from, a remote engine, wake often enough to do that housekeeping.
             try:
-                command = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+                if idle:
+                    command = self._commands.get(timeout=0.005 if engine.scheduler.has_external_work() else 0.1)
+                else:
+                    command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
             while command is not None:
@@ -179,11 +184,12 @@ class AsyncEngine:
                 except queue.Empty:
                     command = None
             try:
-                deltas = engine.step() if engine.has_unfinished_requests() else []
+                deltas = engine.step() if engine.scheduler.has_work() else []
             except Exception as exc:  # a bug in a step must not kill the server: fail what was running
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 continue
+            idle = engine.last_step_num_tokens == 0
             for delta in deltas:
                 sink = self._sinks.get(delta.request_id)
                 if sink is not None:
@@ -196,10 +202,6 @@ class AsyncEngine:
                 for listener in self.kv_event_listeners:
                     listener(events)
             self.stats = engine.stats()
-
-    def step_hooks_pending(self, engine: LLMEngine) -> bool:
-        # Held blocks (disaggregated prefill) need periodic housekeeping even when idle.
-        return bool(engine.scheduler.held) or bool(engine.scheduler.remote_waiting)
 
     def _handle(self, engine: LLMEngine, command) -> None:
         if isinstance(command, _Add):

@@ -134,6 +134,7 @@ class LLMEngine:
         self._detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.last_step_num_tokens = 0
         self._ids = itertools.count()
 
     def _eos_token_id(self) -> int | None:
@@ -224,6 +225,7 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         sched = self.scheduler.schedule()
+        self.last_step_num_tokens = sched.total_tokens
         if not sched.scheduled:
             return []
         output = self.runner.execute(sched)

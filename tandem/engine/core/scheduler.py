@@ -114,6 +114,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.remote_waiting or self.held)
 
+    def has_external_work(self) -> bool:
+        """Blocks held for a remote reader, or requests waiting for remote KV: needs polling."""
+        return bool(self.remote_waiting or self.held)
+
     # ---- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
