@@ -226,11 +226,11 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         sched = self.scheduler.schedule()
         self.last_step_num_tokens = sched.total_tokens
+        deltas = self._failed_deltas()
         if not sched.scheduled:
-            return []
+            return deltas
         output = self.runner.execute(sched)
         updates = self.scheduler.update_from_output(sched, output)
-        deltas = []
         for upd in updates:
             child = self._children.get(upd.request.request_id)
             if child is None:
@@ -239,6 +239,18 @@ class LLMEngine:
                 self.prompt_tokens_total += upd.request.num_prompt_tokens
             self.generation_tokens_total += len(upd.new_token_ids)
             deltas.append(self._process(child, upd.new_token_ids, upd.finished, upd.kv_transfer_params))
+        return deltas
+
+    def _failed_deltas(self) -> list[RequestDelta]:
+        """Final deltas (finish_reason "error", ``error`` set) of requests the scheduler ended with an error."""
+        deltas = []
+        for request, error in self.scheduler.take_failed():
+            child = self._children.get(request.request_id)
+            if child is None:
+                continue
+            delta = self._process(child, [], True, None)
+            delta.error = error
+            deltas.append(delta)
         return deltas
 
     def _process(self, child: _Child, new_ids: list[int], finished: bool, kv_params: dict | None) -> RequestDelta:

@@ -17,7 +17,13 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.core.kv_layout import KVCacheLayout
 from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from tandem.engine.models.llama import AttentionMetadata, LlamaConfig, LlamaForCausalLM, PrefillSeq
+from tandem.engine.models.llama import (
+    AttentionMetadata,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PrefillSeq,
+    can_pack_linears,
+)
 from tandem.engine.sampler import Sampler, prompt_logprobs_for
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.inv_freq = self.model.inv_freq.float()
+        if can_pack_linears(self.dtype, self.device):
+            self.model.pack_linears()
         self.block_size = config.cache.block_size
         self.layout = self._size_kv_cache()
         # NOTE: one contiguous buffer; per-layer K/V are views into it (kvtransfer registers it once).

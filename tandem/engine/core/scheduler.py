@@ -32,6 +32,9 @@ class KVConnectorSchedulerSide(Protocol):
     def get_finished_recving(self) -> dict[str, bool]:
         """request_id -> whether its remote KV arrived intact (False: the load failed)."""
 
+    def load_failure_error(self, request_id: str) -> str | None:
+        """After a failed load: the error to end the request with, or None to recompute the prompt locally."""
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         """A request finished: (hold its blocks for a remote reader?, kv_transfer_params to return)."""
 
@@ -91,6 +94,10 @@ class Scheduler:
         # Requests finished but whose blocks are held for a remote reader: request_id -> request.
         self.held: dict[str, Request] = {}
         self.remote_waiting: dict[str, Request] = {}
+        # Aborted while their remote KV was loading: blocks freed once the connector reports the READ over.
+        self.aborted_loading: dict[str, Request] = {}
+        # Ended by the scheduler with an error (remote KV load failed, policy "fail"): (request, message).
+        self.failed: list[tuple[Request, str]] = []
         self.num_preemptions = 0
 
     # ---- admission -----------------------------------------------------------------------------
@@ -112,11 +119,16 @@ class Scheduler:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.remote_waiting or self.held)
+        return bool(self.waiting or self.running or self.remote_waiting or self.held or self.aborted_loading)
 
     def has_external_work(self) -> bool:
         """Blocks held for a remote reader, or requests waiting for remote KV: needs polling."""
-        return bool(self.remote_waiting or self.held)
+        return bool(self.remote_waiting or self.held or self.aborted_loading)
+
+    def take_failed(self) -> list[tuple[Request, str]]:
+        """Requests the scheduler ended with an error since the last call, with the error message."""
+        failed, self.failed = self.failed, []
+        return failed
 
     # ---- the step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -215,17 +227,32 @@ class Scheduler:
         if self.connector is None:
             return
         for rid, ok in self.connector.get_finished_recving().items():
+            aborted = self.aborted_loading.pop(rid, None)
+            if aborted is not None:
+                self.kv.free(aborted)  # the READ is over: nothing writes into these blocks any more
+                continue
             request = self.remote_waiting.pop(rid, None)
             if request is None:
                 continue
+            # One load per request: if it is preempted later (or the load failed) it recomputes locally.
+            request.kv_transfer_params = None
             if ok:
                 # Everything but the last prompt token arrived; the local step computes that one
                 # token and samples, exactly as an aggregated engine would.
                 request.num_computed_tokens = request.num_prompt_tokens - 1
+                self.kv.cache_blocks(request, request.num_computed_tokens)
             else:
-                # Recompute locally from the local prefix hits; keep the blocks allocated.
-                request.num_computed_tokens = request.num_cached_tokens
-            self.kv.cache_blocks(request, request.num_computed_tokens)
+                # NOTE: start over from a fresh prefix lookup (which finds the local hits again): the
+                # blocks the failed READ targeted hold garbage and must not count as computed.
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                request.num_cached_tokens = 0
+                error = self.connector.load_failure_error(rid)
+                if error is not None:
+                    request.status = RequestStatus.FINISHED_ERROR
+                    self.requests.pop(rid, None)
+                    self.failed.append((request, error))
+                    continue
             request.status = RequestStatus.WAITING
             self.waiting.appendleft(request)
         for rid in self.connector.get_finished_sending():
@@ -287,7 +314,8 @@ class Scheduler:
         return params
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
-        """Finish requests from outside the step (abort, stop string): their blocks are freed at once."""
+        """Finish requests from outside the step (abort, stop string): their blocks are freed at once,
+        except while a remote READ may still write into them (then when the connector reports it over)."""
         done = []
         for rid in request_ids:
             request = self.requests.pop(rid, None)
@@ -297,8 +325,10 @@ class Scheduler:
                 self.running.remove(request)
             elif request in self.waiting:
                 self.waiting.remove(request)
-            self.remote_waiting.pop(rid, None)
             request.status = status
-            self.kv.free(request)
+            if self.remote_waiting.pop(rid, None) is not None:
+                self.aborted_loading[rid] = request
+            else:
+                self.kv.free(request)
             done.append(request)
         return done

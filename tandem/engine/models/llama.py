@@ -113,6 +113,34 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
+class PackedLinear(nn.Module):
+    """A bf16 CPU linear whose weight is pre-packed once for oneDNN (what inductor's freezing does).
+
+    NOTE: aten's bf16 linear re-lays the weight out on every call; for the small matrices of a 135M
+    model at decode batch sizes that costs more than the multiply itself.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = PackedLinear(nn.Linear(8, 4, bias=False).to(dtype).requires_grad_(False))
+        out = probe(torch.ones(2, 8, dtype=dtype))
+        return out.shape == (2, 4) and bool(torch.isfinite(out).all())
+    except (RuntimeError, AttributeError):
+        return False
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -146,10 +174,16 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D/2] (rotate-half convention, as in HF checkpoints)."""
+    """x: [T, heads, D]; cos/sin: [T, 1, D/2] in x's dtype (rotate-half convention, as HF computes it)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 class Attention(nn.Module):
@@ -242,6 +276,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.packed_lm_head: PackedLinear | None = None
 
     def forward(
         self,
@@ -251,9 +286,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (normalised); logits are computed separately."""
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
-        cos, sin = freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)
         h = self.embed_tokens(input_ids)
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
+        cos, sin = freqs.cos().to(h.dtype).unsqueeze(1), freqs.sin().to(h.dtype).unsqueeze(1)
         residual = h
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[i]
@@ -265,8 +300,22 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
+
+    @torch.no_grad()
+    def pack_linears(self) -> None:
+        """Swap every projection (and the LM head) for a pre-packed oneDNN linear (bf16 CPU only)."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = PackedLinear(attn.qkv_proj)
+            attn.o_proj = PackedLinear(attn.o_proj)
+            mlp.gate_up_proj = PackedLinear(mlp.gate_up_proj)
+            mlp.down_proj = PackedLinear(mlp.down_proj)
+        head = self.lm_head if self.lm_head is not None else _as_linear(self.embed_tokens.weight)
+        self.packed_lm_head = PackedLinear(head)
 
     @torch.no_grad()
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:

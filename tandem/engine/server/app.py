@@ -221,6 +221,13 @@ async def _until_disconnect(request: Request, coro):
             await asyncio.gather(task, return_exceptions=True)
 
 
+def _raise_delta_error(delta: RequestDelta) -> None:
+    """A delta carrying ``error`` ends its request: the engine could not load its KV from the prefill worker
+    (``--kv-load-failure-policy fail``), an upstream failure, hence 502."""
+    if delta.error is not None:
+        raise APIError(502, delta.error, code="kv_transfer_failed")
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
@@ -483,6 +490,7 @@ async def _collect(ctx: _GenContext, prompt_ids, params) -> _Collected:
     try:
         async for i, d in _merge_streams(ctx.streams(prompt_ids, params)):
             ctx.tracker.on_delta(d)
+            _raise_delta_error(d)
             c = out.choices[(i, d.index)]
             c.text += d.new_text
             c.token_ids.extend(d.new_token_ids)
@@ -609,6 +617,7 @@ async def _stream_completion(ctx: _GenContext, prompt_ids, params, texts, body) 
     try:
         async for i, d in _merge_streams(ctx.streams(prompt_ids, params)):
             ctx.tracker.on_delta(d)
+            _raise_delta_error(d)
             p = params[i]
             key = (i, d.index)
             text = d.new_text
@@ -652,6 +661,7 @@ async def _stream_chat(ctx: _GenContext, ids: list[int], params: SamplingParams,
                                              "logprobs": None, "finish_reason": None}]})
         async for _, d in _merge_streams(ctx.streams([ids], [params])):
             ctx.tracker.on_delta(d)
+            _raise_delta_error(d)
             completion_tokens += len(d.new_token_ids)
             if d.finished:
                 cached = max(cached, d.num_cached_tokens)
