@@ -121,7 +121,7 @@ class ModelRunner:
                 seq_lens[row] = ctx
             meta.decode_block_tables = table
             meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
-                len(decodes), 1, 1, max_blocks * bs
+                1, len(decodes), 1, max_blocks * bs
             )
         return PreparedBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long),

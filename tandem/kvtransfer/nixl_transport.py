@@ -2,8 +2,8 @@
 
 The decode engine pulls (NIXL READ) blocks out of the prefill engine's registered ``kv_buffer`` straight into
 its own. Both buffers follow the layout pinned in ``docs/interfaces.md``
-(``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``), so descriptor ``i`` of the per-block
-descriptor list, ``i = (layer * 2 + kind) * num_blocks + block_id``, starts at byte ``i * block_bytes``.
+(``[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]``), so descriptor ``i`` of the per-block
+descriptor list, ``i = plane * num_blocks + block_id`` (plane = (layer * 2 + kind) * kv_heads + head), starts at byte ``i * block_bytes``.
 
 NOTE: this module talks to NIXL's pybind layer (``<package>._api.nixlBind``) rather than the ``nixl_agent``
 Python class, because that class hard-codes the progress thread's poll delay to 0, which makes the UCX
@@ -89,7 +89,7 @@ class TransferHandle:
     remote_agent: str
     num_blocks: int
     num_bytes: int
-    num_descriptors: int  # after coalescing runs: 2 * num_layers per run
+    num_descriptors: int  # after coalescing runs: one per plane per run
     notif: bytes | None
     started_at: float  # time.monotonic() when posted
     state: TransferState = "pending"
@@ -121,9 +121,9 @@ def coalesce_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int
 
 
 def _region_descs(layout: KVCacheLayout, base_address: int, starts: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
-    """``[2 * num_layers * runs, 3]`` (address, length, device) rows: one region per (layer, kind, run)."""
-    planes = np.arange(2 * layout.num_layers, dtype=np.int64)[:, None]  # [2L, 1]
-    offsets = (planes * layout.num_blocks + starts[None, :]) * layout.block_bytes  # [2L, runs]
+    """``[num_planes * runs, 3]`` (address, length, device) rows: one region per (plane, run)."""
+    planes = np.arange(layout.num_planes, dtype=np.int64)[:, None]  # [planes, 1]
+    offsets = (planes * layout.num_blocks + starts[None, :]) * layout.block_bytes  # [planes, runs]
     descs = np.empty((offsets.size, 3), dtype=np.uint64)
     descs[:, 0] = (base_address + offsets).reshape(-1)
     descs[:, 1] = np.broadcast_to(lengths[None, :] * layout.block_bytes, offsets.shape).reshape(-1)
@@ -132,8 +132,8 @@ def _region_descs(layout: KVCacheLayout, base_address: int, starts: np.ndarray, 
 
 
 def _block_descs(layout: KVCacheLayout, base_address: int, device_id: int) -> np.ndarray:
-    """``[2 * num_layers * num_blocks, 3]`` rows: one descriptor per (layer, kind, block), in buffer order."""
-    count = 2 * layout.num_layers * layout.num_blocks
+    """``[num_planes * num_blocks, 3]`` rows: one descriptor per (plane, block), in buffer order."""
+    count = layout.num_planes * layout.num_blocks
     descs = np.empty((count, 3), dtype=np.uint64)
     descs[:, 0] = base_address + np.arange(count, dtype=np.uint64) * np.uint64(layout.block_bytes)
     descs[:, 1] = layout.block_bytes
@@ -153,7 +153,7 @@ class NixlKVTransport:
         metrics: optional ``KVTransferMetrics`` to record completed/failed transfers into.
         descriptor_mode: ``"exact"`` (default) builds each transfer from exact coalesced regions
             (``createXferReq``); ``"prepped"`` prepares per-block descriptor lists once (local at start-up,
-            remote on first use of a peer: ``2 * num_layers * num_blocks`` entries each) and builds transfers
+            remote on first use of a peer: ``num_planes * num_blocks`` entries each) and builds transfers
             from indices. Both moved bytes equally fast in ``benchmarks/kv_transfer_raw.py``; ``"prepped"``
             costs ~0.5 s of start-up and memory per 30k descriptors, so ``"exact"`` is the default.
         progress_delay_us: the NIXL progress thread's poll timeout (rounded up to whole ms by NIXL).
@@ -300,7 +300,7 @@ class NixlKVTransport:
             remote_agent=remote_agent,
             num_blocks=num_blocks,
             num_bytes=num_blocks * self.layout.bytes_per_block_all_layers,
-            num_descriptors=2 * self.layout.num_layers * int(lengths.size),
+            num_descriptors=self.layout.num_planes * int(lengths.size),
             notif=notif,
             started_at=time.monotonic(),
         )
@@ -346,7 +346,7 @@ class NixlKVTransport:
             )
             remote_prepped = int(self._agent.prepXferDlist(remote_agent, remote, self._backends))
             self._remote_prepped[key] = remote_prepped
-        planes = np.arange(2 * self.layout.num_layers, dtype=np.int64)[:, None]  # [2L, 1]
+        planes = np.arange(self.layout.num_planes, dtype=np.int64)[:, None]  # [planes, 1]
         # Index order is plane-major, so each run's blocks sit next to each other and NIXL merges them.
         local_idx = (planes * self.layout.num_blocks + np.asarray(local_block_ids, dtype=np.int64)[None, :]).astype(np.int32)
         remote_idx = (planes * remote_layout.num_blocks + np.asarray(remote_block_ids, dtype=np.int64)[None, :]).astype(np.int32)

@@ -109,7 +109,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot (block_id * block_size + offset) of each token
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
-    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size] True where attended
+    decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
     prefills: list[PrefillSeq] = field(default_factory=list)
 
 
@@ -201,34 +201,34 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+        k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D] (head-major, see kv_layout.py)
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
+        kvh, D = self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        nb, bs = k_cache.shape[0], k_cache.shape[1]
-        k_flat = k_cache.view(nb * bs, self.num_kv_heads, self.head_dim)
-        v_flat = v_cache.view(nb * bs, self.num_kv_heads, self.head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        q = apply_rope(q.view(T, self.num_heads, D), cos, sin)
+        k = apply_rope(k.view(T, kvh, D), cos, sin)
+        v = v.view(T, kvh, D)
+        nb, bs = k_cache.shape[1], k_cache.shape[2]
+        k_cache.view(kvh, nb * bs, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(kvh, nb * bs, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
-        out = torch.empty(T, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
-        group = self.num_heads // self.num_kv_heads
+        out = torch.empty(T, self.num_heads, D, dtype=x.dtype, device=x.device)
+        group = self.num_heads // kvh
         if meta.num_decode:
             bd = meta.num_decode
-            # Gather each sequence's blocks into [Bd, kv_heads, L, D] (L = max_blocks * block_size).
-            kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-            vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-            qd = q[:bd].view(bd, self.num_kv_heads, group, self.head_dim)
-            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [Bd, kvh, group, L]
+            # One gather puts each sequence's blocks in [kv_heads, Bd, L, D] order (L = max_blocks * block_size).
+            table = meta.decode_block_tables.flatten()
+            kd = k_cache.index_select(1, table).view(kvh, bd, -1, D)
+            vd = v_cache.index_select(1, table).view(kvh, bd, -1, D)
+            qd = q[:bd].view(bd, kvh, group, D).transpose(0, 1)  # [kvh, Bd, group, D]
+            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [kvh, Bd, group, L]
             scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
-            out[:bd] = torch.matmul(probs, vd).view(bd, self.num_heads, self.head_dim)
+            out[:bd] = torch.matmul(probs, vd).transpose(0, 1).reshape(bd, self.num_heads, D)
         for seq in meta.prefills:
             qs = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
             if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
@@ -236,8 +236,8 @@ class Attention(nn.Module):
                 vs = v[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = k_cache[seq.block_ids].flatten(0, 1)[: seq.ctx_len].transpose(0, 1).unsqueeze(0)
-                vs = v_cache[seq.block_ids].flatten(0, 1)[: seq.ctx_len].transpose(0, 1).unsqueeze(0)
+                ks = k_cache.index_select(1, seq.block_ids).view(kvh, -1, D)[:, : seq.ctx_len].unsqueeze(0)
+                vs = v_cache.index_select(1, seq.block_ids).view(kvh, -1, D)[:, : seq.ctx_len].unsqueeze(0)
                 # Query i sits at position ctx_len - q_len + i and sees keys up to it.
                 qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=x.device).unsqueeze(1)
                 mask = torch.arange(seq.ctx_len, device=x.device).unsqueeze(0) <= qpos
