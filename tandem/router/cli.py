@@ -1,0 +1,93 @@
+"""``tandem router``: run the prefix-aware router in front of prefill, decode and aggregated workers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default=None, help="model id/dir/GGUF whose tokenizer the router uses")
+    parser.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (overrides --model's)")
+    parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    parser.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable; env TANDEM_API_KEY)")
+    parser.add_argument("--redis-url", default=None, help="Redis holding the KV-event streams (else direct channel)")
+    parser.add_argument("--prefill", action="append", default=[], metavar="URL", help="prefill worker (repeatable)")
+    parser.add_argument("--decode", action="append", default=[], metavar="URL", help="decode worker (repeatable)")
+    parser.add_argument("--worker", action="append", default=[], metavar="URL", help="aggregated worker (repeatable)")
+    parser.add_argument("--k8s-namespace", default=None)
+    parser.add_argument("--k8s-prefill-selector", default=None, metavar="K=V,...")
+    parser.add_argument("--k8s-decode-selector", default=None, metavar="K=V,...")
+    parser.add_argument("--k8s-worker-selector", default=None, metavar="K=V,...")
+    parser.add_argument("--k8s-port", type=int, default=8000, help="workers' HTTP port inside their pods")
+    parser.add_argument("--scorer-weights", default=None, help="prefill/aggregated pools, e.g. prefix=3,queue=1,kv=1,inflight=1")
+    parser.add_argument("--decode-scorer-weights", default=None, help="decode pool, e.g. prefix=1,queue=1,kv=1,inflight=2")
+    parser.add_argument("--policy", choices=("prefix", "round_robin"), default="prefix",
+                        help="round_robin ignores caches and load (a benchmark baseline)")
+    parser.add_argument("--disagg-threshold", type=int, default=256,
+                        help="uncached prompt tokens below which decode serves alone (no prefill hop)")
+    parser.add_argument("--kv-event-ttl", type=float, default=10.0, help="seconds without events before a worker's index entries expire")
+    parser.add_argument("--max-retries", type=int, default=2)
+    parser.add_argument("--health-interval", type=float, default=1.0)
+    parser.add_argument("--log-level", default="info")
+
+
+def config_from_args(args: argparse.Namespace) -> "RouterConfig":
+    from tandem.router.config import DEFAULT_DECODE_WEIGHTS, DEFAULT_PREFILL_WEIGHTS, RouterConfig, parse_weights
+
+    # Like `tandem serve`: repeatable --api-key, else TANDEM_API_KEY (comma-separated).
+    keys = list(args.api_key) or [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
+    model = args.model
+    if model is None and args.tokenizer is None:
+        from tandem.engine.model_files import DEFAULT_MODEL
+
+        model = DEFAULT_MODEL
+    return RouterConfig(
+        served_model_name=args.served_model_name or model or "model",
+        model=model,
+        tokenizer_dir=args.tokenizer,
+        api_keys=tuple(keys),
+        redis_url=args.redis_url,
+        prefill_urls=tuple(args.prefill),
+        decode_urls=tuple(args.decode),
+        worker_urls=tuple(args.worker),
+        prefill_weights={**DEFAULT_PREFILL_WEIGHTS, **parse_weights(args.scorer_weights or "")},
+        decode_weights={**DEFAULT_DECODE_WEIGHTS, **parse_weights(args.decode_scorer_weights or "")},
+        disagg_threshold=args.disagg_threshold,
+        kv_event_ttl_s=args.kv_event_ttl,
+        max_retries=args.max_retries,
+        health_interval_s=args.health_interval,
+        policy=args.policy,
+        k8s_namespace=args.k8s_namespace,
+        k8s_prefill_selector=args.k8s_prefill_selector,
+        k8s_decode_selector=args.k8s_decode_selector,
+        k8s_worker_selector=args.k8s_worker_selector,
+        k8s_port=args.k8s_port,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tandem.router.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: far too chatty for a proxy's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        logging.getLogger("tandem.router").error("bad configuration: %s", exc)
+        return 2
+    if not (config.prefill_urls or config.decode_urls or config.worker_urls or config.uses_k8s):
+        logging.getLogger("tandem.router").error("no workers: give --prefill/--decode/--worker URLs or --k8s-* selectors")
+        return 2
+    app = build_app(config)
+    # Keep-alive longer than uvicorn's 5 s default: clients and load balancers reuse connections between
+    # requests, and a router closing them early turns into failed requests on their side.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                loop="uvloop", timeout_graceful_shutdown=5, timeout_keep_alive=75, backlog=4096)
+    return 0

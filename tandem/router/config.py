@@ -1,0 +1,91 @@
+"""Router configuration: one validated dataclass built from the command line or by tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Scorer names accepted in ``--scorer-weights``.
+SCORER_NAMES = ("prefix", "queue", "kv", "inflight")
+
+# Prefill and aggregated workers are picked mainly by prefix hits; decode workers mainly by load.
+DEFAULT_PREFILL_WEIGHTS = {"prefix": 3.0, "queue": 1.0, "kv": 1.0, "inflight": 1.0}
+DEFAULT_DECODE_WEIGHTS = {"prefix": 1.0, "queue": 1.0, "kv": 1.0, "inflight": 2.0}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """Parse ``prefix=3,queue=1`` into a weight map; unknown names or negative weights are errors."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in SCORER_NAMES:
+            raise ValueError(f"bad scorer weight {item!r}: expected NAME=WEIGHT with NAME in {', '.join(SCORER_NAMES)}")
+        weight = float(value)
+        if weight < 0:
+            raise ValueError(f"scorer weight {item!r} must be >= 0")
+        weights[name] = weight
+    return weights
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    """Everything the router app needs. Worker URLs are the workers' advertised identities."""
+
+    served_model_name: str
+    model: str | None = None
+    tokenizer_dir: str | None = None
+    api_keys: tuple[str, ...] = ()
+    redis_url: str | None = None
+    prefill_urls: tuple[str, ...] = ()
+    decode_urls: tuple[str, ...] = ()
+    worker_urls: tuple[str, ...] = ()
+    prefill_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFILL_WEIGHTS))
+    decode_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DECODE_WEIGHTS))
+    # Below this many prompt tokens not already cached on the chosen decode worker, the prefill hop
+    # costs more than it saves and the decode worker serves the request alone (llm-d's P/D decider).
+    disagg_threshold: int = 256
+    kv_event_ttl_s: float = 10.0
+    max_retries: int = 2
+    retry_backoff_s: float = 0.05
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 2.0
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 600.0
+    default_block_size: int = 16
+    upstream_client_shards: int = 16
+    # "prefix" (the pipeline) or "round_robin" (a baseline for benchmarks).
+    policy: str = "prefix"
+    k8s_namespace: str | None = None
+    k8s_prefill_selector: str | None = None
+    k8s_decode_selector: str | None = None
+    k8s_worker_selector: str | None = None
+    k8s_port: int = 8000
+
+    def __post_init__(self) -> None:
+        self.prefill_urls = tuple(normalize_url(u) for u in self.prefill_urls)
+        self.decode_urls = tuple(normalize_url(u) for u in self.decode_urls)
+        self.worker_urls = tuple(normalize_url(u) for u in self.worker_urls)
+        for weights in (self.prefill_weights, self.decode_weights):
+            unknown = set(weights) - set(SCORER_NAMES)
+            if unknown:
+                raise ValueError(f"unknown scorers: {sorted(unknown)}")
+        if self.disagg_threshold < 0:
+            raise ValueError("disagg_threshold must be >= 0")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if self.kv_event_ttl_s <= 0:
+            raise ValueError("kv_event_ttl_s must be > 0")
+        if self.policy not in ("prefix", "round_robin"):
+            raise ValueError(f"unknown policy {self.policy!r}")
+
+    @property
+    def uses_k8s(self) -> bool:
+        return any((self.k8s_prefill_selector, self.k8s_decode_selector, self.k8s_worker_selector))
+
+
+def normalize_url(url: str) -> str:
+    """Worker identity: scheme://host:port without a trailing slash."""
+    url = url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    return url

@@ -1,0 +1,53 @@
+"""The router's Prometheus metrics (``tandem:`` prefix), in a registry owned by one app instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RouterMetrics:
+    """Every metric the router exports. One instance per app, so tests can build several routers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "tandem:router_requests",
+            "Requests the router finished, by pool and worker of the last hop and by outcome",
+            ["pool", "worker", "outcome"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "tandem:router_routing_decision_seconds",
+            "Time to tokenize, hash and pick the workers for one request",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=self.registry,
+        )
+        self.prefix_hit_ratio = Histogram(
+            "tandem:router_prefix_hit_ratio",
+            "Fraction of the prompt's full blocks the chosen worker holds (per the KV-event index)",
+            ["pool"],
+            buckets=(0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0),
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "tandem:router_retries", "Requests re-sent to another worker after a failure", ["pool"], registry=self.registry
+        )
+        self.decisions = Counter(
+            "tandem:router_decisions",
+            "How requests were served: disaggregated (prefill then decode), direct (decode alone, "
+            "prefill would not pay), aggregated (an aggregated worker) or prefill_fallback (prefill failed)",
+            ["decision"],
+            registry=self.registry,
+        )
+        self.redis_connected = Gauge(
+            "tandem:router_redis_index_connected",
+            "1 when the Redis KV-event index is connected (prefix-aware routing), 0 when routing by load only",
+            registry=self.registry,
+        )
+        self.index_blocks = Gauge(
+            "tandem:router_index_blocks", "Distinct block hashes in the prefix index", registry=self.registry
+        )
+        self.healthy_workers = Gauge(
+            "tandem:router_healthy_workers", "Workers passing health checks, by pool", ["pool"], registry=self.registry
+        )
+        self.inflight = Gauge("tandem:router_inflight_requests", "Requests in flight in the router", registry=self.registry)

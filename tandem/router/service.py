@@ -1,0 +1,431 @@
+"""The router's request path: tokenize and hash, pick workers, run prefill -> decode (or one hop), relay.
+
+NOTE: every request ends with a response or an error and is counted in ``tandem:router_requests``:
+failures before the first byte reach the client are retried on another worker (bounded, with backoff);
+failures after it end the stream with an error event; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from tandem.engine.hashing import hash_block_tokens
+from tandem.router.config import RouterConfig
+from tandem.router.errors import RequestError, sse_error_event
+from tandem.router.events import DirectEventConsumer, RedisEventConsumer, expire_loop
+from tandem.router.index import PrefixIndex
+from tandem.router.metrics import RouterMetrics
+from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
+from tandem.router.tokenizer import PromptTokenizer, TemplateError
+from tandem.router.transport import AsyncioHTTPTransport
+from tandem.router.workers import Datastore, HealthChecker, Pool, Worker
+
+logger = logging.getLogger(__name__)
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+# Transport failures that mean "this worker did not serve the request"; safe to retry before any byte is sent.
+_TRANSPORT_ERRORS = (httpx.TransportError,)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The outcome of one attempt that did not produce a response for the client."""
+
+    reason: str
+    response: Response | None = None  # an upstream 5xx answer, returned if every retry fails too
+
+
+class RelayResponse(Response):
+    """Streams an upstream response through as it arrives, and always ends it: normally, or with an error event.
+
+    Written as an ASGI callable rather than an async generator so that cleanup (closing the upstream,
+    counting the outcome) runs deterministically, also when the client disconnects mid-stream.
+    """
+
+    def __init__(self, first_chunk: bytes, upstream: httpx.Response, chunks: AsyncIterator[bytes],
+                 headers: dict[str, str], on_done: Callable[[str], None]) -> None:
+        self.status_code = upstream.status_code
+        self.background = None
+        self._first_chunk = first_chunk
+        self._upstream = upstream
+        self._chunks = chunks
+        self._on_done = on_done
+        self.init_headers({**headers, "content-type": upstream.headers.get("content-type", "text/event-stream"),
+                           "cache-control": "no-cache"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outcome = "client_disconnected"
+        relay = asyncio.ensure_future(self._relay(send))
+        watch = asyncio.ensure_future(self._wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if relay in done:
+                outcome = relay.result()
+        finally:
+            for task in (relay, watch):
+                task.cancel()
+            await asyncio.gather(relay, watch, return_exceptions=True)
+            await self._upstream.aclose()
+            self._on_done(outcome)
+
+    @staticmethod
+    async def _wait_disconnect(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _relay(self, send: Send) -> str:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        last = self._first_chunk
+        if last:
+            await send({"type": "http.response.body", "body": last, "more_body": True})
+        outcome = "ok"
+        try:
+            async for chunk in self._chunks:
+                if chunk:
+                    last = chunk
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _TRANSPORT_ERRORS as exc:
+            logger.warning("upstream %s failed mid-stream: %s", self._upstream.request.url, exc)
+            # Close a half-written event first so the error event parses on its own.
+            prefix = b"" if last.endswith(b"\n\n") or not last else b"\n\n"
+            error = sse_error_event(f"the worker failed mid-stream: {type(exc).__name__}", "upstream_stream_error")
+            await send({"type": "http.response.body", "body": prefix + error, "more_body": True})
+            outcome = "stream_error"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return outcome
+
+
+class RouterService:
+    """Owns the datastore, index, pickers and HTTP client; ``handle`` serves one OpenAI request."""
+
+    def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer | None, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.datastore = Datastore()
+        for urls, pool in ((config.prefill_urls, Pool.PREFILL), (config.decode_urls, Pool.DECODE),
+                           (config.worker_urls, Pool.AGGREGATED)):
+            for url in urls:
+                self.datastore.add(url, pool)
+        self.index = PrefixIndex(config.kv_event_ttl_s, config.default_block_size)
+        rng = random.Random()
+        if config.policy == "round_robin":
+            filters = [HealthyFilter(), ModelFilter()]
+            self.profiles = {pool: RoundRobinProfile(filters, self.index) for pool in Pool}
+        else:
+            self.profiles = {
+                Pool.PREFILL: build_profile(config.prefill_weights, self.index, rng),
+                Pool.AGGREGATED: build_profile(config.prefill_weights, self.index, rng),
+                Pool.DECODE: build_profile(config.decode_weights, self.index, rng),
+            }
+        # Gauges read at scrape time, so they are never stale.
+        metrics.index_blocks.set_function(lambda: self.index.num_blocks())
+        for pool in Pool:
+            metrics.healthy_workers.labels(pool.value).set_function(
+                lambda pool=pool: sum(w.healthy for w in self.datastore.pool(pool)))
+        self.client: httpx.AsyncClient | None = None
+        self._proxy_clients: list[httpx.AsyncClient] = []
+        self._next_client = 0
+        self.health: HealthChecker | None = None
+        self.redis_consumer: RedisEventConsumer | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        """Open the upstream client and start the watchers (health, KV events, expiry, discovery)."""
+        cfg = self.config
+        timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
+        # NOTE: several small clients instead of one big one: httpx's pool scans every pooled connection on each
+        # request (a readability syscall per idle connection), so one pool of ~1,000 streams costs O(n) per request.
+        self._proxy_clients = [httpx.AsyncClient(timeout=timeout, transport=AsyncioHTTPTransport(), trust_env=False)
+                               for _ in range(cfg.upstream_client_shards)]
+        # Watchers (health checks, direct KV-event streams) get their own client, out of the request path.
+        self.client = httpx.AsyncClient(timeout=timeout)
+        self.health = HealthChecker(self.datastore, self.client, cfg.health_interval_s, cfg.health_timeout_s)
+        self._spawn(self.health.run(), "health")
+        self._spawn(expire_loop(self.index), "index-expiry")
+        if cfg.redis_url:
+            self.redis_consumer = RedisEventConsumer(cfg.redis_url, cfg.served_model_name, self.index,
+                                                     lambda up: self.metrics.redis_connected.set(1 if up else 0))
+            self._spawn(self.redis_consumer.run(), "redis-events")
+        else:
+            self._spawn(DirectEventConsumer(self.datastore, self.index, self.client, cfg.kv_event_ttl_s).run(),
+                        "direct-events")
+        if cfg.uses_k8s:
+            from tandem.router.k8s import KubernetesDiscovery
+
+            self._spawn(KubernetesDiscovery.from_config(cfg, self.datastore).run(), "k8s-discovery")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    @staticmethod
+    def _task_done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("router task %s crashed", task.get_name(), exc_info=task.exception())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for client in [*self._proxy_clients, *([self.client] if self.client else [])]:
+            await client.aclose()
+        self._proxy_clients = []
+
+    def _proxy_client(self) -> httpx.AsyncClient:
+        self._next_client = (self._next_client + 1) % len(self._proxy_clients)
+        return self._proxy_clients[self._next_client]
+
+    def ready(self) -> bool:
+        """True when some worker can serve a whole request (a decode or aggregated worker is healthy)."""
+        return any(w.healthy for w in self.datastore.workers.values() if w.pool != Pool.PREFILL)
+
+    # ---- request path ----
+
+    def routing_request(self, endpoint: str, body: dict[str, Any]) -> RoutingRequest:
+        """Validate what routing needs and turn the prompt into block hashes (the engine's own hasher)."""
+        model = body.get("model")
+        if model != self.config.served_model_name:
+            raise RequestError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        token_ids: list[int] | None = None
+        if endpoint == CHAT:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise RequestError(400, "'messages' must be a non-empty list of message objects", "messages")
+            if self.tokenizer is not None:
+                kwargs = body.get("chat_template_kwargs") or {}
+                if not isinstance(kwargs, dict):
+                    raise RequestError(400, "'chat_template_kwargs' must be an object", "chat_template_kwargs")
+                if body.get("tools"):
+                    kwargs = {**kwargs, "tools": body["tools"]}
+                try:
+                    token_ids = self.tokenizer.encode_chat(
+                        messages, add_generation_prompt=bool(body.get("add_generation_prompt", True)), **kwargs)
+                except TemplateError as exc:
+                    raise RequestError(400, f"chat template error: {exc}", "messages") from exc
+                except (TypeError, ValueError) as exc:
+                    raise RequestError(400, f"malformed messages: {exc}", "messages") from exc
+        else:
+            token_ids = self._prompt_tokens(body.get("prompt", None))
+        if token_ids is None:
+            return RoutingRequest(model=model)
+        return RoutingRequest(model=model, block_hashes=hash_block_tokens(token_ids, self.index.block_size),
+                              num_prompt_tokens=len(token_ids))
+
+    def _prompt_tokens(self, prompt: Any) -> list[int] | None:
+        # A batch of prompts is routed by its first one: they all go to the same worker.
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tokenizer.encode_prompt(prompt) if self.tokenizer is not None else None
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise RequestError(400, "'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+
+    async def handle(self, endpoint: str, raw_body: bytes, headers: dict[str, str]) -> Response:
+        """Serve one completions/chat request end to end."""
+        self.metrics.inflight.inc()
+        finished = False
+
+        def done(pool: str, worker: str, outcome: str) -> None:
+            nonlocal finished
+            if not finished:
+                finished = True
+                self.metrics.inflight.dec()
+                self.metrics.requests.labels(pool, worker, outcome).inc()
+
+        try:
+            response = await self._handle(endpoint, raw_body, headers, done)
+        except RequestError as exc:
+            done("none", "none", "rejected" if exc.status < 500 else "unavailable")
+            return exc.response(headers={"x-request-id": headers["x-request-id"]})
+        except BaseException:
+            done("none", "none", "router_error")
+            raise
+        return response
+
+    async def _handle(self, endpoint: str, raw_body: bytes, headers: dict[str, str],
+                      done: Callable[[str, str, str], None]) -> Response:
+        try:
+            body = json.loads(raw_body)
+        except ValueError as exc:
+            raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise RequestError(400, "'stream' must be a boolean", "stream")
+        started = time.perf_counter()
+        request = self.routing_request(endpoint, body)
+        decode_pool = self.datastore.pool(Pool.DECODE)
+        use_pd = any(w.healthy for w in decode_pool)
+        pool = Pool.DECODE if use_pd else Pool.AGGREGATED
+        final = self.profiles[pool].pick(request, self.datastore.pool(pool))
+        if final is None:
+            raise RequestError(503, "no healthy worker serves this model", code="no_healthy_worker")
+        prefill: Pick | None = None
+        if use_pd:
+            uncached = request.num_prompt_tokens - final.matched_blocks * self.index.block_size
+            if uncached >= self.config.disagg_threshold:
+                prefill = self.profiles[Pool.PREFILL].pick(request, self.datastore.pool(Pool.PREFILL))
+        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        total_blocks = len(request.block_hashes)
+        upstream_headers = {"content-type": "application/json", "x-request-id": headers["x-request-id"]}
+        if "authorization" in headers:
+            upstream_headers["authorization"] = headers["authorization"]
+
+        payload = raw_body
+        if prefill is not None:
+            if total_blocks:
+                self.metrics.prefix_hit_ratio.labels(Pool.PREFILL.value).observe(prefill.matched_blocks / total_blocks)
+            params = await self._prefill(prefill.worker, endpoint, body, upstream_headers)
+            if isinstance(params, Response):
+                done(Pool.PREFILL.value, prefill.worker.url, "client_error")
+                return params
+            if params is None:
+                self.metrics.decisions.labels("prefill_fallback").inc()
+            else:
+                self.metrics.decisions.labels("disaggregated").inc()
+                payload = json.dumps({**body, "kv_transfer_params": params}).encode()
+        else:
+            self.metrics.decisions.labels("direct" if use_pd else "aggregated").inc()
+            if total_blocks:
+                self.metrics.prefix_hit_ratio.labels(pool.value).observe(final.matched_blocks / total_blocks)
+        return await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done)
+
+    async def _prefill(self, worker: Worker, endpoint: str, body: dict[str, Any],
+                       headers: dict[str, str]) -> dict[str, Any] | Response | None:
+        """Run the prefill hop. Returns kv_transfer_params, a client-error response to pass on, or None
+        when the prefill worker failed (the decode worker then serves the request alone)."""
+        payload = {**body, "kv_transfer_params": {"do_remote_decode": True}, "max_tokens": 1, "stream": False, "n": 1}
+        payload.pop("stream_options", None)
+        if "max_completion_tokens" in payload:
+            payload["max_completion_tokens"] = 1
+        worker.inflight += 1
+        try:
+            response = await self._proxy_client().post(worker.url + endpoint, json=payload, headers=headers)
+        except _TRANSPORT_ERRORS as exc:
+            self.datastore.mark_failed(worker, f"{type(exc).__name__}: {exc}")
+            self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "failed").inc()
+            logger.warning("prefill on %s failed (%s); serving on the decode worker alone", worker.url, exc)
+            return None
+        finally:
+            worker.inflight -= 1
+        if 400 <= response.status_code < 500:
+            return Response(response.content, response.status_code, headers={
+                "content-type": response.headers.get("content-type", "application/json"),
+                "x-request-id": headers["x-request-id"]})
+        params = None
+        if response.status_code == 200:
+            try:
+                params = response.json().get("kv_transfer_params")
+            except ValueError:
+                params = None
+        if not isinstance(params, dict):
+            if response.status_code >= 500:
+                self.datastore.mark_failed(worker, f"status {response.status_code}")
+            self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "failed").inc()
+            logger.warning("prefill on %s gave no kv_transfer_params (status %d); serving on the decode worker alone",
+                           worker.url, response.status_code)
+            return None
+        self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "ok").inc()
+        return params
+
+    async def _serve(self, pool: Pool, request: RoutingRequest, pick: Pick, endpoint: str, payload: bytes,
+                     stream: bool, headers: dict[str, str], done: Callable[[str, str, str], None]) -> Response:
+        """The last hop, retried on other workers of the pool while nothing has reached the client."""
+        tried: set[str] = set()
+        failures: list[str] = []
+        last_upstream: Response | None = None
+        current: Pick | None = pick
+        for attempt in range(self.config.max_retries + 1):
+            if current is None:
+                break
+            if attempt:
+                self.metrics.retries.labels(pool.value).inc()
+                await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
+            worker = current.worker
+            tried.add(worker.url)
+            result = await self._attempt(pool, worker, endpoint, payload, stream, headers, done)
+            if isinstance(result, Response):
+                return result
+            failures.append(f"{worker.url}: {result.reason}")
+            last_upstream = result.response or last_upstream
+            current = self.profiles[pool].pick(request, self.datastore.pool(pool), exclude=tried)
+        if last_upstream is not None:
+            done(pool.value, "none", "upstream_error")
+            return last_upstream
+        done(pool.value, "none", "unavailable")
+        raise RequestError(503, "no worker could serve the request: " + "; ".join(failures) if failures
+                           else "no healthy worker serves this model", code="no_healthy_worker")
+
+    async def _attempt(self, pool: Pool, worker: Worker, endpoint: str, payload: bytes, stream: bool,
+                       headers: dict[str, str], done: Callable[[str, str, str], None]) -> Response | _Attempt:
+        client = self._proxy_client()
+        worker.inflight += 1
+        released = False
+
+        def release(outcome: str | None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                worker.inflight -= 1
+            if outcome is not None:
+                done(pool.value, worker.url, outcome)
+
+        upstream: httpx.Response | None = None
+        try:
+            upstream = await client.send(
+                client.build_request("POST", worker.url + endpoint, content=payload, headers=headers), stream=True)
+            reply_headers = {"x-request-id": headers["x-request-id"]}
+            if upstream.status_code >= 500:
+                body = await upstream.aread()
+                await upstream.aclose()
+                if upstream.status_code in (502, 503, 504):
+                    self.datastore.mark_failed(worker, f"status {upstream.status_code}")
+                release(None)
+                return _Attempt(f"status {upstream.status_code}", Response(body, upstream.status_code, headers={
+                    **reply_headers, "content-type": upstream.headers.get("content-type", "application/json")}))
+            if not stream or upstream.status_code != 200:
+                body = await upstream.aread()
+                await upstream.aclose()
+                release("ok" if upstream.status_code == 200 else "client_error")
+                return Response(body, upstream.status_code, headers={
+                    **reply_headers, "content-type": upstream.headers.get("content-type", "application/json")})
+            chunks = upstream.aiter_raw()
+            # Wait for the first chunk before answering, so a worker that dies before producing anything
+            # is still retried elsewhere.
+            try:
+                first = await anext(chunks)
+            except StopAsyncIteration:
+                first = b""
+            worker.consecutive_failures = 0
+            return RelayResponse(first, upstream, chunks, reply_headers, release)
+        except _TRANSPORT_ERRORS as exc:
+            if upstream is not None:
+                await upstream.aclose()
+            self.datastore.mark_failed(worker, f"{type(exc).__name__}: {exc}")
+            release(None)
+            return _Attempt(f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            if upstream is not None:
+                await upstream.aclose()
+            release(None)
+            raise
