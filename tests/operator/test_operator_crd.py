@@ -1,0 +1,159 @@
+"""The CRD: a valid apiextensions object; its schema and CEL rules accept the examples and reject what is wrong,
+for the right reason; its defaults and rules agree with tandem.operator.spec."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import crd_schema
+from tandem.operator import spec as spec_module
+from tandem.operator.spec import SpecError, parse_spec, validate_name
+
+EXAMPLES = sorted((crd_schema.ROOT / "examples").glob("*.yaml"))
+
+
+def llmd(spec: dict[str, Any], name: str = "m") -> dict[str, Any]:
+    return {"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment", "metadata": {"name": name}, "spec": spec}
+
+
+def test_crd_is_a_valid_v1_custom_resource_definition():
+    crd = crd_schema.load_crd()
+    kubernetes_validate.validate(crd, "1.37.0", strict=True)
+    version = crd["spec"]["versions"][0]
+    assert crd["spec"]["names"]["shortNames"] == ["llmd"]
+    assert version["subresources"]["status"] == {}
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.decode.replicas"
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Prefill"] == ".status.prefill.ready" and columns["Phase"] == ".status.phase"
+    assert columns["Endpoint"] == ".status.endpoint" and columns["Age"] == ".metadata.creationTimestamp"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_accepted(example):
+    obj = yaml.safe_load(example.read_text())
+    defaulted, errors = crd_schema.check(obj)
+    assert errors == []
+    parse_spec(defaulted["spec"])  # the operator agrees
+
+
+def test_defaults_fill_an_empty_spec_like_the_operator_does():
+    defaulted, errors = crd_schema.check(llmd({}))
+    assert errors == []
+    spec = defaulted["spec"]
+    parsed = parse_spec({})
+    assert spec["image"] == parsed.image == spec_module.DEFAULT_IMAGE
+    assert spec["model"] == {"uri": "bundled", "dtype": "bfloat16", "maxModelLen": 2048}
+    assert spec["engine"] == {"blockSize": 16, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048,
+                              "enablePrefixCaching": True, "enableChunkedPrefill": True, "kvCacheMemory": "512Mi"}
+    assert spec["decode"] == {"replicas": spec_module.DEFAULT_DECODE_REPLICAS}
+    assert spec["router"]["replicas"] == spec_module.DEFAULT_ROUTER_REPLICAS
+    assert spec["router"]["scorerWeights"] == dict(spec_module.DEFAULT_SCORER_WEIGHTS)
+    assert spec["router"]["disaggThreshold"] == spec_module.DEFAULT_DISAGG_THRESHOLD
+    assert spec["kvTransfer"] == {"backend": "nixl", "ucxTransports": list(spec_module.DEFAULT_UCX_TRANSPORTS),
+                                  "port": spec_module.DEFAULT_KV_PORT, "leaseSeconds": spec_module.DEFAULT_LEASE_SECONDS,
+                                  "loadFailurePolicy": spec_module.DEFAULT_LOAD_FAILURE_POLICY}
+    assert spec["redis"] == {"mode": "Disabled", "image": spec_module.DEFAULT_REDIS_IMAGE}
+    # Defaulted by the server or by the operator, a spec renders the same.
+    assert parse_spec(spec) == parsed
+
+
+def test_nested_defaults_of_optional_blocks():
+    defaulted, errors = crd_schema.check(llmd({"prefill": {}, "decode": {"autoscaling": {"maxReplicas": 4}},
+                                               "apiKeySecretRef": {"name": "k"}}))
+    assert errors == []
+    spec = defaulted["spec"]
+    assert spec["prefill"]["replicas"] == spec_module.DEFAULT_PREFILL_REPLICAS
+    assert spec["decode"]["autoscaling"] == {"minReplicas": 1, "maxReplicas": 4, "metric": {
+        "name": spec_module.DEFAULT_AUTOSCALING_METRIC, "targetAverageValue": spec_module.DEFAULT_AUTOSCALING_TARGET}}
+    assert spec["apiKeySecretRef"] == {"name": "k", "key": spec_module.DEFAULT_API_KEY_KEY}
+
+
+# (case id, spec, the CRD's error (substring), the operator's error (substring))
+INVALID = [
+    ("negative-replicas", {"decode": {"replicas": -1}}, "spec.decode.replicas: -1 is less than the minimum of 0",
+     "spec.decode.replicas: must be >= 0"),
+    ("unknown-dtype", {"model": {"dtype": "float16"}}, "spec.model.dtype: 'float16' is not one of",
+     "spec.model.dtype: unsupported value"),
+    ("min-above-max", {"decode": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}},
+     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", "must not exceed maxReplicas"),
+    ("unknown-uri-scheme", {"model": {"uri": "s3://bucket/model"}}, "spec.model.uri: 's3://bucket/model' does not match",
+     "unsupported model uri"),
+    ("hf-uri-without-org", {"model": {"uri": "hf://just-a-name"}}, "spec.model.uri", "unsupported model uri"),
+    ("external-redis-without-url", {"redis": {"mode": "External"}}, "redis.url is required when redis.mode is External",
+     "redis.url is required"),
+    ("redis-url-without-external", {"redis": {"url": "redis://r:6379"}}, "redis.url is only used",
+     "redis.url is only used"),
+    ("prefill-autoscaling-at-zero", {"prefill": {"autoscaling": {"maxReplicas": 3}}},
+     "prefill.autoscaling needs prefill.replicas >= 1", "prefill.autoscaling needs"),
+    ("disaggregated-without-decode", {"prefill": {"replicas": 1}, "decode": {"replicas": 0}},
+     "a disaggregated deployment needs decode replicas >= 1", "needs decode replicas >= 1"),
+    ("batched-below-block", {"engine": {"maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least",
+     "maxNumBatchedTokens must be at least"),
+    ("bad-kv-memory", {"engine": {"kvCacheMemory": "2GB"}}, "spec.engine.kvCacheMemory", "kvCacheMemory: invalid"),
+    ("unknown-transport", {"kvTransfer": {"ucxTransports": ["carrier-pigeon"]}}, "spec.kvTransfer.ucxTransports.0",
+     "spec.kvTransfer.ucxTransports: unsupported"),
+    ("negative-weight", {"router": {"scorerWeights": {"prefix": -1}}}, "spec.router.scorerWeights.prefix",
+     "scorerWeights.prefix: must be a number >= 0"),
+    ("zero-routers", {"router": {"replicas": 0}}, "spec.router.replicas: 0 is less than the minimum of 1",
+     "spec.router.replicas: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("spec, crd_error, operator_error", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_objects_are_rejected_for_the_right_reason(spec, crd_error, operator_error):
+    _, errors = crd_schema.check(llmd(spec))
+    assert errors, "the CRD accepted an invalid object"
+    assert any(crd_error in e for e in errors), errors
+    # The operator enforces the same rules (for clusters where CEL did not run).
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec)
+    assert any(operator_error in p for p in info.value.problems), info.value.problems
+
+
+def test_unknown_fields_are_rejected():
+    _, errors = crd_schema.check(llmd({"model": {"uri": "bundled", "quantisation": "int4"}}))
+    assert any("quantisation" in e for e in errors), errors
+
+
+def test_name_length_rule():
+    _, errors = crd_schema.check(llmd({}, name="n" * 41))
+    assert any("at most 40 characters" in e for e in errors)
+    assert validate_name("n" * 41) and not validate_name("n" * 40)
+    _, errors = crd_schema.check(llmd({}, name="n" * 40))
+    assert errors == []
+
+
+def test_every_cel_rule_compiles_and_can_fail():
+    # Each rule must be exercised by a case above; a rule no case breaks would be untested.
+    crd = crd_schema.load_crd()
+    rules = []
+
+    def walk(schema: dict[str, Any]) -> None:
+        rules.extend(r["message"] for r in schema.get("x-kubernetes-validations") or [])
+        for sub in (schema.get("properties") or {}).values():
+            walk(sub)
+        if isinstance(schema.get("items"), dict):
+            walk(schema["items"])
+
+    walk(crd_schema.storage_schema(crd))
+    broken = {m for c in INVALID for m in crd_schema.check(llmd(c[1]))[1]}
+    broken |= set(crd_schema.check(llmd({}, name="n" * 41))[1])
+    for message in set(rules):
+        assert any(message in b for b in broken), f"no test case breaks the rule {message!r}"
+
+
+def test_status_schema_accepts_what_the_operator_writes():
+    obj = llmd({})
+    obj["status"] = {"phase": "Ready", "mode": "aggregated", "endpoint": "http://m.ns.svc.cluster.local:8000/v1",
+                     "observedGeneration": 2,
+                     "decode": {"replicas": 1, "readyReplicas": 1, "ready": "1/1", "selector": "a=b"},
+                     "conditions": [{"type": "Ready", "status": "True", "reason": "AllReplicasReady", "message": "",
+                                     "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 2}]}
+    assert crd_schema.check(copy.deepcopy(obj))[1] == []
+    obj["status"]["phase"] = "Sleepy"
+    assert crd_schema.check(obj)[1]

@@ -1,0 +1,289 @@
+"""render(): the pure LLMDeployment -> manifests function, with every object checked by kubernetes-validate."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tandem.operator.render import render
+from tandem.operator.spec import BUNDLED_MODEL, SpecError
+
+K8S_VERSION = "1.37.0"
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def create_llmd(spec: dict[str, Any] | None = None, name: str = "m", namespace: str = "team") -> dict[str, Any]:
+    """An LLMDeployment as the API server hands it to the operator."""
+    return {"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": "0000-uid", "generation": 1},
+            "spec": spec or {}}
+
+
+def by_kind(manifests: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def command(manifests: list[dict[str, Any]], deployment: str) -> list[str]:
+    dep = by_kind(manifests)[("Deployment", deployment)]
+    return dep["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def flag(cmd: list[str], name: str) -> str:
+    assert name in cmd, f"{name} missing from {cmd}"
+    return cmd[cmd.index(name) + 1]
+
+
+def assert_valid(manifests: list[dict[str, Any]]) -> None:
+    for m in manifests:
+        kubernetes_validate.validate(m, K8S_VERSION, strict=True)
+
+
+def test_validator_rejects_a_broken_manifest():
+    # Guard: the check below means something only if kubernetes-validate does catch mistakes.
+    dep = copy.deepcopy(by_kind(render(create_llmd()))[("Deployment", "m-decode")])
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pathh"] = "/health"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+
+
+def test_aggregated_default_spec():
+    manifests = render(create_llmd())
+    assert_valid(manifests)
+    objs = by_kind(manifests)
+    assert set(objs) == {
+        ("ConfigMap", "m-config"), ("Deployment", "m-decode"), ("Service", "m-decode"),
+        ("PodDisruptionBudget", "m-decode"), ("ServiceAccount", "m-router"), ("Role", "m-router"),
+        ("RoleBinding", "m-router"), ("Deployment", "m-router"), ("Service", "m"),
+        ("PodDisruptionBudget", "m-router"),
+    }
+    cmd = command(manifests, "m-decode")
+    assert cmd[:2] == ["tandem", "serve"]
+    assert flag(cmd, "--model") == BUNDLED_MODEL
+    assert flag(cmd, "--served-model-name") == BUNDLED_MODEL
+    assert flag(cmd, "--dtype") == "bfloat16"
+    assert flag(cmd, "--kv-cache-memory") == str(512 * 2**20)
+    assert flag(cmd, "--advertise-url") == "http://$(POD_IP):8000"
+    assert "--kv-port" not in cmd and "--kv-events-redis" not in cmd
+    router = command(manifests, "m-router")
+    assert flag(router, "--k8s-worker-selector") == "tandem.dev/deployment=m,tandem.dev/role=decode"
+    assert "--k8s-prefill-selector" not in router
+    assert flag(router, "--scorer-weights") == "prefix=3,queue=1,kv=1,inflight=1"
+    assert flag(router, "--disagg-threshold") == "256"
+    assert flag(router, "--k8s-namespace") == "team"
+    svc = objs[("Service", "m")]
+    assert svc["spec"]["type"] == "ClusterIP" and svc["spec"]["ports"][0]["port"] == 8000
+    assert objs[("Service", "m-decode")]["spec"]["clusterIP"] == "None"  # headless worker pool
+    assert objs[("Deployment", "m-decode")]["spec"]["replicas"] == 1
+
+
+def test_every_child_has_owner_reference_and_common_labels():
+    for m in render(create_llmd({"prefill": {"replicas": 1}, "redis": {"mode": "Managed"}})):
+        meta = m["metadata"]
+        assert meta["namespace"] == "team"
+        assert meta["ownerReferences"] == [{"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment", "name": "m",
+                                            "uid": "0000-uid", "controller": True, "blockOwnerDeletion": True}]
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "tandem-operator"
+        assert meta["labels"]["tandem.dev/deployment"] == "m"
+
+
+def test_worker_pods_probes_metrics_and_security():
+    dep = by_kind(render(create_llmd()))[("Deployment", "m-decode")]
+    template = dep["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+    c = template["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert dep["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+
+def test_disaggregated_spec_renders_prefill_and_decode_roles():
+    spec = {"prefill": {"replicas": 2, "extraArgs": ["--enforce-eager"]}, "decode": {"replicas": 3},
+            "kvTransfer": {"ucxTransports": ["rc", "cuda_copy"], "loadFailurePolicy": "fail", "port": 5700},
+            "engine": {"enablePrefixCaching": False, "enableChunkedPrefill": False, "kvCacheMemory": "0.9"}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    prefill, decode = command(manifests, "m-prefill"), command(manifests, "m-decode")
+    assert prefill[:2] == ["tandem", "prefill"] and decode[:2] == ["tandem", "decode"]
+    assert flag(prefill, "--kv-port") == "5700" and flag(prefill, "--kv-lease-seconds") == "30"
+    assert flag(prefill, "--ucx-transports") == "rc,cuda_copy"
+    assert prefill[-1] == "--enforce-eager" and "--enforce-eager" not in decode
+    assert flag(decode, "--kv-load-failure-policy") == "fail"
+    assert "--kv-lease-seconds" not in decode
+    for cmd in (prefill, decode):
+        assert "--no-enable-prefix-caching" in cmd and "--no-enable-chunked-prefill" in cmd
+        assert flag(cmd, "--kv-cache-memory") == "0.9"
+    router = command(manifests, "m-router")
+    assert flag(router, "--k8s-prefill-selector") == "tandem.dev/deployment=m,tandem.dev/role=prefill"
+    assert flag(router, "--k8s-decode-selector") == "tandem.dev/deployment=m,tandem.dev/role=decode"
+    objs = by_kind(manifests)
+    assert objs[("Deployment", "m-prefill")]["spec"]["replicas"] == 2
+    kv_ports = [p for p in objs[("Service", "m-prefill")]["spec"]["ports"] if p["name"] == "kv"]
+    assert kv_ports == [{"name": "kv", "port": 5700, "targetPort": "kv", "protocol": "TCP"}]
+
+
+def test_prefill_with_zero_replicas_is_aggregated():
+    manifests = render(create_llmd({"prefill": {"replicas": 0}}))
+    assert command(manifests, "m-decode")[:2] == ["tandem", "serve"]
+    assert ("Deployment", "m-prefill") not in by_kind(manifests)
+
+
+def test_autoscaling_renders_hpa_on_pod_metric_and_leaves_replicas_to_it():
+    spec = {"prefill": {"replicas": 1},
+            "decode": {"replicas": 2, "autoscaling": {"minReplicas": 2, "maxReplicas": 8, "metric": {
+                "name": "vllm:kv_cache_usage_perc", "targetAverageValue": "800m"}}}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    objs = by_kind(manifests)
+    hpa = objs[("HorizontalPodAutoscaler", "m-decode")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "m-decode"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": "vllm:kv_cache_usage_perc"}, "target": {"type": "AverageValue", "averageValue": "800m"}}}]
+    assert "replicas" not in objs[("Deployment", "m-decode")]["spec"]
+    assert ("HorizontalPodAutoscaler", "m-prefill") not in objs
+
+
+@pytest.mark.parametrize("mode", ["Disabled", "External", "Managed"])
+def test_redis_modes(mode):
+    redis = {"mode": mode} | ({"url": "redis://cache.infra:6379/2"} if mode == "External" else {})
+    manifests = render(create_llmd({"prefill": {"replicas": 1}, "redis": redis}))
+    assert_valid(manifests)
+    objs = by_kind(manifests)
+    expected = {"Disabled": None, "External": "redis://cache.infra:6379/2",
+                "Managed": "redis://m-redis.team.svc.cluster.local:6379/0"}[mode]
+    for dep in ("m-prefill", "m-decode"):
+        cmd = command(manifests, dep)
+        assert (flag(cmd, "--kv-events-redis") if expected else "--kv-events-redis" in cmd) == (expected or False)
+    router = command(manifests, "m-router")
+    assert (flag(router, "--redis-url") if expected else "--redis-url" in router) == (expected or False)
+    assert (("Deployment", "m-redis") in objs) == (mode == "Managed")
+    assert (("Service", "m-redis") in objs) == (mode == "Managed")
+
+
+def test_api_key_secret_and_hf_token_reach_every_component():
+    spec = {"apiKeySecretRef": {"name": "keys"}, "prefill": {"replicas": 1},
+            "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "hfTokenSecretRef": {"name": "hf", "key": "tok"}}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    for dep in ("m-prefill", "m-decode", "m-router"):
+        env = {e["name"]: e for e in by_kind(manifests)[("Deployment", dep)]["spec"]["template"]["spec"]
+               ["containers"][0]["env"]}
+        assert env["TANDEM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
+    without = render(create_llmd())
+    env_names = [e["name"] for e in by_kind(without)[("Deployment", "m-decode")]["spec"]["template"]["spec"]
+                 ["containers"][0]["env"]]
+    assert "TANDEM_API_KEY" not in env_names
+
+
+@pytest.mark.parametrize("uri, model_arg, served, volume", [
+    ("bundled", BUNDLED_MODEL, BUNDLED_MODEL, None),
+    ("hf://org/name", "org/name", "org/name", {"name": "hf-cache", "emptyDir": {}}),
+    ("pvc://weights/llama/8b", "/models/llama/8b", "8b",
+     {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}),
+    ("file:///opt/models/smol", "/opt/models/smol", "smol", None),
+])
+def test_model_uri_mapping(uri, model_arg, served, volume):
+    manifests = render(create_llmd({"model": {"uri": uri}}))
+    assert_valid(manifests)
+    for dep in ("m-decode", "m-router"):
+        cmd = command(manifests, dep)
+        assert flag(cmd, "--model") == model_arg and flag(cmd, "--served-model-name") == served
+        volumes = by_kind(manifests)[("Deployment", dep)]["spec"]["template"]["spec"]["volumes"]
+        assert [v for v in volumes if v["name"] != "tmp"] == ([volume] if volume else [])
+
+
+def test_scheduling_fields_pass_through():
+    role = {"replicas": 1, "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 10, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                  "labelSelector": {"matchLabels": {"tandem.dev/role": "decode"}}}}]}},
+            "env": [{"name": "NIXL_LOG", "value": "debug"}],
+            "resources": {"requests": {"cpu": "8", "nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}}}
+    spec = {"decode": role, "imagePullSecrets": [{"name": "regcred"}], "serviceAccountName": "workers",
+            "image": "registry.example/tandem:dev", "imagePullPolicy": "Always"}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    pod = by_kind(manifests)[("Deployment", "m-decode")]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"] == role["tolerations"]
+    assert pod["affinity"] == role["affinity"] and pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "workers"
+    c = pod["containers"][0]
+    assert c["resources"] == role["resources"] and {"name": "NIXL_LOG", "value": "debug"} in c["env"]
+    assert c["image"] == "registry.example/tandem:dev" and c["imagePullPolicy"] == "Always"
+    router_pod = by_kind(manifests)[("Deployment", "m-router")]["spec"]["template"]["spec"]
+    assert router_pod["serviceAccountName"] == "m-router"  # the router's own account may watch pods
+
+
+def test_router_rbac_allows_watching_pods_only():
+    objs = by_kind(render(create_llmd()))
+    assert objs[("Role", "m-router")]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = objs[("RoleBinding", "m-router")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "m-router", "namespace": "team"}]
+
+
+def test_render_is_deterministic_and_config_changes_roll_pods():
+    first, second = render(create_llmd()), render(create_llmd())
+    assert first == second
+    changed = render(create_llmd({"model": {"servedName": "other"}}))
+    hash_of = lambda ms: by_kind(ms)[("Deployment", "m-decode")]["spec"]["template"]["metadata"]["annotations"][
+        "tandem.dev/config-hash"]
+    assert hash_of(first) != hash_of(changed)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"decode": {"replicas": -1}}, "spec.decode.replicas: must be >= 0"),
+    ({"model": {"dtype": "float16"}}, "spec.model.dtype: unsupported value 'float16'"),
+    ({"decode": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas (5) must not exceed"),
+    ({"model": {"uri": "s3://bucket/model"}}, "unsupported model uri 's3://bucket/model'"),
+    ({"redis": {"mode": "External"}}, "redis.url is required"),
+    ({"redis": {"url": "redis://x:6379"}}, "redis.url is only used"),
+    ({"prefill": {"replicas": 0, "autoscaling": {"maxReplicas": 2}}}, "prefill.autoscaling needs"),
+    ({"prefill": {"replicas": 1}, "decode": {"replicas": 0}}, "needs decode replicas >= 1"),
+    ({"engine": {"kvCacheMemory": "lots"}}, "spec.engine.kvCacheMemory: invalid value"),
+    ({"engine": {"blockSize": 16, "maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least blockSize"),
+])
+def test_invalid_specs_raise_clear_errors(spec, message):
+    with pytest.raises(SpecError) as info:
+        render(create_llmd(spec))
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_metadata_is_required_and_name_length_checked():
+    with pytest.raises(SpecError, match="metadata.uid: required"):
+        render({"metadata": {"name": "m", "namespace": "n"}, "spec": {}})
+    with pytest.raises(SpecError, match="at most 40 characters"):
+        render(create_llmd(name="x" * 41))
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_render_to_valid_objects(example):
+    obj = yaml.safe_load(example.read_text())
+    obj["metadata"].update(namespace="default", uid="0000-uid")
+    assert_valid(render(obj))
+
+
+@pytest.mark.parametrize("spec", [
+    {},
+    {"prefill": {"replicas": 1}, "redis": {"mode": "Managed"}, "apiKeySecretRef": {"name": "k"},
+     "engine": {"enablePrefixCaching": False, "enableChunkedPrefill": False, "kvCacheMemory": "0.9"}},
+], ids=["aggregated", "disaggregated"])
+def test_rendered_commands_parse_with_the_real_component_clis(spec):
+    # The contract with the other components: every flag render() writes is one their CLI accepts.
+    from tandem.cli import build_parser
+
+    for m in render(create_llmd(spec)):
+        if m["kind"] == "Deployment" and m["metadata"]["name"] != "m-redis":
+            cmd = m["spec"]["template"]["spec"]["containers"][0]["command"]
+            assert cmd[0] == "tandem"
+            build_parser(cmd[1]).parse_args(cmd[1:])
