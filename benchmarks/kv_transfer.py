@@ -1,0 +1,306 @@
+"""Disaggregated prefill/decode on one machine: KV transfer bandwidth and what disaggregation costs in TTFT.
+
+    .venv/bin/python benchmarks/kv_transfer.py [--out results/kv_transfer.json] [--repeats 5]
+
+Three parts, one run, one JSON file:
+
+1. ``raw``: raw NIXL DRAM->DRAM READ GB/s of one contiguous region of the same byte count as the KV of a
+   256, 1,024 and 4,096-token prompt (SmolLM2-135M, bf16), between two processes, and the transport's
+   block READ of those blocks (consecutive ids), via ``benchmarks/kv_transfer_raw.py``'s owner process; taken
+   three times right after every engine transfer of part 2, so both see the same machine load.
+2. ``engine``: Tandem's own block transfer inside real workers: a ``tandem prefill`` and a ``tandem decode``
+   (bf16, ``--threads 1`` each); every disaggregated request's READ is timed by the decode worker itself
+   (``tandem:kv_transfer_bytes_total`` / ``tandem:kv_transfer_duration_seconds_sum`` deltas).
+3. ``ttft``: time to first token, streamed, seen by the client: aggregated (one ``tandem serve``) vs
+   disaggregated (the client sends the prompt to the prefill worker, then the original request plus the
+   returned ``kv_transfer_params`` to the decode worker, and the clock stops at the decode's first token).
+   Every engine gets the same ``--threads`` (default 1: equal compute per engine, so the difference is the
+   disaggregation overhead, not a core count). Each repeat uses a fresh random prompt (no prefix-cache hits);
+   aggregated and disaggregated runs alternate so machine noise hits both alike. Medians are reported.
+
+Goals: engine block transfer >= 0.8 x raw GB/s; disaggregation adds < 15 ms to TTFT at 1,024 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kv_transfer_raw as raw_bench  # noqa: E402
+
+from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache  # noqa: E402
+from tandem.kvtransfer.nixl_transport import NixlKVTransport  # noqa: E402
+
+PROMPT_TOKENS = (256, 1024, 4096)
+MODEL = raw_bench.MODEL
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Worker:
+    """A ``tandem <role>`` process with its log in a temp file."""
+
+    def __init__(self, role: str, args: list[str]) -> None:
+        self.role = role
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"kvbench-{role}-", suffix=".log", delete=False)
+        command = [sys.executable, "-m", "tandem.cli", role, "--port", str(self.port), *args]
+        if role != "serve":
+            command += ["--kv-port", str(free_port())]
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.role} not healthy after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a metric's samples in Prometheus text (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ------------------------------------------------------------------------------------------- part 1
+class RawReader:
+    """The raw baseline: an owner process holding a SmolLM2-shaped bf16 KV cache (``kv_transfer_raw.py
+    --owner``) and a reader transport in this process. It stays up during the serving runs, so raw READs are
+    taken interleaved with the engines' transfers and machine noise hits both alike."""
+
+    def __init__(self, ucx_tls: str | None) -> None:
+        self.layout = raw_bench.smol_layout(512)
+        command = [sys.executable, str(ROOT / "benchmarks" / "kv_transfer_raw.py"), "--owner", "--num-blocks", "512"]
+        if ucx_tls:
+            command += ["--ucx-tls", ucx_tls]
+        self.owner = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.transport: NixlKVTransport | None = None
+        port = None
+        for line in self.owner.stdout:  # type: ignore[union-attr]
+            if line.startswith("{"):
+                port = json.loads(line)["port"]
+                break
+        if port is None:
+            self.close()
+            raise RuntimeError(f"raw owner exited with {self.owner.wait(10)}")
+        buffer = torch.zeros(self.layout.shape, dtype=torch.bfloat16)
+        self.transport = NixlKVTransport(buffer, self.layout, f"kvbench-reader-{os.getpid()}", ucx_tls)
+        self.peer = RemotePeerCache(self.transport, KVCompatibility.from_layout(MODEL, self.layout)).get("127.0.0.1", port)
+        raw_bench.read_blocks(self.transport, self.peer, [0], [0], 30.0)  # connect
+
+    def sample(self, tokens: int) -> tuple[float, float]:
+        """(raw one-region READ seconds, transport block READ seconds) for the KV of ``tokens`` tokens."""
+        assert self.transport is not None
+        n = tokens // self.layout.block_size
+        num_bytes = n * self.layout.bytes_per_block_all_layers
+        raw_s = raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
+        block_s = raw_bench.read_blocks(self.transport, self.peer, list(range(n)), list(range(n)), 30.0)[0]
+        return raw_s, block_s
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if self.owner.stdin:
+            self.owner.stdin.close()
+        try:
+            self.owner.wait(20)
+        except subprocess.TimeoutExpired:
+            self.owner.kill()
+            self.owner.wait(10)
+
+
+# ---------------------------------------------------------------------------------------- parts 2, 3
+def random_prompt(rng: random.Random, tokens: int) -> list[int]:
+    # Ids of ordinary tokens (SmolLM2's vocabulary is 49,152); fresh per repeat, so nothing is cached.
+    return [rng.randrange(1000, 40000) for _ in range(tokens)]
+
+
+def stream_ttft(client: httpx.Client, url: str, body: dict) -> float:
+    """Seconds from sending the request to the first streamed token (the stream is then read to the end)."""
+    started = time.perf_counter()
+    first = None
+    with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
+                if '"error"' in line:
+                    raise RuntimeError(f"{url}: {line}")
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError(f"{url}: no token streamed")
+    return first
+
+
+def disagg_ttft(client: httpx.Client, prefill: Worker, decode: Worker, body: dict) -> tuple[float, float, dict]:
+    """(TTFT, prefill round trip, kv_transfer_params) of one disaggregated request."""
+    started = time.perf_counter()
+    r = client.post(f"{prefill.url}/v1/completions",
+                    json={**body, "max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}})
+    if r.status_code != 200:
+        raise RuntimeError(f"prefill: {r.status_code} {r.text[:300]}")
+    params = r.json()["kv_transfer_params"]
+    prefill_s = time.perf_counter() - started
+    decode_s = stream_ttft(client, decode.url, {**body, "kv_transfer_params": params})
+    return prefill_s + decode_s, prefill_s, params
+
+
+def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict, dict]:
+    engine_args = ["--dtype", "bfloat16", "--threads", str(threads), "--max-model-len", "4608",
+                   "--max-num-batched-tokens", "4608", "--kv-cache-memory", "512MiB"]
+    kv_args = ["--ucx-transports", ucx_tls] if ucx_tls else []
+    workers = [Worker("prefill", engine_args + kv_args), Worker("decode", engine_args + kv_args),
+               Worker("serve", engine_args)]
+    prefill, decode, serve = workers
+    rng = random.Random(0)
+    raw_cases, engine_cases, ttft_cases = [], [], []
+    raw = None
+    try:
+        raw = RawReader(ucx_tls)
+        for w in workers:
+            w.wait_healthy()
+        with httpx.Client(timeout=600) as client:
+            # Warm-up: first requests pay for lazy initialisation and (disaggregated) the handshake + UCX connect.
+            for _ in range(2):
+                body = {"prompt": random_prompt(rng, 64), "max_tokens": 2, "temperature": 0}
+                stream_ttft(client, serve.url, body)
+                disagg_ttft(client, prefill, decode, body)
+            for tokens in PROMPT_TOKENS:
+                agg, dis, pre, rates, blocks, raw_s, block_s = [], [], [], [], [], [], []
+                for _ in range(repeats):
+                    body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
+                    agg.append(stream_ttft(client, serve.url, body))
+                    body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
+                    before = client.get(f"{decode.url}/metrics").text
+                    total, prefill_s, params = disagg_ttft(client, prefill, decode, body)
+                    after = client.get(f"{decode.url}/metrics").text
+                    dis.append(total)
+                    pre.append(prefill_s)
+                    moved = metric(after, "tandem:kv_transfer_bytes_total") - metric(before, "tandem:kv_transfer_bytes_total")
+                    seconds = (metric(after, "tandem:kv_transfer_duration_seconds_sum")
+                               - metric(before, "tandem:kv_transfer_duration_seconds_sum"))
+                    if moved <= 0 or seconds <= 0:
+                        raise RuntimeError(f"{tokens} tokens: the decode worker moved no KV ({moved} bytes)")
+                    rates.append(moved / seconds / 1e9)
+                    blocks.append(len(params["remote_block_ids"]))
+                    for _ in range(3):  # the baseline, right after the engine's READ
+                        r_s, b_s = raw.sample(tokens)
+                        raw_s.append(r_s)
+                        block_s.append(b_s)
+                    # Let the prefill's completion notice land so both workers are idle before the next run.
+                    time.sleep(0.05)
+                ttft_cases.append({
+                    "prompt_tokens": tokens,
+                    "aggregated_ttft_ms": statistics.median(agg) * 1e3,
+                    "disaggregated_ttft_ms": statistics.median(dis) * 1e3,
+                    "added_ms": (statistics.median(dis) - statistics.median(agg)) * 1e3,
+                    "disaggregated_prefill_round_trip_ms": statistics.median(pre) * 1e3,
+                    # Paired, low-noise view of the overhead: the prefill round trip does the same prompt compute
+                    # as aggregated serving, so what the decode hop adds is its own time to first token.
+                    "decode_hop_ttft_ms": statistics.median(d - p for d, p in zip(dis, pre)) * 1e3,
+                    "aggregated_samples_ms": [s * 1e3 for s in agg],
+                    "disaggregated_samples_ms": [s * 1e3 for s in dis],
+                })
+                num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
+                raw_gbps = raw_bench.gbps(num_bytes, statistics.median(raw_s))
+                block_gbps = raw_bench.gbps(num_bytes, statistics.median(block_s))
+                raw_cases.append({"prompt_tokens": tokens, "blocks": tokens // raw.layout.block_size, "bytes": num_bytes,
+                                  "raw_gbps": raw_gbps, "transport_block_gbps": block_gbps,
+                                  "transport_ratio_to_raw": block_gbps / raw_gbps})
+                engine_cases.append({"prompt_tokens": tokens, "blocks_pulled": blocks[-1],
+                                     "engine_block_gbps": statistics.median(rates), "samples_gbps": rates,
+                                     "raw_gbps": raw_gbps, "ratio_to_raw": statistics.median(rates) / raw_gbps})
+                print(f"  {tokens} tokens: agg {ttft_cases[-1]['aggregated_ttft_ms']:.1f} ms, "
+                      f"disagg {ttft_cases[-1]['disaggregated_ttft_ms']:.1f} ms, "
+                      f"engine transfer {engine_cases[-1]['engine_block_gbps']:.2f} GB/s", flush=True)
+    finally:
+        if raw is not None:
+            raw.close()
+        for w in workers:
+            w.stop()
+    raw_result = {"cases": raw_cases, "bytes_per_block_all_layers": raw_bench.smol_layout(1).bytes_per_block_all_layers}
+    return raw_result, {"cases": engine_cases}, {"cases": ttft_cases, "threads_per_engine": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/kv_transfer.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every engine (default 1)")
+    parser.add_argument("--ucx-tls", default=None, help="UCX_TLS for every NIXL agent (default: UCX's own)")
+    args = parser.parse_args()
+
+    print("prefill + decode vs serve, raw NIXL baseline interleaved ...", flush=True)
+    raw, engine, ttft = measure(args.repeats, args.threads, args.ucx_tls)
+    results = {
+        "raw": raw,
+        "engine": engine,
+        "ttft": ttft,
+        "model": MODEL,
+        "dtype": "bfloat16",
+        "ucx_tls": args.ucx_tls or "default",
+        "repeats": args.repeats,
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "goals": {"engine_block_ratio_to_raw": ">= 0.8", "added_ttft_ms_at_1024": "< 15"},
+    }
+
+    print(f"\n{'tokens':>6} {'MB':>6} {'raw GB/s':>9} {'transport GB/s':>15} {'engine GB/s':>12} {'engine/raw':>10} | "
+          f"{'agg TTFT ms':>11} {'disagg TTFT ms':>14} {'added ms':>9} {'decode hop ms':>13}")
+    for r, e, t in zip(raw["cases"], engine["cases"], ttft["cases"]):
+        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:9.2f} {r['transport_block_gbps']:15.2f} "
+              f"{e['engine_block_gbps']:12.2f} {e['ratio_to_raw']:10.2f} | {t['aggregated_ttft_ms']:11.1f} "
+              f"{t['disaggregated_ttft_ms']:14.1f} {t['added_ms']:9.1f} {t['decode_hop_ttft_ms']:13.1f}")
+    print(f"(every engine --threads {args.threads}; bf16; medians of {args.repeats}; 'decode hop' = disaggregated TTFT "
+          "minus the prefill round trip, i.e. what the decode worker adds after the prompt is computed)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
