@@ -120,6 +120,8 @@ class ModelRunner:
                 table[row, :nblk] = torch.tensor(d.block_ids[:nblk], dtype=torch.long)
                 seq_lens[row] = ctx
             meta.decode_block_tables = table
+            heads = torch.arange(self.model_config.num_kv_heads).unsqueeze(1) * self.layout.num_blocks
+            meta.decode_gather_rows = (heads + table.flatten().unsqueeze(0)).flatten()
             meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
                 1, len(decodes), 1, max_blocks * bs
             )

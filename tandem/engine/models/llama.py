@@ -109,6 +109,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat slot (block_id * block_size + offset) of each token
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
+    decode_gather_rows: torch.Tensor | None = None  # [kv_heads * Bd * max_blocks] rows of the [kvh * blocks, ...] view
     decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
     prefills: list[PrefillSeq] = field(default_factory=list)
 
@@ -220,10 +221,11 @@ class Attention(nn.Module):
         group = self.num_heads // kvh
         if meta.num_decode:
             bd = meta.num_decode
-            # One gather puts each sequence's blocks in [kv_heads, Bd, L, D] order (L = max_blocks * block_size).
-            table = meta.decode_block_tables.flatten()
-            kd = k_cache.index_select(1, table).view(kvh, bd, -1, D)
-            vd = v_cache.index_select(1, table).view(kvh, bd, -1, D)
+            # One gather of contiguous block rows puts each sequence's blocks in [kv_heads, Bd, L, D] order
+            # (L = max_blocks * block_size); the row ids (head * num_blocks + block) are shared by all layers.
+            rows = meta.decode_gather_rows
+            kd = k_cache.view(kvh * nb, bs * D).index_select(0, rows).view(kvh, bd, -1, D)
+            vd = v_cache.view(kvh * nb, bs * D).index_select(0, rows).view(kvh, bd, -1, D)
             qd = q[:bd].view(bd, kvh, group, D).transpose(0, 1)  # [kvh, Bd, group, D]
             scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [kvh, Bd, group, L]
             scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
