@@ -45,7 +45,7 @@ serve: install
 	$(VENV)/bin/tandem up --prefill 1 --decode 1
 
 test: install
-	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -ra
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -ra -m "not slow"

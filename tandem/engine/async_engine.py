@@ -183,13 +183,16 @@ class AsyncEngine:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
+            deltas = []
+            idle = True  # NOTE: only a step that computed tokens keeps the loop from blocking
             try:
-                deltas = engine.step() if engine.scheduler.has_work() else []
+                if engine.scheduler.has_work():
+                    deltas = engine.step()
+                    idle = engine.last_step_num_tokens == 0
             except Exception as exc:  # a bug in a step must not kill the server: fail what was running
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            idle = engine.last_step_num_tokens == 0
             for delta in deltas:
                 sink = self._sinks.get(delta.request_id)
                 if sink is not None:

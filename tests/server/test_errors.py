@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import httpx
@@ -190,3 +191,16 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_zero():
         assert proc.proc.wait(30) == 0
     finally:
         proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_server_does_not_spin(server, client):
+    client.completions.create(model="smol", prompt="Hi", max_tokens=2)
+    time.sleep(0.5)
+    before = _cpu_seconds(server.proc.pid)
+    time.sleep(2.0)
+    assert _cpu_seconds(server.proc.pid) - before < 0.4  # an idle engine blocks on its command queue
