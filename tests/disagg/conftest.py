@@ -24,7 +24,7 @@ def start_worker(role: str, *extra: str, wait: bool = True):
     return start_serve(*args, subcommand=role, wait=wait)
 
 
-LEASE_S = 3.0
+LEASE_S = 8.0  # long enough that a loaded CI machine still sees the blocks held before expiry
 ROLES = {
     "prefill": ("prefill",),
     "decode": ("decode",),
