@@ -1,4 +1,7 @@
-"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status."""
+"""OpenAI-shaped errors: ``{"error": {"message", "type", "param", "code"}}`` with the right status.
+
+NOTE: torch-free; the router answers with the same class, so clients see one error API everywhere.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +13,18 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "internal_server_error",
     502: "upstream_error",
     503: "service_unavailable",
-    500: "internal_server_error",
+    504: "upstream_error",
 }
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 class APIError(Exception):
@@ -25,10 +35,10 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type_ or _TYPES.get(status, "invalid_request_error")
+        self.type = type_ or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
