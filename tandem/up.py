@@ -123,7 +123,7 @@ class Supervisor:
         try:
             os.killpg(child.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
-            pass
+            return  # the child's group is already gone
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

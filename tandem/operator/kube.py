@@ -210,7 +210,7 @@ class KubeClient:
             await self._call("DELETE", resource_path(api_version, kind, namespace, name),
                              body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
         except NotFound:
-            pass
+            return  # already gone: deleting is idempotent
 
     async def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
                            status: Mapping[str, Any]) -> dict[str, Any]:

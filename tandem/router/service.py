@@ -83,8 +83,9 @@ class RelayResponse(Response):
 
     @staticmethod
     async def _wait_disconnect(receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        message = await receive()
+        while message["type"] != "http.disconnect":  # drain until the client goes away
+            message = await receive()
 
     async def _relay(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -116,7 +116,7 @@ class RedisKVEventPublisher:
             try:
                 await self._task
             except (asyncio.CancelledError, Exception):
-                pass
+                logger.debug("KV events publisher stopped")
 
     async def _run(self) -> None:
         import redis.asyncio as aioredis
