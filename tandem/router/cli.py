@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.router.config import RouterConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> "RouterConfig":
-    from tandem.router.config import DEFAULT_DECODE_WEIGHTS, DEFAULT_PREFILL_WEIGHTS, RouterConfig, parse_weights
+    from tandem.router.config import (
+        DEFAULT_DECODE_WEIGHTS,
+        DEFAULT_PREFILL_WEIGHTS,
+        RouterConfig,
+        parse_weights,
+    )
 
     # Like `tandem serve`: repeatable --api-key, else TANDEM_API_KEY (comma-separated).
     keys = list(args.api_key) or [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
