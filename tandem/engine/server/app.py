@@ -400,8 +400,8 @@ def build_app(state: ServerState) -> FastAPI:
         ctx = _GenContext(state, request, model, body.kv_transfer_params, body.request_id)
         texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) if engine.tokenizer else "" for p in prompts]
         if body.stream:
-            return StreamingResponse(
-                _stream_completion(ctx, prompt_ids, params, texts, body), media_type="text/event-stream")
+            return StreamingResponse(_sse_stream(ctx, _stream_completion(ctx, prompt_ids, params, texts, body)),
+                                     media_type="text/event-stream")
         result = await _until_disconnect(request, _collect(ctx, prompt_ids, params))
         return _completion_response(ctx, result, prompt_ids, params, texts, body)
 
@@ -422,7 +422,8 @@ def build_app(state: ServerState) -> FastAPI:
         _check_length(state, len(ids), params, "messages")
         ctx = _GenContext(state, request, model, body.kv_transfer_params, body.request_id)
         if body.stream:
-            return StreamingResponse(_stream_chat(ctx, ids, params, body), media_type="text/event-stream")
+            return StreamingResponse(_sse_stream(ctx, _stream_chat(ctx, ids, params, body)),
+                                     media_type="text/event-stream")
         result = await _until_disconnect(request, _collect(ctx, [ids], [params]))
         return _chat_response(ctx, result, ids, params)
 
@@ -607,6 +608,21 @@ def _stream_error(exc: BaseException) -> bytes:
     return _sse(err.body())
 
 
+async def _sse_stream(ctx: _GenContext, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Frame a response's SSE events: a failure becomes an error event, and the stream always ends with [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        raise  # the client went away: closing ``events`` aborts the engine request
+    except BaseException as exc:
+        yield _stream_error(exc)
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+        ctx.tracker.done()
+    yield b"data: [DONE]\n\n"
+
+
 async def _stream_completion(ctx: _GenContext, prompt_ids, params, texts, body) -> AsyncIterator[bytes]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": f"cmpl-{ctx.response_id}", "object": "text_completion", "created": ctx.created, "model": ctx.model}
@@ -614,39 +630,31 @@ async def _stream_completion(ctx: _GenContext, prompt_ids, params, texts, body) 
     cached = 0
     echoed: set[tuple[int, int]] = set()
     offsets: dict[tuple[int, int], int] = {}
-    try:
-        async for i, d in _merge_streams(ctx.streams(prompt_ids, params)):
-            ctx.tracker.on_delta(d)
-            _raise_delta_error(d)
-            p = params[i]
-            key = (i, d.index)
-            text = d.new_text
-            if body.echo and key not in echoed:
-                echoed.add(key)
-                text = texts[i] + text
-            completion_tokens += len(d.new_token_ids)
-            lp = None
-            if p.logprobs is not None and d.new_token_ids:
-                lp = _completion_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, p.logprobs, offsets.get(key, 0))
-            offsets[key] = offsets.get(key, 0) + len(text)
-            if d.finished:
-                cached = max(cached, d.num_cached_tokens)
-            if not text and not d.finished and lp is None:
-                continue
-            chunk = {**base, "choices": [{"index": i * p.n + d.index, "text": text, "logprobs": lp,
-                                          "finish_reason": d.finish_reason if d.finished else None,
-                                          "stop_reason": d.stop_reason if d.finished else None}]}
-            yield _sse(chunk)
-        if include_usage:
-            prompt_tokens = sum(len(ids) for ids in prompt_ids)
-            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens, cached)})
-    except (asyncio.CancelledError, GeneratorExit):
-        raise
-    except BaseException as exc:
-        yield _stream_error(exc)
-    finally:
-        ctx.tracker.done()
-    yield b"data: [DONE]\n\n"
+    async for i, d in _merge_streams(ctx.streams(prompt_ids, params)):
+        ctx.tracker.on_delta(d)
+        _raise_delta_error(d)
+        p = params[i]
+        key = (i, d.index)
+        text = d.new_text
+        if body.echo and key not in echoed:
+            echoed.add(key)
+            text = texts[i] + text
+        completion_tokens += len(d.new_token_ids)
+        lp = None
+        if p.logprobs is not None and d.new_token_ids:
+            lp = _completion_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, p.logprobs, offsets.get(key, 0))
+        offsets[key] = offsets.get(key, 0) + len(text)
+        if d.finished:
+            cached = max(cached, d.num_cached_tokens)
+        if not text and not d.finished and lp is None:
+            continue
+        chunk = {**base, "choices": [{"index": i * p.n + d.index, "text": text, "logprobs": lp,
+                                      "finish_reason": d.finish_reason if d.finished else None,
+                                      "stop_reason": d.stop_reason if d.finished else None}]}
+        yield _sse(chunk)
+    if include_usage:
+        prompt_tokens = sum(len(ids) for ids in prompt_ids)
+        yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens, cached)})
 
 
 async def _stream_chat(ctx: _GenContext, ids: list[int], params: SamplingParams, body) -> AsyncIterator[bytes]:
@@ -655,32 +663,24 @@ async def _stream_chat(ctx: _GenContext, ids: list[int], params: SamplingParams,
             "model": ctx.model}
     completion_tokens = 0
     cached = 0
-    try:
-        for j in range(params.n):
-            yield _sse({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-        async for _, d in _merge_streams(ctx.streams([ids], [params])):
-            ctx.tracker.on_delta(d)
-            _raise_delta_error(d)
-            completion_tokens += len(d.new_token_ids)
-            if d.finished:
-                cached = max(cached, d.num_cached_tokens)
-            if not d.new_text and not d.finished:
-                continue
-            lp = None
-            if params.logprobs is not None and d.new_token_ids:
-                lp = _chat_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, params.logprobs)
-            choice = {"index": d.index, "delta": {"content": d.new_text} if d.new_text else {}, "logprobs": lp,
-                      "finish_reason": d.finish_reason if d.finished else None}
-            if d.finished:
-                choice["stop_reason"] = d.stop_reason
-            yield _sse({**base, "choices": [choice]})
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(len(ids), completion_tokens, cached)})
-    except (asyncio.CancelledError, GeneratorExit):
-        raise
-    except BaseException as exc:
-        yield _stream_error(exc)
-    finally:
-        ctx.tracker.done()
-    yield b"data: [DONE]\n\n"
+    for j in range(params.n):
+        yield _sse({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})
+    async for _, d in _merge_streams(ctx.streams([ids], [params])):
+        ctx.tracker.on_delta(d)
+        _raise_delta_error(d)
+        completion_tokens += len(d.new_token_ids)
+        if d.finished:
+            cached = max(cached, d.num_cached_tokens)
+        if not d.new_text and not d.finished:
+            continue
+        lp = None
+        if params.logprobs is not None and d.new_token_ids:
+            lp = _chat_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, params.logprobs)
+        choice = {"index": d.index, "delta": {"content": d.new_text} if d.new_text else {}, "logprobs": lp,
+                  "finish_reason": d.finish_reason if d.finished else None}
+        if d.finished:
+            choice["stop_reason"] = d.stop_reason
+        yield _sse({**base, "choices": [choice]})
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": _usage(len(ids), completion_tokens, cached)})
