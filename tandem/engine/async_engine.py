@@ -193,18 +193,20 @@ class AsyncEngine:
                 logger.exception("engine step failed")
                 self._fail_all(exc)
                 continue
-            for delta in deltas:
-                sink = self._sinks.get(delta.request_id)
-                if sink is not None:
-                    sink(delta)
-            self._forget_finished(engine)
             for hook in self.step_hooks:
                 hook(engine)
             events = engine.take_kv_events()
             if events:
                 for listener in self.kv_event_listeners:
                     listener(events)
+            # Stats first, then the outputs: a client that reads /metrics right after its response
+            # must see the state that response left behind (e.g. blocks held under a lease).
             self.stats = engine.stats()
+            for delta in deltas:
+                sink = self._sinks.get(delta.request_id)
+                if sink is not None:
+                    sink(delta)
+            self._forget_finished(engine)
 
     def _handle(self, engine: LLMEngine, command) -> None:
         if isinstance(command, _Add):

@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
+from disagg_client import LEASE_S
 from procs import free_port, start_serve
 
-MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
 COMMON = ("--dtype", "float32", "--threads", "1", "--kv-cache-memory", "160MiB", "--max-model-len", str(MAX_MODEL_LEN))
 
@@ -24,7 +24,6 @@ def start_worker(role: str, *extra: str, wait: bool = True):
     return start_serve(*args, subcommand=role, wait=wait)
 
 
-LEASE_S = 8.0  # long enough that a loaded CI machine still sees the blocks held before expiry
 ROLES = {
     "prefill": ("prefill",),
     "decode": ("decode",),

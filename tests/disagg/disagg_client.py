@@ -9,6 +9,9 @@ import httpx
 
 from procs import metric_value
 
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LEASE_S = 8.0  # long enough that a loaded CI machine still sees the blocks held before expiry
+
 
 def completion_body(prompt, max_tokens: int = 12, **extra) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}

@@ -12,8 +12,9 @@ import time
 
 import httpx
 import pytest
-from conftest import LEASE_S, MODEL
 from disagg_client import (
+    LEASE_S,
+    MODEL,
     completion_body,
     completion_text,
     kv_metric,
