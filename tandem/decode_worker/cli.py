@@ -1,7 +1,8 @@
 """``tandem decode``: an engine that pulls a prompt's KV from a prefill worker over NIXL, then generates.
 
-A request carrying the prefill's ``kv_transfer_params`` (``do_remote_prefill``) waits for remote KV while the
-rest of the batch runs, then computes the last prompt token and streams as ``tandem serve`` would. A failed
+A request carrying the prefill's ``kv_transfer_params`` (``do_remote_prefill``) streams the prefill's first
+token at once, waits for the remote KV while the rest of the batch runs, then computes that token's KV and
+streams the rest as ``tandem serve`` would. A failed
 pull recomputes the prompt (``--kv-load-failure-policy recompute``) or answers 502 (``fail``).
 """
 

@@ -183,6 +183,10 @@ class AsyncEngine:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
+            early = engine.take_preseeded_deltas()  # first tokens handed in: out before the next forward pass
+            if early:
+                self.stats = engine.stats()
+                self._deliver(engine, early)
             deltas = []
             idle = True  # NOTE: only a step that computed tokens keeps the loop from blocking
             try:
@@ -202,11 +206,7 @@ class AsyncEngine:
             # Stats first, then the outputs: a client that reads /metrics right after its response
             # must see the state that response left behind (e.g. blocks held under a lease).
             self.stats = engine.stats()
-            for delta in deltas:
-                sink = self._sinks.get(delta.request_id)
-                if sink is not None:
-                    sink(delta)
-            self._forget_finished(engine)
+            self._deliver(engine, deltas)
 
     def _handle(self, engine: LLMEngine, command) -> None:
         if isinstance(command, _Add):
@@ -226,6 +226,13 @@ class AsyncEngine:
                 self._resolve(command.done, command.fn(engine))
             except Exception as exc:
                 self._resolve(command.done, exc=exc)
+
+    def _deliver(self, engine: LLMEngine, deltas: list) -> None:
+        for delta in deltas:
+            sink = self._sinks.get(delta.request_id)
+            if sink is not None:
+                sink(delta)
+        self._forget_finished(engine)
 
     def _forget_finished(self, engine: LLMEngine) -> None:
         for rid in [r for r in self._sinks if not engine.is_active(r)]:

@@ -136,6 +136,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.last_step_num_tokens = 0
         self._ids = itertools.count()
+        self._preseeded: list[_Child] = []  # requests whose handed-in first token is not yet reported
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -182,6 +183,7 @@ class LLMEngine:
                 f"prompt: {len(prompt_token_ids)} tokens is too long for max_model_len={max_len} "
                 "(at least one token must be left to generate)"
             )
+        first = self._handed_in_first_token(params, kv_transfer_params)
         children = []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}-{i}"
@@ -199,11 +201,64 @@ class LLMEngine:
                 kv_transfer_params=kv_transfer_params,
             )
             children.append(req)
+        if first is not None:
+            token, logprobs = first
+            req = children[0]
+            req.append_output_token(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs)
+            req.num_preseeded_tokens = 1
         for i, req in enumerate(children):
             self.scheduler.add_request(req)
             self._children[req.request_id] = _Child(request_id, i, req)
         self._parents[request_id] = [r.request_id for r in children]
+        if first is not None:
+            req = children[0]
+            self._preseeded.append(self._children[req.request_id])
+            status = self.scheduler.check_stop(req, first[0])
+            if status is not None:  # e.g. the first token was EOS: done without a step
+                self.scheduler.finish_requests([req.request_id], status)
         return request_id
+
+    def _handed_in_first_token(self, params: SamplingParams,
+                               kv_transfer_params: dict | None) -> tuple[int, dict[int, float] | None] | None:
+        """The prefill worker's first token that came with a disaggregated request, when it can be used:
+        the decode side streams it at once and generates from the second token on (only with a KV connector,
+        one sample and no prompt logprobs; without logprobs for it, when they are asked, it is sampled again).
+        Raises ValueError for a malformed one."""
+        if (not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill")
+                or kv_transfer_params.get("first_token_id") is None or self.scheduler.connector is None
+                or params.n != 1 or params.prompt_logprobs is not None):
+            return None
+        token = kv_transfer_params["first_token_id"]
+        vocab = self.model_config.vocab_size
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+            raise ValueError(f"kv_transfer_params.first_token_id: must be an integer in [0, {vocab})")
+        if params.logprobs is None:
+            return token, None
+        raw = kv_transfer_params.get("first_token_logprobs")
+        if raw is None:
+            return None
+        try:
+            logprobs = {int(t): float(lp) for t, lp in raw.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError("kv_transfer_params.first_token_logprobs: must map token ids to logprobs") from None
+        if token not in logprobs:
+            raise ValueError("kv_transfer_params.first_token_logprobs: must include first_token_id")
+        return token, logprobs
+
+    def take_preseeded_deltas(self) -> list[RequestDelta]:
+        """Deltas for first tokens that came with requests: available before any step runs."""
+        deltas = []
+        for child in self._preseeded:
+            req = child.request
+            if child.request.request_id not in self._children:
+                continue  # aborted before it was reported
+            self.prompt_tokens_total += req.num_prompt_tokens
+            self.generation_tokens_total += 1
+            deltas.append(self._process(child, req.output_token_ids[:1], req.is_finished, None))
+        self._preseeded.clear()
+        return deltas
 
     def abort_request(self, request_ids: list[str] | str) -> None:
         """Cancel requests: their blocks go back to the pool at once."""
@@ -226,7 +281,7 @@ class LLMEngine:
     def step(self) -> list[RequestDelta]:
         sched = self.scheduler.schedule()
         self.last_step_num_tokens = sched.total_tokens
-        deltas = self._failed_deltas()
+        deltas = self.take_preseeded_deltas() + self._failed_deltas()
         if not sched.scheduled:
             return deltas
         output = self.runner.execute(sched)
@@ -235,7 +290,7 @@ class LLMEngine:
             child = self._children.get(upd.request.request_id)
             if child is None:
                 continue
-            if upd.request.num_output_tokens == 1:
+            if upd.request.num_output_tokens == 1:  # (a handed-in first token was counted when reported)
                 self.prompt_tokens_total += upd.request.num_prompt_tokens
             self.generation_tokens_total += len(upd.new_token_ids)
             deltas.append(self._process(child, upd.new_token_ids, upd.finished, upd.kv_transfer_params))

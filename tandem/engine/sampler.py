@@ -36,6 +36,9 @@ class Sampler:
         gen = self._generators.get(request.request_id)
         if gen is None:
             gen = torch.Generator().manual_seed(seed)
+            # Tokens sampled elsewhere (a prefill worker's first token) used the first draws of this seed.
+            for _ in range(request.num_preseeded_tokens):
+                torch.empty(self.vocab_size).exponential_(generator=gen)
             self._generators[request.request_id] = gen
         return gen
 

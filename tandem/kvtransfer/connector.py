@@ -15,9 +15,11 @@ Exporting side (``do_remote_decode``, the prefill role): a finished request's bl
 ``done:<num_blocks>:<remote_request_id>`` (sent by NIXL when its READ completes, or standalone when it gave up)
 or the lease's expiry frees them, whichever comes first.
 
-Importing side (``do_remote_prefill``, the decode role): KV of the first ``num_prompt_tokens - 1`` prompt
-tokens is pulled into the request's own blocks (only those its prefix cache lacks); the scheduler then computes
-the last prompt token locally and samples, so greedy output equals aggregated serving exactly. A failed load
+Importing side (``do_remote_prefill``, the decode role): when the prefill's first token came with the request
+(``first_token_id``: the engine streams it at once) the KV of the whole prompt is pulled, else that of the first
+``num_prompt_tokens - 1`` tokens, into the request's own blocks (only those its prefix cache lacks); the
+scheduler then computes the one remaining token locally and samples, so greedy output equals aggregated
+serving exactly. A failed load
 either recomputes the prompt locally (policy ``recompute``) or ends the request with an error (``fail``).
 
 NOTE: threads. The scheduler half and ``housekeeping`` run on the engine thread only. READs (which with UCX's
@@ -263,18 +265,19 @@ class NixlConnector:
 
     # ------------------------------------------------------------------ scheduler half: importing
     def get_num_new_matched_tokens(self, request: Request, num_local_computed_tokens: int) -> int:
-        """Prompt tokens beyond the local prefix hits whose KV a remote prefill computed (all but the last)."""
+        """Tokens beyond the local prefix hits whose KV a remote prefill computed: all but the last known
+        token (the whole prompt when the prefill's first token came with the request, else all but its last)."""
         remote = self._remote_prefill(request)
         if remote is None:
             return 0
-        return max(0, request.num_prompt_tokens - 1 - num_local_computed_tokens)
+        return max(0, num_tokens_to_load(request) - num_local_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], num_local_blocks: int,
                                  num_external_tokens: int) -> None:
         """Blocks ``block_ids[num_local_blocks:]`` await the remote KV: queue the READ."""
         remote = self._remote_prefill(request)
         assert remote is not None and self.layout is not None, "get_num_new_matched_tokens said there was KV to load"
-        blocks = block_range(request.num_prompt_tokens, self.layout.block_size, num_local_blocks)
+        blocks = block_range(num_tokens_to_load(request), self.layout.block_size, num_local_blocks)
         job = _LoadJob(request.request_id, remote, remote.block_ids[blocks.start:blocks.stop],
                        tuple(block_ids[blocks.start:blocks.stop]))
         self._loading[request.request_id] = job
@@ -313,6 +316,8 @@ class NixlConnector:
             return None
         if request.group_id is not None:
             return None  # n > 1: only the first sample pulls; its siblings share its cached prompt blocks
+        if request.sampling_params.prompt_logprobs is not None:
+            return None  # prompt logprobs need the prompt's own forward pass
         try:
             remote = RemotePrefill.from_params(params)
         except ValueError as exc:
@@ -325,8 +330,10 @@ class NixlConnector:
             problem = f"block_size {remote.block_size} differs from the local {bs}"
         elif remote.num_prompt_tokens is not None and remote.num_prompt_tokens != request.num_prompt_tokens:
             problem = f"num_prompt_tokens {remote.num_prompt_tokens} differs from this prompt's {request.num_prompt_tokens}"
-        elif len(remote.block_ids) < -(-(request.num_prompt_tokens - 1) // bs):
-            problem = f"{len(remote.block_ids)} remote_block_ids cannot hold {request.num_prompt_tokens - 1} tokens"
+        elif request.num_preseeded_tokens > 1:
+            problem = "the remote engine holds the KV of the prompt only"
+        elif len(remote.block_ids) < -(-num_tokens_to_load(request) // bs):
+            problem = f"{len(remote.block_ids)} remote_block_ids cannot hold {num_tokens_to_load(request)} tokens"
         if problem is not None:
             logger.warning("request %s: ignoring kv_transfer_params, computing the prompt locally: %s",
                            request.request_id, problem)
@@ -367,6 +374,7 @@ class NixlConnector:
             "block_size": self.layout.block_size,
             "lease_seconds": lease_s,
             "lease_expires_at": time.time() + lease_s,
+            **first_token_params(request),
         }
 
     def get_finished_sending(self) -> list[str]:
@@ -487,6 +495,24 @@ class NixlConnector:
             logger.debug("kv transfer: could not notify %s: %s", agent_name, exc)
 
 
-def block_range(num_prompt_tokens: int, block_size: int, num_local_blocks: int) -> range:
-    """Block indices a decode engine pulls: from its local prefix hits up to the block of token P - 2."""
-    return range(num_local_blocks, -(-(num_prompt_tokens - 1) // block_size))
+def num_tokens_to_load(request: Request) -> int:
+    """Tokens whose KV a decode engine pulls: all but the last known one before the first local step (the
+    whole prompt when the prefill's first token came with the request, else all but the prompt's last)."""
+    return request.num_prompt_tokens - 1 + request.num_preseeded_tokens
+
+
+def block_range(num_tokens: int, block_size: int, num_local_blocks: int) -> range:
+    """Block indices a decode engine pulls for the KV of its first ``num_tokens`` tokens: from its local
+    prefix hits up to the block holding token ``num_tokens - 1``."""
+    return range(num_local_blocks, -(-num_tokens // block_size))
+
+
+def first_token_params(request: Request) -> dict[str, Any]:
+    """The exported request's first sampled token (and its logprobs, when asked), for the decode side to
+    stream at once and continue from instead of sampling it again."""
+    if not request.output_token_ids:
+        return {}
+    out: dict[str, Any] = {"first_token_id": request.output_token_ids[0]}
+    if request.output_logprobs:
+        out["first_token_logprobs"] = {str(t): lp for t, lp in request.output_logprobs[0].items()}
+    return out

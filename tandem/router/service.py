@@ -319,6 +319,8 @@ class RouterService:
         payload.pop("stream_options", None)
         if "max_completion_tokens" in payload:
             payload["max_completion_tokens"] = 1
+        if isinstance(payload.get("min_tokens"), int) and payload["min_tokens"] > 1:
+            payload["min_tokens"] = 1  # the first token obeys it (no EOS) and the decode worker continues from it
         worker.inflight += 1
         try:
             response = await self._proxy_client().post(worker.url + endpoint, json=payload, headers=headers)

@@ -20,7 +20,9 @@ def client():
 
 
 def one_request(client, prefill, decode, i: int, stream: bool) -> str:
-    body = completion_body(f"Request number {i}: write one short sentence about the number {i * 7}.", 1)
+    # Two tokens (EOS ignored): the first comes from the prefill worker, the second needs the pulled KV.
+    body = completion_body(f"Request number {i}: write one short sentence about the number {i * 7}.", 2,
+                           ignore_eos=True)
     params = prefill_params(client, prefill.url, body)
     # completion_text asserts a 200 (and, streamed, no error event).
     return completion_text(client, decode.url, {**body, "stream": stream, "kv_transfer_params": params})

@@ -65,6 +65,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     num_preemptions: int = 0
+    # Output tokens sampled elsewhere and handed in with the request (disaggregated decode: the prefill
+    # worker's first token); the sampler skips their random draws so a seeded request continues its stream.
+    num_preseeded_tokens: int = 0
     block_hashes: list[int] = field(default_factory=list)
     # Per output token: {token_id: logprob} of the chosen and top tokens, when logprobs were asked.
     output_logprobs: list[dict[int, float]] = field(default_factory=list)

@@ -237,9 +237,10 @@ class Scheduler:
             # One load per request: if it is preempted later (or the load failed) it recomputes locally.
             request.kv_transfer_params = None
             if ok:
-                # Everything but the last prompt token arrived; the local step computes that one
+                # Everything but the last known token arrived (the last prompt token, or the prefill's
+                # first output token when it came with the request); the local step computes that one
                 # token and samples, exactly as an aggregated engine would.
-                request.num_computed_tokens = request.num_prompt_tokens - 1
+                request.num_computed_tokens = request.num_tokens - 1
                 self.kv.cache_blocks(request, request.num_computed_tokens)
             else:
                 # NOTE: start over from a fresh prefix lookup (which finds the local hits again): the
@@ -277,14 +278,14 @@ class Scheduler:
             request.append_output_token(token)
             if request.request_id in output.logprobs:
                 request.output_logprobs.append(output.logprobs[request.request_id])
-            status = self._check_stop(request, token)
+            status = self.check_stop(request, token)
             params = None
             if status is not None:
                 params = self._finish(request, status)
             updates.append(RequestUpdate(request, [token], status is not None, params))
         return updates
 
-    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+    def check_stop(self, request: Request, token: int) -> RequestStatus | None:
         sp = request.sampling_params
         n_out = request.num_output_tokens
         if n_out >= sp.min_tokens:
@@ -329,6 +330,9 @@ class Scheduler:
             if self.remote_waiting.pop(rid, None) is not None:
                 self.aborted_loading[rid] = request
             else:
+                if self.connector is not None and request.kv_transfer_params:
+                    # Its remote KV was never pulled: tell the prefill engine to drop its lease now.
+                    self.connector.request_finished(request, [])
                 self.kv.free(request)
             done.append(request)
         return done
