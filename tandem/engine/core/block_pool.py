@@ -72,6 +72,10 @@ class BlockPool:
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
+        # NOTE: which blocks are taken is the LRU's choice; their order is ours. Ascending ids turn a request's
+        # blocks into runs of neighbours (a freed request's blocks come back reversed), so KV transfers move a
+        # run as one region per layer instead of one per block.
+        out.sort(key=lambda b: b.block_id)
         return out
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
