@@ -112,3 +112,16 @@ def test_prefill_killed_before_the_pull_recomputes_and_counts_one_failure(client
     assert kv_metric(after, "blocks_total", "decode") == kv_metric(before, "blocks_total", "decode")
     free, total = wait_all_blocks_free(client, decode.url)
     assert free == total
+
+
+def test_malformed_first_token_is_a_400_naming_the_field(client, failing_decode):
+    params = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_host": "127.0.0.1", "remote_port": 9,
+              "remote_block_ids": [0], "remote_request_id": "r-2", "block_size": 16}
+    for bad in ("seven", -1, 10**9):
+        body = completion_body("A prompt whose prefill token was tampered with.", 4,
+                               kv_transfer_params={**params, "first_token_id": bad})
+        r = client.post(f"{failing_decode.url}/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        assert "kv_transfer_params.first_token_id" in r.json()["error"]["message"]
+    free, total = wait_all_blocks_free(client, failing_decode.url)
+    assert free == total

@@ -85,6 +85,26 @@ def test_disaggregated_outputs_equal_serve(pd):
     assert router_metric(urls["router"], "tandem:router_decisions_total", decision="direct") == 2
 
 
+def test_min_tokens_and_seeded_sampling_through_prefill_and_decode(pd):
+    """The prefill hop runs with max_tokens 1 (and min_tokens capped at 1); the decode worker continues from the
+    prefill's first token, so min_tokens and a seeded random stream come out as ``tandem serve`` gives them."""
+    urls, _, _ = pd
+    before = router_metric(urls["router"], "tandem:router_decisions_total", decision="disaggregated")
+    with openai.OpenAI(base_url=urls["router"] + "/v1", api_key="none", max_retries=0, timeout=120) as routed, \
+            openai.OpenAI(base_url=urls["serve"] + "/v1", api_key="none", max_retries=0, timeout=120) as direct:
+        # Two new prompts: neither worker holds them, so both take the prefill hop.
+        for topic, extra in (("planets", {"temperature": 0, "extra_body": {"min_tokens": 6}}),
+                             ("rivers", {"temperature": 0.8, "seed": 11})):
+            prompt = f"A list of the {topic} everyone should know, with one fact about each of them, in order. " * 3
+            got = routed.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **extra)
+            want = direct.completions.create(model=MODEL, prompt=prompt, max_tokens=8, **extra)
+            assert got.choices[0].text == want.choices[0].text
+            assert got.usage.completion_tokens == want.usage.completion_tokens
+            if "extra_body" in extra:
+                assert got.usage.completion_tokens >= 6
+    assert router_metric(urls["router"], "tandem:router_decisions_total", decision="disaggregated") == before + 2
+
+
 def test_prefill_failure_falls_back_to_decode_alone(pd):
     urls, procs, _ = pd
     prefill = procs[0]
