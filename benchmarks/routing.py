@@ -315,8 +315,10 @@ def overhead(args: argparse.Namespace) -> dict:
         procs.append(router)
         wait_healthy(f"http://127.0.0.1:{router_port}", router, 120)
         time.sleep(1.5)  # the router's first health round has marked the upstream healthy
+        cpu_before = process_cpu_s(router.pid)
         routed = load_in_subprocess(router_port, args.overhead_clients, args.overhead_duration, args.overhead_warmup,
                                     args.overhead_think)
+        cpu_s = process_cpu_s(router.pid) - cpu_before
     finally:
         stop(procs)
     report = {}
@@ -325,7 +327,17 @@ def overhead(args: argparse.Namespace) -> dict:
                         "ttfb_p50_ms": percentile(res.ttfb_s, 50) * 1e3, "ttfb_p99_ms": percentile(res.ttfb_s, 99) * 1e3}
     report["added_p50_ms"] = report["router"]["ttfb_p50_ms"] - report["direct"]["ttfb_p50_ms"]
     report["added_p99_ms"] = report["router"]["ttfb_p99_ms"] - report["direct"]["ttfb_p99_ms"]
+    # CPU time is steadier than latency on a shared machine: what one proxied request costs the router
+    # (over the whole load run, warm-up included, so requests are counted over the same span).
+    span = args.overhead_warmup + args.overhead_duration
+    report["router_cpu_ms_per_request"] = cpu_s / max(1.0, report["router"]["rps"] * span) * 1e3
     return report
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +522,8 @@ def main() -> int:
             d = o[name]
             print(f"{name:<7} TTFB p50 {d['ttfb_p50_ms']:7.2f}ms  p99 {d['ttfb_p99_ms']:7.2f}ms  "
                   f"{d['rps']:8.1f} req/s  requests {d['requests']}  errors {d['errors']}")
-        print(f"added by the router: p50 {o['added_p50_ms']:.2f}ms  p99 {o['added_p99_ms']:.2f}ms")
+        print(f"added by the router: p50 {o['added_p50_ms']:.2f}ms  p99 {o['added_p99_ms']:.2f}ms  "
+              f"(router CPU {o['router_cpu_ms_per_request']:.2f} ms per request)")
     return 0
 
 

@@ -120,6 +120,7 @@ async def test_api_key_and_error_shapes(tokenizer_path, make_client):
                 (await http.post(url + "/v1/completions", json={"model": "m", "prompt": {"x": 1}}, headers=auth), 400),
                 (await http.post(url + "/v1/completions", json={"model": "m", "prompt": "x", "stream": "yes"}, headers=auth), 400),
                 (await http.get(url + "/v1/nothing-here", headers=auth), 404),
+                (await http.get(url + "/v1/chat/completions", headers=auth), 405),
                 (await http.get(url + "/v1/models"), 401),
             ]:
                 assert reply.status_code == status
