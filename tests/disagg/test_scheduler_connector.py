@@ -11,7 +11,13 @@ from tandem.engine.config import SchedulerConfig
 from tandem.engine.core.kv_cache_manager import KVCacheManager
 from tandem.engine.core.request import RequestStatus
 from tandem.engine.core.scheduler import Scheduler
-from tandem.kvtransfer.connector import RemotePrefill, block_range, format_notification, parse_notification
+from tandem.kvtransfer.connector import (
+    RemotePrefill,
+    block_range,
+    format_notification,
+    num_tokens_to_load,
+    parse_notification,
+)
 
 BLOCK = 4
 
@@ -23,9 +29,10 @@ class ScriptedConnector:
         self.started: dict[str, tuple[list[int], int]] = {}  # request id -> (block ids, first block to load)
         self.finished: dict[str, bool] = {}
         self.fail_error = fail_error
+        self.released: list[str] = []  # requests whose remote blocks were given up without a load
 
     def get_num_new_matched_tokens(self, request, num_local_computed_tokens):
-        return request.num_prompt_tokens - 1 - num_local_computed_tokens
+        return num_tokens_to_load(request) - num_local_computed_tokens
 
     def update_state_after_alloc(self, request, block_ids, num_local_blocks, num_external_tokens):
         self.started[request.request_id] = (list(block_ids), num_local_blocks)
@@ -41,6 +48,7 @@ class ScriptedConnector:
         return self.fail_error
 
     def request_finished(self, request, block_ids):
+        self.released.append(request.request_id)
         return False, None
 
     def get_finished_sending(self):
@@ -67,11 +75,37 @@ def test_successful_load_computes_only_the_last_prompt_token():
     request = sched.remote_waiting["r"]
     assert request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
     block_ids, first = connector.started["r"]
-    assert first == 0 and len(block_ids) == len(block_range(10, BLOCK, 0)) == 3  # 9 tokens -> 3 blocks
+    assert first == 0 and len(block_ids) == len(block_range(9, BLOCK, 0)) == 3  # 9 tokens -> 3 blocks
     connector.finish("r", True)
     out = sched.schedule()
     assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("r", 1)]
     assert request.num_computed_tokens == 9 and request.kv_transfer_params is None
+
+
+def test_a_handed_in_first_token_loads_the_whole_prompt_and_computes_only_itself():
+    connector = ScriptedConnector()
+    sched = create(connector)
+    request = remote_request(prompt_len=12)  # 12 tokens: exactly 3 full blocks
+    request.append_output_token(99)  # the prefill worker's first token
+    request.num_preseeded_tokens = 1
+    sched.add_request(request)
+    assert sched.schedule().scheduled == []
+    block_ids, _ = connector.started["r"]
+    assert len(block_ids) == 3  # the whole prompt's KV; the first token's slot comes with the next step
+    connector.finish("r", True)
+    out = sched.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in out.scheduled] == [("r", 1)]
+    assert request.num_computed_tokens == 12 and len(out.scheduled[0].block_ids) == 4
+
+
+def test_finishing_a_request_that_never_loaded_releases_its_remote_blocks():
+    connector = ScriptedConnector()
+    sched = create(connector)
+    request = remote_request()
+    sched.add_request(request)
+    sched.finish_requests(["r"], RequestStatus.FINISHED_LENGTH_CAPPED)  # e.g. its handed-in token was the last
+    assert connector.released == ["r"] and connector.started == {}
+    assert sched.kv.pool.num_free_blocks == 16
 
 
 @pytest.mark.parametrize("policy_error", [None, "kv transfer failed: peer gone"])
