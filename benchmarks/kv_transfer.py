@@ -210,6 +210,7 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                 stream_ttft(client, serve.url, body)
                 disagg_ttft(client, prefill, decode, body)
             for tokens in PROMPT_TOKENS:
+                num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
                 agg, dis, pre, rates, blocks, raw_s, block_s, paired_ratios = [], [], [], [], [], [], [], []
                 for _ in range(repeats):
                     body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
@@ -227,14 +228,11 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                         raise RuntimeError(f"{tokens} tokens: the decode worker moved no KV ({moved} bytes)")
                     rates.append(moved / seconds / 1e9)
                     blocks.append(len(params["remote_block_ids"]))
-                    paired = []
                     for _ in range(3):  # the baseline, right after the engine's READ
                         r_s, b_s = raw.sample(tokens)
                         raw_s.append(r_s)
                         block_s.append(b_s)
-                        paired.append(r_s)
-                    pair_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
-                    paired_ratios.append(rates[-1] / raw_bench.gbps(pair_bytes, statistics.median(paired)))
+                    paired_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(raw_s[-3:])))
                     # Let the prefill's completion notice land so both workers are idle before the next run.
                     time.sleep(0.05)
                 ttft_cases.append({
@@ -249,7 +247,6 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                     "aggregated_samples_ms": [s * 1e3 for s in agg],
                     "disaggregated_samples_ms": [s * 1e3 for s in dis],
                 })
-                num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
                 raw_gbps = raw_bench.gbps(num_bytes, statistics.median(raw_s))
                 block_gbps = raw_bench.gbps(num_bytes, statistics.median(block_s))
                 raw_cases.append({"prompt_tokens": tokens, "blocks": tokens // raw.layout.block_size, "bytes": num_bytes,

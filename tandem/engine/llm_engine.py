@@ -201,22 +201,20 @@ class LLMEngine:
                 kv_transfer_params=kv_transfer_params,
             )
             children.append(req)
-        if first is not None:
+        for i, req in enumerate(children):
+            self.scheduler.add_request(req)
+            self._children[req.request_id] = _Child(request_id, i, req)
+        self._parents[request_id] = [r.request_id for r in children]
+        if first is not None:  # (appended after add_request: a prompt of max_model_len - 1 is still valid)
             token, logprobs = first
             req = children[0]
             req.append_output_token(token)
             if logprobs is not None:
                 req.output_logprobs.append(logprobs)
             req.num_preseeded_tokens = 1
-        for i, req in enumerate(children):
-            self.scheduler.add_request(req)
-            self._children[req.request_id] = _Child(request_id, i, req)
-        self._parents[request_id] = [r.request_id for r in children]
-        if first is not None:
-            req = children[0]
             self._preseeded.append(self._children[req.request_id])
-            status = self.scheduler.check_stop(req, first[0])
-            if status is not None:  # e.g. the first token was EOS: done without a step
+            status = self.scheduler.check_stop(req, token)
+            if status is not None:  # e.g. EOS, max_tokens 1, or the context is full: done without a step
                 self.scheduler.finish_requests([req.request_id], status)
         return request_id
 
@@ -252,7 +250,7 @@ class LLMEngine:
         deltas = []
         for child in self._preseeded:
             req = child.request
-            if child.request.request_id not in self._children:
+            if req.request_id not in self._children:
                 continue  # aborted before it was reported
             self.prompt_tokens_total += req.num_prompt_tokens
             self.generation_tokens_total += 1

@@ -9,10 +9,9 @@ import subprocess
 
 import pytest
 
-from disagg_client import LEASE_S
+from disagg_client import LEASE_S, MAX_MODEL_LEN
 from procs import free_port, start_serve
 
-MAX_MODEL_LEN = 2048
 COMMON = ("--dtype", "float32", "--threads", "1", "--kv-cache-memory", "160MiB", "--max-model-len", str(MAX_MODEL_LEN))
 
 

@@ -10,6 +10,7 @@ import httpx
 from procs import metric_value
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MAX_MODEL_LEN = 2048  # every disagg test engine's --max-model-len
 LEASE_S = 8.0  # long enough that a loaded CI machine still sees the blocks held before expiry
 
 

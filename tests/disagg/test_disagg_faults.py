@@ -14,6 +14,7 @@ import httpx
 import pytest
 from disagg_client import (
     LEASE_S,
+    MAX_MODEL_LEN,
     MODEL,
     completion_body,
     completion_text,
@@ -123,5 +124,23 @@ def test_malformed_first_token_is_a_400_naming_the_field(client, failing_decode)
         r = client.post(f"{failing_decode.url}/v1/completions", json=body)
         assert r.status_code == 400, r.text
         assert "kv_transfer_params.first_token_id" in r.json()["error"]["message"]
+    free, total = wait_all_blocks_free(client, failing_decode.url)
+    assert free == total
+
+
+def test_a_handed_in_token_that_fills_the_context_ends_the_request_without_a_pull(client, failing_decode):
+    """A prompt of max_model_len - 1 tokens plus the prefill's token fills the context: the decode worker
+    answers with that token ("length") and never contacts the (here unreachable) prefill worker."""
+    params = {"do_remote_prefill": True, "remote_engine_id": "gone", "remote_host": "127.0.0.1", "remote_port": 9,
+              "remote_block_ids": list(range(128)), "remote_request_id": "r-3", "block_size": 16,
+              "first_token_id": 42}
+    body = completion_body([7] * (MAX_MODEL_LEN - 1), None, kv_transfer_params=params)  # None: up to the context
+    failures_before = kv_metric(metrics(client, failing_decode.url), "failures_total", "decode")
+    r = client.post(f"{failing_decode.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 1
+    assert kv_metric(metrics(client, failing_decode.url), "failures_total", "decode") == failures_before
     free, total = wait_all_blocks_free(client, failing_decode.url)
     assert free == total
