@@ -128,7 +128,9 @@ class RawReader:
             self.close()
             raise RuntimeError(f"raw owner exited with {self.owner.wait(10)}")
         buffer = torch.zeros(self.layout.shape, dtype=torch.bfloat16)
-        self.transport = NixlKVTransport(buffer, self.layout, f"kvbench-reader-{os.getpid()}", ucx_tls)
+        # A pure reader, like the decode worker: no progress thread (see nixl_transport's module note).
+        self.transport = NixlKVTransport(buffer, self.layout, f"kvbench-reader-{os.getpid()}", ucx_tls,
+                                         progress_thread=False)
         self.peer = RemotePeerCache(self.transport, KVCompatibility.from_layout(MODEL, self.layout)).get("127.0.0.1", port)
         raw_bench.read_blocks(self.transport, self.peer, [0], [0], 30.0)  # connect
 

@@ -134,7 +134,8 @@ def main() -> None:
         peers = {}
         for mode in MODES:
             started = time.perf_counter()
-            transports[mode] = NixlKVTransport(buffer, layout, f"bench-decode-{mode}", args.ucx_tls, descriptor_mode=mode)
+            transports[mode] = NixlKVTransport(buffer, layout, f"bench-decode-{mode}", args.ucx_tls, descriptor_mode=mode,
+                                               progress_thread=False)
             setup[f"{mode}_transport_create_s"] = time.perf_counter() - started
             started = time.perf_counter()
             peers[mode] = RemotePeerCache(transports[mode], KVCompatibility.from_layout(MODEL, layout)).get("127.0.0.1", port)

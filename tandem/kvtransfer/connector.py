@@ -226,7 +226,9 @@ class NixlConnector:
         agent = f"tandem-{self.config.role}-{self.engine_id[:16]}"
         # NOTE: metrics are recorded here, once per load, not by the transport or the peer cache: each of those
         # sees only part of a load's failure modes, and the decode side must count exactly one per failed load.
-        self.transport = NixlKVTransport(kv_buffer, layout, agent, self.config.ucx_transports)
+        # A decode engine only READs: it progresses its own transfers (see nixl_transport's module note).
+        self.transport = NixlKVTransport(kv_buffer, layout, agent, self.config.ucx_transports,
+                                         progress_thread=self.config.role != "decode")
         self.layout = layout
         self.metrics = metrics
         self.compat = KVCompatibility.from_layout(model_name, layout)

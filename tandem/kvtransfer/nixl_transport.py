@@ -10,6 +10,12 @@ Python class, because that class hard-codes the progress thread's poll delay to 
 progress thread busy-spin (~0.5-0.8 of a core per idle engine, measured here): on a 2-core machine that is a
 core taken from the model. With a delay >= 1 ms the thread sleeps in poll() on UCX's event fd and still wakes
 at once for incoming work, so idle cost drops to ~3% of a core.
+
+NOTE: a reader needs no progress thread, and is better off without one. Over UCX's ``cma`` transport a READ is
+copied synchronously inside ``postXferReq``, holding the UCX worker's spin lock; a progress thread that wakes
+meanwhile spins on that lock until the copy ends (measured with ``perf``: as much CPU spinning as copying). On a
+machine with few cores that core is taken from the copy itself and from the engine. Without the thread, the
+caller's own calls (``poll``, ``poll_notifications``) progress the worker.
 """
 
 from __future__ import annotations
@@ -156,6 +162,9 @@ class NixlKVTransport:
             remote on first use of a peer: ``num_planes * num_blocks`` entries each) and builds transfers
             from indices. Both moved bytes equally fast in ``benchmarks/kv_transfer_raw.py``; ``"prepped"``
             costs ~0.5 s of start-up and memory per 30k descriptors, so ``"exact"`` is the default.
+        progress_thread: run NIXL's progress thread (default). An owner whose peers READ from it needs one (it
+            answers connection set-up and receives notifications while the engine is busy); a pure reader should
+            pass False (see the module note) and is progressed by its own ``poll``/``wait`` calls.
         progress_delay_us: the NIXL progress thread's poll timeout (rounded up to whole ms by NIXL).
         backend_params: extra UCX backend parameters (e.g. ``{"num_threads": "2"}``), passed to NIXL as is.
 
@@ -171,6 +180,7 @@ class NixlKVTransport:
         *,
         metrics: KVTransferMetrics | None = None,
         descriptor_mode: DescriptorMode = "exact",
+        progress_thread: bool = True,
         progress_delay_us: int = 1000,
         backend_params: Mapping[str, str] | None = None,
     ) -> None:
@@ -180,6 +190,7 @@ class NixlKVTransport:
         self.layout = layout
         self.agent_name = agent_name
         self.descriptor_mode: DescriptorMode = descriptor_mode
+        self.progress_thread = progress_thread
         self._metrics = metrics
         self._buffer = kv_buffer  # keep the memory alive while it is registered
         self._device_id = 0 if kv_buffer.device.type == "cpu" else int(kv_buffer.device.index or 0)
@@ -198,7 +209,7 @@ class NixlKVTransport:
         self._mem_type = bind.DRAM_SEG if kv_buffer.device.type == "cpu" else bind.VRAM_SEG
         try:
             config = bind.nixlAgentConfig()
-            config.useProgThread = True
+            config.useProgThread = progress_thread
             config.useListenThread = False
             config.pthrDelay = int(progress_delay_us)
             config.lthrDelay = 100_000
@@ -420,10 +431,11 @@ class NixlKVTransport:
                 handle.state = "failed"
                 handle.error = f"READ from {handle.remote_agent} did not finish within {timeout_s:.3f} s"
                 raise KVTransferError(handle.error, reason="timeout")
-            # Spin briefly (small transfers finish in tens of us), then back off to at most 1 ms.
+            # Spin briefly (small transfers finish in tens of us), then back off. Without a progress thread
+            # only these polls move a transfer that did not finish inside the post, so they stay frequent.
             if pause:
                 time.sleep(pause)
-            pause = min(max(pause * 2, 5e-5), 1e-3)
+            pause = min(max(pause * 2, 5e-5), 1e-3 if self.progress_thread else 1e-4)
 
     def read_blocks(
         self,

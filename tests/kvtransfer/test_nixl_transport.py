@@ -28,13 +28,16 @@ def owner_layout(dtype: str) -> KVCacheLayout:
 
 
 def create_decode(
-    dtype: str = "bfloat16", mode: str = "exact", num_blocks: int = 48, metrics=None, ucx_tls: str | None = None
+    dtype: str = "bfloat16", mode: str = "exact", num_blocks: int = 48, metrics=None, ucx_tls: str | None = None,
+    progress_thread: bool = False,
 ) -> NixlKVTransport:
     """A decode-side transport with a zeroed cache of a different size than the owner's (64 blocks)."""
     layout = KVCacheLayout(4, num_blocks, 16, 2, 32, dtype)
     buffer = torch.zeros(layout.shape, dtype=TORCH_DTYPES[dtype])
     name = f"decode-{dtype}-{mode}-{random.getrandbits(32):08x}"
-    return NixlKVTransport(buffer, layout, name, ucx_tls, descriptor_mode=mode, metrics=metrics)
+    # Like the decode worker's: a pure reader runs no NIXL progress thread; its own polls progress it.
+    return NixlKVTransport(buffer, layout, name, ucx_tls, descriptor_mode=mode, metrics=metrics,
+                           progress_thread=progress_thread)
 
 
 def create_cache(transport: NixlKVTransport, metrics=None) -> RemotePeerCache:
@@ -80,13 +83,15 @@ def test_missing_nixl_names_the_package(monkeypatch):
         nixl_transport.load_nixl()
 
 
-@pytest.mark.parametrize("owner_fixture", ["bf16_owner", "fp32_owner"])
-@pytest.mark.parametrize("mode", ["prepped", "exact"])
-def test_read_scattered_and_contiguous_blocks_bytes_match(request, owner_fixture, mode):
+@pytest.mark.parametrize(("owner_fixture", "mode", "progress_thread"), [
+    ("bf16_owner", "prepped", False), ("bf16_owner", "exact", False), ("fp32_owner", "prepped", False),
+    ("fp32_owner", "exact", False), ("bf16_owner", "exact", True),
+])
+def test_read_scattered_and_contiguous_blocks_bytes_match(request, owner_fixture, mode, progress_thread):
     owner: OwnerProcess = request.getfixturevalue(owner_fixture)
     expected = seeded_kv(owner_layout(owner.dtype), owner.seed)
     remote_ids, local_ids = block_mapping(seed=len(mode) + len(owner.dtype))
-    with create_decode(owner.dtype, mode) as decode:
+    with create_decode(owner.dtype, mode, progress_thread=progress_thread) as decode:
         peer = create_cache(decode).get("127.0.0.1", owner.port, owner.engine_id)
         assert peer.agent_name == owner.agent_name
         handle = decode.read_blocks(peer.agent_name, peer.base_address, peer.layout, remote_ids, local_ids, timeout_s=10.0)
