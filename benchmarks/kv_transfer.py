@@ -7,7 +7,12 @@ Three parts, one run, one JSON file:
 1. ``raw``: raw NIXL DRAM->DRAM READ GB/s of one contiguous region of the same byte count as the KV of a
    256, 1,024 and 4,096-token prompt (SmolLM2-135M, bf16), between two processes, and the transport's
    block READ of those blocks (consecutive ids), via ``benchmarks/kv_transfer_raw.py``'s owner process; taken
-   three times right after every engine transfer of part 2, so both see the same machine load.
+   three times right after every engine transfer of part 2, so both see the same machine load. These READs
+   land in the same, recently written destination bytes every time ("hot"). One more raw READ per engine
+   transfer ("pool") lands where the decode worker's do: its destination advances through a buffer the size of
+   the decode worker's KV pool, wrapping, as the pool hands out blocks, so it writes memory left idle as long.
+   On the VMs this was built on, memory idle for tens of seconds is several times slower to write on its next
+   touch (a host effect, not NIXL's): the engine's READs pay it, the hot baseline never does.
 2. ``engine``: Tandem's own block transfer inside real workers: a ``tandem prefill`` and a ``tandem decode``
    (bf16, ``--threads 1`` each); every disaggregated request's READ is timed by the decode worker itself
    (``tandem:kv_transfer_bytes_total`` / ``tandem:kv_transfer_duration_seconds_sum`` deltas).
@@ -112,7 +117,7 @@ class RawReader:
     --owner``) and a reader transport in this process. It stays up during the serving runs, so raw READs are
     taken interleaved with the engines' transfers and machine noise hits both alike."""
 
-    def __init__(self, ucx_tls: str | None) -> None:
+    def __init__(self, ucx_tls: str | None, pool_blocks: int) -> None:
         self.layout = raw_bench.smol_layout(512)
         command = [sys.executable, str(ROOT / "benchmarks" / "kv_transfer_raw.py"), "--owner", "--num-blocks", "512"]
         if ucx_tls:
@@ -127,21 +132,37 @@ class RawReader:
         if port is None:
             self.close()
             raise RuntimeError(f"raw owner exited with {self.owner.wait(10)}")
-        buffer = torch.zeros(self.layout.shape, dtype=torch.bfloat16)
+        # The destination: as large as the decode worker's KV pool, so the "pool" READs can rotate through it.
+        self.pool = raw_bench.smol_layout(pool_blocks)
+        self._cursor = 0  # byte offset of the next "pool" READ
+        buffer = torch.zeros(self.pool.shape, dtype=torch.bfloat16)
         # A pure reader, like the decode worker: no progress thread (see nixl_transport's module note).
-        self.transport = NixlKVTransport(buffer, self.layout, f"kvbench-reader-{os.getpid()}", ucx_tls,
+        self.transport = NixlKVTransport(buffer, self.pool, f"kvbench-reader-{os.getpid()}", ucx_tls,
                                          progress_thread=False)
         self.peer = RemotePeerCache(self.transport, KVCompatibility.from_layout(MODEL, self.layout)).get("127.0.0.1", port)
         raw_bench.read_blocks(self.transport, self.peer, [0], [0], 30.0)  # connect
 
     def sample(self, tokens: int) -> tuple[float, float]:
-        """(raw one-region READ seconds, transport block READ seconds) for the KV of ``tokens`` tokens."""
+        """(raw one-region READ seconds, transport block READ seconds) for the KV of ``tokens`` tokens, both into
+        the start of the destination buffer (hot)."""
         assert self.transport is not None
         n = tokens // self.layout.block_size
         num_bytes = n * self.layout.bytes_per_block_all_layers
         raw_s = raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
         block_s = raw_bench.read_blocks(self.transport, self.peer, list(range(n)), list(range(n)), 30.0)[0]
         return raw_s, block_s
+
+    def sample_pool(self, tokens: int) -> float:
+        """Seconds of one raw one-region READ of the KV of ``tokens`` tokens into the next bytes of the
+        pool-sized destination (wrapping): memory last written one pool rotation ago, like the engine's."""
+        assert self.transport is not None
+        num_bytes = tokens // self.layout.block_size * self.layout.bytes_per_block_all_layers
+        if self._cursor + num_bytes > self.pool.total_bytes:
+            self._cursor = 0
+        seconds = raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0,
+                                        local_offset=self._cursor)
+        self._cursor += num_bytes
+        return seconds
 
     def close(self) -> None:
         if self.transport is not None:
@@ -191,9 +212,12 @@ def disagg_ttft(client: httpx.Client, prefill: Worker, decode: Worker, body: dic
     return prefill_s + decode_s, prefill_s, params
 
 
+KV_CACHE_MIB = 512  # every engine's --kv-cache-memory
+
+
 def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict, dict]:
     engine_args = ["--dtype", "bfloat16", "--threads", str(threads), "--max-model-len", "4608",
-                   "--max-num-batched-tokens", "4608", "--kv-cache-memory", "512MiB"]
+                   "--max-num-batched-tokens", "4608", "--kv-cache-memory", f"{KV_CACHE_MIB}MiB"]
     kv_args = ["--ucx-transports", ucx_tls] if ucx_tls else []
     workers = [Worker("prefill", engine_args + kv_args), Worker("decode", engine_args + kv_args),
                Worker("serve", engine_args)]
@@ -202,7 +226,8 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
     raw_cases, engine_cases, ttft_cases = [], [], []
     raw = None
     try:
-        raw = RawReader(ucx_tls)
+        # The decode worker's pool size, as the engine computes it from --kv-cache-memory.
+        raw = RawReader(ucx_tls, (KV_CACHE_MIB << 20) // raw_bench.smol_layout(1).bytes_per_block_all_layers)
         for w in workers:
             w.wait_healthy()
         with httpx.Client(timeout=600) as client:
@@ -214,6 +239,7 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
             for tokens in PROMPT_TOKENS:
                 num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
                 agg, dis, pre, rates, blocks, raw_s, block_s, paired_ratios = [], [], [], [], [], [], [], []
+                pool_s, pool_ratios = [], []
                 for _ in range(repeats):
                     body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
                     agg.append(stream_ttft(client, serve.url, body))
@@ -230,7 +256,9 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                         raise RuntimeError(f"{tokens} tokens: the decode worker moved no KV ({moved} bytes)")
                     rates.append(moved / seconds / 1e9)
                     blocks.append(len(params["remote_block_ids"]))
-                    for _ in range(3):  # the baseline, right after the engine's READ
+                    pool_s.append(raw.sample_pool(tokens))  # first: the conditions closest to the engine's READ
+                    pool_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, pool_s[-1]))
+                    for _ in range(3):  # the hot baseline, right after the engine's READ
                         r_s, b_s = raw.sample(tokens)
                         raw_s.append(r_s)
                         block_s.append(b_s)
@@ -251,16 +279,23 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                 })
                 raw_gbps = raw_bench.gbps(num_bytes, statistics.median(raw_s))
                 block_gbps = raw_bench.gbps(num_bytes, statistics.median(block_s))
+                pool_gbps = raw_bench.gbps(num_bytes, statistics.median(pool_s))
                 raw_cases.append({"prompt_tokens": tokens, "blocks": tokens // raw.layout.block_size, "bytes": num_bytes,
                                   "raw_gbps": raw_gbps, "transport_block_gbps": block_gbps,
-                                  "transport_ratio_to_raw": block_gbps / raw_gbps})
+                                  "transport_ratio_to_raw": block_gbps / raw_gbps,
+                                  "raw_pool_gbps": pool_gbps,
+                                  "raw_pool_samples_gbps": [raw_bench.gbps(num_bytes, x) for x in pool_s]})
                 engine_cases.append({"prompt_tokens": tokens, "blocks_pulled": blocks[-1],
                                      "engine_block_gbps": statistics.median(rates), "samples_gbps": rates,
                                      "raw_gbps": raw_gbps, "ratio_to_raw": statistics.median(rates) / raw_gbps,
                                      # Each engine READ against the raw READs taken right after it: less exposed
                                      # to the machine's load drifting between the two.
                                      "paired_ratios": paired_ratios,
-                                     "paired_ratio_median": statistics.median(paired_ratios)})
+                                     "paired_ratio_median": statistics.median(paired_ratios),
+                                     # Against the raw READ into memory as idle as the engine's destination.
+                                     "ratio_to_raw_pool": statistics.median(rates) / pool_gbps,
+                                     "pool_paired_ratios": pool_ratios,
+                                     "pool_paired_ratio_median": statistics.median(pool_ratios)})
                 print(f"  {tokens} tokens: agg {ttft_cases[-1]['aggregated_ttft_ms']:.1f} ms, "
                       f"disagg {ttft_cases[-1]['disaggregated_ttft_ms']:.1f} ms, "
                       f"engine transfer {engine_cases[-1]['engine_block_gbps']:.2f} GB/s", flush=True)
@@ -293,19 +328,23 @@ def main() -> None:
         "repeats": args.repeats,
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "goals": {"engine_block_ratio_to_raw": ">= 0.8", "added_ttft_ms_at_1024": "< 15"},
+        "kv_cache_mib": KV_CACHE_MIB,
     }
 
     print(f"\n{'tokens':>6} {'MB':>6} {'raw GB/s':>9} {'transport GB/s':>15} {'engine GB/s':>12} {'engine/raw':>10} "
-          f"{'paired':>6} | "
+          f"{'paired':>6} {'raw pool GB/s':>13} {'engine/pool':>11} {'paired':>6} | "
           f"{'agg TTFT ms':>11} {'disagg TTFT ms':>14} {'added ms':>9} {'decode hop ms':>13}")
     for r, e, t in zip(raw["cases"], engine["cases"], ttft["cases"]):
         print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:9.2f} {r['transport_block_gbps']:15.2f} "
-              f"{e['engine_block_gbps']:12.2f} {e['ratio_to_raw']:10.2f} {e['paired_ratio_median']:6.2f} | "
+              f"{e['engine_block_gbps']:12.2f} {e['ratio_to_raw']:10.2f} {e['paired_ratio_median']:6.2f} "
+              f"{r['raw_pool_gbps']:13.2f} {e['ratio_to_raw_pool']:11.2f} {e['pool_paired_ratio_median']:6.2f} | "
               f"{t['aggregated_ttft_ms']:11.1f} "
               f"{t['disaggregated_ttft_ms']:14.1f} {t['added_ms']:9.1f} {t['decode_hop_ttft_ms']:13.1f}")
     print(f"(every engine --threads {args.threads}; bf16; medians of {args.repeats}; 'decode hop' = disaggregated TTFT "
           "minus the prefill round trip, i.e. what the decode worker adds after the prompt is computed; 'paired' = "
-          "median over READs of engine GB/s / raw GB/s sampled right after that READ)")
+          "median over READs of engine GB/s / raw GB/s sampled right after that READ; 'raw pool' = raw READs into a "
+          "destination rotating through a buffer the size of the decode worker's KV pool, i.e. memory as idle as the "
+          "engine's destination blocks)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

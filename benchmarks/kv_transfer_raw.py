@@ -65,15 +65,16 @@ def run_owner(num_blocks: int, ucx_tls: str | None) -> None:
     transport.close()
 
 
-def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int, timeout_s: float) -> float:
-    """Raw NIXL READ of one contiguous region into the start of the local buffer; returns seconds.
+def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int, timeout_s: float,
+                local_offset: int = 0) -> float:
+    """Raw NIXL READ of one contiguous region into the local buffer at ``local_offset``; returns seconds.
 
     NOTE: uses the transport's own agent and backend so raw and block reads share one UCX connection and one
     progress setting: the difference between them is only the descriptors.
     """
     bind, agent = transport._bind, transport._agent  # noqa: SLF001 - the baseline deliberately bypasses the block logic
     started = time.perf_counter()
-    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address, num_bytes, 0)])  # noqa: SLF001
+    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address + local_offset, num_bytes, 0)])  # noqa: SLF001
     remote = bind.nixlXferDList(transport._mem_type, [(remote_address, num_bytes, 0)])  # noqa: SLF001
     xfer = agent.createXferReq(bind.NIXL_READ, local, remote, remote_agent, b"", transport._backends)  # noqa: SLF001
     try:
