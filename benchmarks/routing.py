@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -300,37 +301,57 @@ def load_in_subprocess(port: int, clients: int, duration_s: float, warmup_s: flo
         return LoadResult(**json.loads(Path(out.name).read_text()))
 
 
+def _load_summary(res: LoadResult) -> dict:
+    return {"requests": res.requests, "errors": res.errors, "rps": res.requests / res.elapsed_s,
+            "ttfb_p50_ms": percentile(res.ttfb_s, 50) * 1e3, "ttfb_p99_ms": percentile(res.ttfb_s, 99) * 1e3}
+
+
 def overhead(args: argparse.Namespace) -> dict:
-    """Part 2: TTFB through the router minus TTFB straight to the upstream, at the same concurrency."""
+    """Part 2: TTFB through the router minus TTFB straight to the upstream, at the same concurrency.
+
+    The two loads alternate for ``--overhead-rounds`` rounds (direct first in even rounds, routed first in odd
+    ones), and the headline is the median over rounds of each round's difference: a shared machine's load drifts
+    over a minute, and a single direct-then-routed pair charges that drift to the router.
+    """
     up_port, up_port2, router_port = free_port(), free_port(), free_port()
     procs = [start([sys.executable, __file__, "--_upstream", f"{up_port},{up_port2}", str(args.overhead_chunks),
                     str(args.overhead_interval)])]
+    rounds, direct_all, routed_all = [], LoadResult(), LoadResult()
+    span = args.overhead_warmup + args.overhead_duration
     try:
-        time.sleep(0.5)
-        direct = load_in_subprocess(up_port, args.overhead_clients, args.overhead_duration, args.overhead_warmup,
-                                    args.overhead_think)
         router = start([*TANDEM, "router", "--port", str(router_port), "--served-model-name", "m",
                         "--worker", f"http://127.0.0.1:{up_port}", "--worker", f"http://127.0.0.1:{up_port2}",
                         "--log-level", "warning"], quiet=False)
         procs.append(router)
         wait_healthy(f"http://127.0.0.1:{router_port}", router, 120)
         time.sleep(1.5)  # the router's first health round has marked the upstream healthy
-        cpu_before = process_cpu_s(router.pid)
-        routed = load_in_subprocess(router_port, args.overhead_clients, args.overhead_duration, args.overhead_warmup,
-                                    args.overhead_think)
-        cpu_s = process_cpu_s(router.pid) - cpu_before
+        for index in range(args.overhead_rounds):
+            runs: dict[str, LoadResult] = {}
+            cpu_s = 0.0
+            for name in ("direct", "router") if index % 2 == 0 else ("router", "direct"):
+                print(f"  overhead round {index + 1}/{args.overhead_rounds}: {name} ...", flush=True)
+                cpu_before = process_cpu_s(router.pid)
+                runs[name] = load_in_subprocess(router_port if name == "router" else up_port, args.overhead_clients,
+                                                args.overhead_duration, args.overhead_warmup, args.overhead_think)
+                if name == "router":
+                    cpu_s = process_cpu_s(router.pid) - cpu_before
+            direct, routed = _load_summary(runs["direct"]), _load_summary(runs["router"])
+            rounds.append({"direct": direct, "router": routed,
+                           "added_p50_ms": routed["ttfb_p50_ms"] - direct["ttfb_p50_ms"],
+                           "added_p99_ms": routed["ttfb_p99_ms"] - direct["ttfb_p99_ms"],
+                           # CPU time is steadier than latency on a shared machine (warm-up included, so the
+                           # requests are counted over the same span).
+                           "router_cpu_ms_per_request": cpu_s / max(1.0, routed["rps"] * span) * 1e3})
+            for total, res in ((direct_all, runs["direct"]), (routed_all, runs["router"])):
+                total.requests += res.requests
+                total.errors += res.errors
+                total.ttfb_s += res.ttfb_s
+                total.elapsed_s += res.elapsed_s
     finally:
         stop(procs)
-    report = {}
-    for name, res in (("direct", direct), ("router", routed)):
-        report[name] = {"requests": res.requests, "errors": res.errors, "rps": res.requests / res.elapsed_s,
-                        "ttfb_p50_ms": percentile(res.ttfb_s, 50) * 1e3, "ttfb_p99_ms": percentile(res.ttfb_s, 99) * 1e3}
-    report["added_p50_ms"] = report["router"]["ttfb_p50_ms"] - report["direct"]["ttfb_p50_ms"]
-    report["added_p99_ms"] = report["router"]["ttfb_p99_ms"] - report["direct"]["ttfb_p99_ms"]
-    # CPU time is steadier than latency on a shared machine: what one proxied request costs the router
-    # (over the whole load run, warm-up included, so requests are counted over the same span).
-    span = args.overhead_warmup + args.overhead_duration
-    report["router_cpu_ms_per_request"] = cpu_s / max(1.0, report["router"]["rps"] * span) * 1e3
+    report = {"rounds": rounds, "direct": _load_summary(direct_all), "router": _load_summary(routed_all)}
+    for key in ("added_p50_ms", "added_p99_ms", "router_cpu_ms_per_request"):
+        report[key] = statistics.median(r[key] for r in rounds)
     return report
 
 
@@ -492,16 +513,22 @@ def main() -> int:
     parser.add_argument("--overhead-warmup", type=float, default=4.0)
     parser.add_argument("--overhead-think", type=float, default=5.0,
                         help="mean pause between a client's requests, seconds (0: back to back, saturating)")
+    parser.add_argument("--overhead-rounds", type=int, default=3,
+                        help="alternating direct/routed load pairs; the median difference is reported")
     parser.add_argument("--overhead-chunks", type=int, default=4)
     parser.add_argument("--overhead-interval", type=float, default=0.0,
                         help="seconds between streamed chunks (0: the whole answer at once)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--out", default="results/routing.json", help="where the JSON report is written")
     args = parser.parse_args()
     report = {}
     if args.only in (None, "routing"):
         report["routing"] = routing(args)
     if args.only in (None, "overhead"):
         report["overhead"] = overhead(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -517,13 +544,18 @@ def main() -> int:
         print(f"TTFT p90 round-robin / prefix-aware: {r['ttft_p90_speedup']:.2f}x")
     if "overhead" in report:
         o = report["overhead"]
-        print(f"\nrouter overhead: {args.overhead_clients} concurrent streaming clients, instant upstream")
-        for name in ("direct", "router"):
-            d = o[name]
-            print(f"{name:<7} TTFB p50 {d['ttfb_p50_ms']:7.2f}ms  p99 {d['ttfb_p99_ms']:7.2f}ms  "
-                  f"{d['rps']:8.1f} req/s  requests {d['requests']}  errors {d['errors']}")
-        print(f"added by the router: p50 {o['added_p50_ms']:.2f}ms  p99 {o['added_p99_ms']:.2f}ms  "
-              f"(router CPU {o['router_cpu_ms_per_request']:.2f} ms per request)")
+        print(f"\nrouter overhead: {args.overhead_clients} concurrent streaming clients, instant upstream, "
+              f"{args.overhead_rounds} alternating rounds")
+        print(f"{'round':<6} {'direct p50':>10} {'direct p99':>10} {'router p50':>10} {'router p99':>10} "
+              f"{'added p50':>9} {'added p99':>9} {'req/s':>6} {'errors':>6} {'CPU ms/req':>10}")
+        for i, r in enumerate(o["rounds"], 1):
+            print(f"{i:<6} {r['direct']['ttfb_p50_ms']:8.2f}ms {r['direct']['ttfb_p99_ms']:8.2f}ms "
+                  f"{r['router']['ttfb_p50_ms']:8.2f}ms {r['router']['ttfb_p99_ms']:8.2f}ms "
+                  f"{r['added_p50_ms']:7.2f}ms {r['added_p99_ms']:7.2f}ms {r['router']['rps']:6.1f} "
+                  f"{r['direct']['errors'] + r['router']['errors']:6d} {r['router_cpu_ms_per_request']:10.2f}")
+        print(f"added by the router (median of rounds): p50 {o['added_p50_ms']:.2f}ms  p99 {o['added_p99_ms']:.2f}ms  "
+              f"(router CPU {o['router_cpu_ms_per_request']:.2f} ms per request); errors: direct "
+              f"{o['direct']['errors']}, router {o['router']['errors']} of {o['router']['requests']}")
     return 0
 
 
