@@ -13,9 +13,10 @@ at once for incoming work, so idle cost drops to ~3% of a core.
 
 NOTE: a reader needs no progress thread, and is better off without one. Over UCX's ``cma`` transport a READ is
 copied synchronously inside ``postXferReq``, holding the UCX worker's spin lock; a progress thread that wakes
-meanwhile spins on that lock until the copy ends (measured with ``perf``: as much CPU spinning as copying). On a
-machine with few cores that core is taken from the copy itself and from the engine. Without the thread, the
-caller's own calls (``poll``, ``poll_notifications``) progress the worker.
+meanwhile spins on that lock until the copy ends (measured with ``perf``: as much CPU spinning as copying). The
+READ is no faster without it (alternating A/B in real workers), but on a machine with few cores that spinning
+core is taken from the engine and everything else. Without the thread, the caller's own calls (``poll``,
+``poll_notifications``) progress the worker.
 """
 
 from __future__ import annotations
