@@ -171,7 +171,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _types: dict[tuple[str, str], ResourceType] = attrs.field(factory=dict, init=False)
     _store: dict[tuple[str, str, str | None, str], dict[str, Any]] = attrs.field(factory=dict, init=False)
     _log: list[tuple[int, tuple[str, str], str, dict[str, Any]]] = attrs.field(factory=list, init=False)
-    _changed: asyncio.Condition | None = attrs.field(default=None, init=False)
+    # Set (and replaced by a fresh one) whenever the log grows. NOTE: not an asyncio.Condition: a watcher
+    # waiting on one under asyncio.wait_for must re-acquire its lock when cancelled, and on Python 3.11 five
+    # such waiters once re-tried for ever at a test's teardown, hanging it (an Event needs no lock).
+    _changed: asyncio.Event | None = attrs.field(default=None, init=False)
     _rv: int = attrs.field(default=100, init=False)
     _state_lock: asyncio.Lock | None = attrs.field(default=None, init=False)
 
@@ -219,9 +222,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 if g == group and p == plural and (namespace is None or ns == namespace)]
 
     # ---- plumbing -----------------------------------------------------------------------------------------
-    def _cond(self) -> asyncio.Condition:
+    def _change_event(self) -> asyncio.Event:
         if self._changed is None:
-            self._changed = asyncio.Condition()
+            self._changed = asyncio.Event()
         return self._changed
 
     def _lock_(self) -> asyncio.Lock:
@@ -243,8 +246,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     async def _record(self, rtype: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
         self._log.append((int(obj["metadata"]["resourceVersion"]), (rtype.group, rtype.plural), event_type,
                           copy.deepcopy(obj)))
-        async with self._cond():
-            self._cond().notify_all()
+        event, self._changed = self._change_event(), asyncio.Event()
+        event.set()
 
     @staticmethod
     def _content(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -305,12 +308,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             transport = request._raw_request.transport if request._raw_request is not None else None
             if transport is None or transport.is_closing():
                 return
-            async with self._cond():
-                try:
-                    await asyncio.wait_for(self._cond().wait_for(lambda: position < len(self._log)),
-                                           min(remaining, 0.5))
-                except TimeoutError:
-                    pass
+            # Taken after the log was read to its end, with no await between: no append can slip past it.
+            changed = self._change_event()
+            try:
+                await asyncio.wait_for(changed.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
 
     async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
         rtype = self._type(request)
