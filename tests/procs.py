@@ -22,23 +22,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PORT_FLAGS = ("--port", "--kv-port")
+BIND_RETRIES = 3
+
+
 class TandemProcess:
     """A ``tandem <subcommand>`` child process with its log in a temp file."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
+        self.args = list(args)
+        self.env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.port = port
         self.url = f"http://127.0.0.1:{port}" if port else None
+        self.bind_retries = BIND_RETRIES
+        self._launch()
+
+    def _launch(self) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="tandem-", suffix=".log", delete=False)
-        full_env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tandem.cli", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True,
+            [sys.executable, "-m", "tandem.cli", *self.args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True,
         )
+
+    def _relaunch_on_new_ports(self) -> None:
+        """Start again with fresh ``--port``/``--kv-port`` values.
+
+        NOTE: ``free_port`` hands out an ephemeral port and closes it; until the child binds it, another
+        process's ephemeral socket (e.g. a UCX listener of a worker starting beside it) can take it first.
+        """
+        for i, arg in enumerate(self.args[:-1]):
+            if arg in PORT_FLAGS and self.args[i + 1] != "0":
+                new = free_port()
+                if arg == "--port" and self.port is not None:
+                    self.port, self.url = new, f"http://127.0.0.1:{new}"
+                self.args[i + 1] = str(new)
+        self._launch()
 
     def wait_healthy(self, timeout: float = 240.0) -> "TandemProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self.bind_retries > 0 and "address already in use" in self.output():
+                    self.bind_retries -= 1
+                    self._relaunch_on_new_ports()
+                    continue
                 raise RuntimeError(f"process exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
