@@ -19,6 +19,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import EngineStats, LLMEngine
 from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
+from tandem.runtime import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class AsyncEngine:
             self.error = exc
             self._loop.call_soon_threadsafe(self.ready.set)
             return
+        freeze_startup_heap("engine")
         self._loop.call_soon_threadsafe(self.ready.set)
         engine = self.engine
         idle = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import httpx
@@ -142,6 +143,16 @@ def test_metrics_use_vllm_names_with_model_label(server, client):
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count"):
         assert metric_value(text, name, model_name="smol") >= 0, name
     assert metric_value(text, "vllm:generation_tokens_total", model_name="smol") >= 3
+
+
+def test_process_and_gc_metrics_and_the_start_up_heap_is_frozen(server, client):
+    client.completions.create(model="smol", prompt="Count to three:", max_tokens=4)
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric_value(text, "process_cpu_seconds_total") > 0
+    assert metric_value(text, "process_resident_memory_bytes") > 100e6  # the model's weights at least
+    assert metric_value(text, "python_gc_collections_total", generation="0") > 0
+    match = re.search(r"engine: froze (\d+) start-up objects out of garbage collection", server.output())
+    assert match and int(match[1]) > 10_000, server.output()[-2000:]
 
 
 def test_queue_full_is_503_and_loading_is_503():
