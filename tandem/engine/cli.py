@@ -21,8 +21,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step for bucketed batch sizes (slow start, faster steps)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: TANDEM_NUM_THREADS or all cores)")
     g.add_argument("--seed", type=int, default=0)
 
@@ -34,7 +32,6 @@ def engine_config_from_args(args: argparse.Namespace):
         model=args.model,
         dtype=args.dtype,
         seed=args.seed,
-        compile=args.compile,
         num_threads=args.threads,
         cache=CacheConfig(
             block_size=args.block_size,

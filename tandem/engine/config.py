@@ -71,8 +71,6 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # torch.compile the decode step for a few bucketed batch sizes (CPU): pays ~2x at batch 1.
-    compile: bool = False
     num_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -32,7 +32,6 @@ class LLM:
         kv_cache_memory: str | int | float | None = None,
         num_blocks: int | None = None,
         seed: int = 0,
-        compile: bool = False,
         num_threads: int | None = None,
         progress: bool = True,
     ) -> None:
@@ -40,7 +39,6 @@ class LLM:
             model=model,
             dtype=dtype,
             seed=seed,
-            compile=compile,
             num_threads=num_threads,
             cache=CacheConfig(
                 block_size=block_size,
