@@ -21,14 +21,38 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (default: off)')
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: TANDEM_NUM_THREADS or all cores)")
     g.add_argument("--seed", type=int, default=0)
+
+
+def speculative_config_from_json(text: str | None):
+    """Parse ``--speculative-config``; ValueError with the reason for anything malformed."""
+    import json
+
+    from tandem.engine.config import SpeculativeConfig
+
+    if not text:
+        return None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--speculative-config: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError("--speculative-config: must be a JSON object")
+    try:
+        return SpeculativeConfig.from_dict(raw)
+    except TypeError as exc:
+        raise ValueError(f"--speculative-config: {exc}") from None
 
 
 def engine_config_from_args(args: argparse.Namespace):
     from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
 
     return EngineConfig(
+        speculative=speculative_config_from_json(args.speculative_config),
         model=args.model,
         dtype=args.dtype,
         seed=args.seed,

@@ -64,6 +64,43 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram prompt lookup (vLLM's ``{"method": "ngram", ...}``).
+
+    Each decode step proposes up to ``num_speculative_tokens`` tokens by finding the sequence's last n tokens
+    (``prompt_lookup_max`` down to ``prompt_lookup_min``) earlier in its prompt or output and copying what
+    followed; one forward pass verifies them all. Greedy output is unchanged; sampled output keeps its
+    distribution (rejection sampling). Pays where outputs repeat their input (edits, extraction, code, RAG).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # Stop speculating while more than this many requests run (verification costs compute a big batch lacks).
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"speculative_config.method: only 'ngram' is supported, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens: must be in [1, 16], got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("speculative_config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                             f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
+            raise ValueError(f"speculative_config.disable_by_batch_size: must be >= 1, got {self.disable_by_batch_size}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "SpeculativeConfig":
+        unknown = set(raw) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                              "disable_by_batch_size"}
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**raw)
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: str | None = None
     dtype: str = "bfloat16"
@@ -71,6 +108,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
     num_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, parse_memory
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.outputs import CompletionOutput, RequestDelta, RequestOutput
 from tandem.engine.sampling_params import SamplingParams
@@ -33,9 +33,11 @@ class LLM:
         num_blocks: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        speculative_config: dict | None = None,
         progress: bool = True,
     ) -> None:
         config = EngineConfig(
+            speculative=None if speculative_config is None else SpeculativeConfig.from_dict(speculative_config),
             model=model,
             dtype=dtype,
             seed=seed,

@@ -57,6 +57,9 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 def load_model(config: EngineConfig, progress: bool = True):
@@ -123,7 +126,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, model)
         layout = self.runner.layout
         self.kv_manager = KVCacheManager(layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, connector)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, connector, config.speculative)
         if progress:
             print(f"tandem: KV cache {layout.total_bytes / 2**20:.0f} MiB = {layout.num_blocks} blocks "
                   f"x {layout.block_size} tokens = {layout.num_blocks * layout.block_size} tokens "
@@ -314,22 +317,33 @@ class LLMEngine:
         status = req.status
         if finished and status == RequestStatus.FINISHED_STOPPED and new_ids:
             stop_reason = new_ids[-1] if new_ids[-1] != req.eos_token_id else None
+        logprobs = req.output_logprobs[-len(new_ids):] if sp.logprobs is not None and new_ids else []
         if self._detokenizer is not None:
             text_ids = new_ids
             if finished and status == RequestStatus.FINISHED_STOPPED and not sp.include_stop_str_in_output:
-                text_ids = []  # the EOS / stop token itself is not part of the text
+                text_ids = new_ids[:-1]  # the EOS / stop token itself (always the last) is not part of the text
             self._detokenizer.skip_special_tokens = sp.skip_special_tokens
-            self._detokenizer.add(child.detok, text_ids)
-            text = child.detok.text
-            if sp.stop and not finished:
-                hit = find_stop(text, len(text) - child.detok.emitted + 1, sp.stop)
-                if hit is not None:
-                    idx, stop = hit
-                    cut = idx + len(stop) if sp.include_stop_str_in_output else idx
-                    child.detok.text = text = text[:cut]
-                    finished, stop_reason = True, stop
-                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-                    status = RequestStatus.FINISHED_STOPPED
+            if sp.stop:
+                # NOTE: token by token, so a stop string completed inside a multi-token (speculative) step
+                # ends the output at the token that completed it, as plain decoding would (even when the
+                # step also reached EOS: finish_requests is then a no-op).
+                text = child.detok.text
+                for count, token in enumerate(text_ids, 1):
+                    self._detokenizer.add(child.detok, [token])
+                    text = child.detok.text
+                    hit = find_stop(text, len(text) - child.detok.emitted + 1, sp.stop)
+                    if hit is not None:
+                        idx, stop = hit
+                        cut = idx + len(stop) if sp.include_stop_str_in_output else idx
+                        child.detok.text = text = text[:cut]
+                        finished, stop_reason = True, stop
+                        self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                        status = RequestStatus.FINISHED_STOPPED
+                        new_ids, logprobs = new_ids[:count], logprobs[:count]
+                        break
+            else:
+                self._detokenizer.add(child.detok, text_ids)
+                text = child.detok.text
             # While running, hold back a tail that could still become a stop string.
             hold = 0 if finished or not sp.stop else max(len(s) for s in sp.stop) - 1
             upto = max(child.detok.emitted, len(text) - hold)
@@ -343,7 +357,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=status.finish_reason if finished else None,
             stop_reason=stop_reason,
-            new_logprobs=req.output_logprobs[-len(new_ids):] if sp.logprobs is not None and new_ids else [],
+            new_logprobs=logprobs,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
             kv_transfer_params=kv_params,
@@ -377,6 +391,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_num_drafts=self.scheduler.num_spec_drafts,
+            spec_num_draft_tokens=self.scheduler.num_spec_draft_tokens,
+            spec_num_accepted_tokens=self.scheduler.num_spec_accepted_tokens,
         )
 
     def take_kv_events(self):

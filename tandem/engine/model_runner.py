@@ -40,6 +40,7 @@ class PreparedBatch:
     sample_rows: list[int]  # flat token index whose logits are sampled, per sampling request
     sample_items: list[ScheduledRequest]
     order: list[ScheduledRequest]  # items in flat order (decodes first)
+    spec_rows: list[tuple[ScheduledRequest, int]]  # speculative items and the flat index of their first token
 
 
 class ModelRunner:
@@ -91,15 +92,19 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_items: list[ScheduledRequest] = []
         prefill_seqs: list[PrefillSeq] = []
+        spec_rows: list[tuple[ScheduledRequest, int]] = []
         for item in order:
             req, start, n = item.request, item.request.num_computed_tokens, item.num_tokens
             q_start = len(input_ids)
             input_ids.extend(req.all_token_ids[start : start + n])
+            if item.spec_token_ids:  # [last token, drafts...]: every position is sampled (verified)
+                input_ids.extend(item.spec_token_ids)
+                spec_rows.append((item, q_start))
             ids = item.block_ids
             for pos in range(start, start + n):
                 positions.append(pos)
                 slots.append(ids[pos // bs] * bs + pos % bs)
-            if start + n == req.num_tokens:
+            if not item.spec_token_ids and start + n == req.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_items.append(item)
             if n > 1:
@@ -132,6 +137,7 @@ class ModelRunner:
             sample_rows=sample_rows,
             sample_items=sample_items,
             order=order,
+            spec_rows=spec_rows,
         )
 
     @torch.inference_mode()
@@ -150,6 +156,12 @@ class ModelRunner:
                 out.sampled[req.request_id] = tok
                 if lp is not None:
                     out.logprobs[req.request_id] = lp
+        for item, first in batch.spec_rows:
+            n = item.num_tokens
+            result = self.sampler.verify(self.model.compute_logits(hidden[first : first + n]), item.request,
+                                         item.spec_token_ids)
+            out.spec_sampled[item.request.request_id] = result.token_ids
+            out.spec_logprobs[item.request.request_id] = result.logprobs
         return out
 
     def _prompt_logprobs(self, batch: PreparedBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:

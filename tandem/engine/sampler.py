@@ -91,6 +91,46 @@ class Sampler:
             out_logprobs.append(entry)
         return SampleResult(chosen, out_logprobs)
 
+    @torch.no_grad()
+    def verify(self, logits: torch.Tensor, request: Request, drafts: list[int]) -> SampleResult:
+        """Accept or reject speculative ``drafts`` (see ``spec_decode.py``); returns the tokens to append.
+
+        logits: [len(drafts) + 1, V], row i predicting the token after draft i (row 0: after the last real
+        token). The request has no penalties and no pending min_tokens (the scheduler only speculates then).
+        """
+        logits = logits[:, : self.vocab_size].float()
+        sp = request.sampling_params
+        tokens: list[int] = []
+        for row, draft in enumerate([*drafts, None]):
+            if sp.greedy:
+                target = int(logits[row].argmax())
+                tokens.append(target)
+                if target != draft:
+                    break
+                continue
+            probs = self._probs(logits[row], sp.temperature, sp.top_k, sp.top_p, sp.min_p)
+            generator = self._generator(request)
+            if draft is not None and float(torch.rand((), generator=generator)) < float(probs[draft]):
+                tokens.append(draft)
+                continue
+            if draft is not None:
+                probs = probs.clone()
+                probs[draft] = 0.0  # the residual max(0, p - q) of a one-hot proposal q
+            q = torch.empty_like(probs).exponential_(generator=generator)
+            tokens.append(int((probs / q).argmax()))
+            break
+        logprobs: list[dict[int, float] | None] = [None] * len(tokens)
+        if sp.logprobs is not None:
+            raw = torch.log_softmax(logits[: len(tokens)], dim=-1)
+            for row, token in enumerate(tokens):
+                entry = {token: float(raw[row, token])}
+                if sp.logprobs:
+                    vals, idx = raw[row].topk(sp.logprobs)
+                    for t, v in zip(idx.tolist(), vals.tolist()):
+                        entry.setdefault(t, v)
+                logprobs[row] = entry
+        return SampleResult(tokens, logprobs)
+
     @staticmethod
     def _probs(row: torch.Tensor, temperature: float, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
         row = row / temperature

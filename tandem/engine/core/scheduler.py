@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tandem.engine.config import SchedulerConfig
+from tandem.engine.config import SchedulerConfig, SpeculativeConfig
 from tandem.engine.core.kv_cache_manager import KVCacheManager
 from tandem.engine.core.request import Request, RequestStatus
+from tandem.engine.spec_decode import propose_ngram
 
 
 class KVConnectorSchedulerSide(Protocol):
@@ -47,6 +48,8 @@ class ScheduledRequest:
     request: Request
     num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
     block_ids: list[int]
+    # Speculative drafts verified this step (num_tokens == 1 + len(spec_token_ids)); empty otherwise.
+    spec_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -64,6 +67,9 @@ class ModelRunnerOutput:
     """What the runner produced for the scheduled requests that sample this step."""
 
     sampled: dict[str, int] = field(default_factory=dict)  # request_id -> token id
+    # Requests that verified drafts: request_id -> the tokens to append (accepted drafts + one sampled).
+    spec_sampled: dict[str, list[int]] = field(default_factory=dict)
+    spec_logprobs: dict[str, list[dict[int, float] | None]] = field(default_factory=dict)
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[dict[int, float] | None]] = field(default_factory=dict)
 
@@ -84,8 +90,14 @@ class Scheduler:
         config: SchedulerConfig,
         kv_manager: KVCacheManager,
         connector: KVConnectorSchedulerSide | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.config = config
+        self.speculative = speculative
+        # Speculative decoding counters (vLLM's spec_decode metrics).
+        self.num_spec_drafts = 0
+        self.num_spec_draft_tokens = 0
+        self.num_spec_accepted_tokens = 0
         self.kv = kv_manager
         self.connector = connector
         self.waiting: deque[Request] = deque()
@@ -145,6 +157,14 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
+            drafts = self._propose(request, budget) if num_new == 1 else []
+            if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
+                out.scheduled.append(ScheduledRequest(request, 1 + len(drafts), self.kv.block_ids(request.request_id),
+                                                      drafts))
+                scheduled_ids.add(request.request_id)
+                budget -= 1 + len(drafts)
+                i += 1
+                continue
             while True:
                 if self.kv.allocate_slots(request, num_new) is not None:
                     break
@@ -201,6 +221,24 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _propose(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request, or [] when speculation is off or cannot apply to it."""
+        spec = self.speculative
+        if spec is None or (spec.disable_by_batch_size is not None and len(self.running) > spec.disable_by_batch_size):
+            return []
+        sp = request.sampling_params
+        if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
+            return []  # NOTE: penalties depend on every earlier token, drafts included; not verified here
+        if request.num_output_tokens < sp.min_tokens:
+            return []
+        # Room for the drafts plus the token sampled after them, within the budget and both length limits.
+        k = min(spec.num_speculative_tokens, budget - 1, self.config.max_model_len - request.num_tokens - 1)
+        if sp.max_tokens is not None:
+            k = min(k, sp.max_tokens - request.num_output_tokens - 1)
+        if k < 1:
+            return []
+        return propose_ngram(request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _group_ready(self, request: Request) -> bool:
         """n > 1 siblings wait until the first sibling's prompt is cached, then share its blocks."""
@@ -268,6 +306,11 @@ class Scheduler:
             request = item.request
             if request.is_finished:
                 continue  # aborted while the step ran
+            if item.spec_token_ids:
+                update = self._apply_spec(item, output)
+                if update is not None:
+                    updates.append(update)
+                continue
             request.num_computed_tokens += item.num_tokens
             self.kv.cache_blocks(request, request.num_computed_tokens)
             if request.request_id in output.prompt_logprobs:
@@ -284,6 +327,34 @@ class Scheduler:
                 params = self._finish(request, status)
             updates.append(RequestUpdate(request, [token], status is not None, params))
         return updates
+
+    def _apply_spec(self, item: ScheduledRequest, output: ModelRunnerOutput) -> RequestUpdate | None:
+        """Append a verified step's tokens one by one (stopping where a stop condition hits)."""
+        request = item.request
+        tokens = output.spec_sampled.get(request.request_id)
+        if not tokens:
+            return None
+        logprobs = output.spec_logprobs.get(request.request_id)
+        self.num_spec_drafts += 1
+        self.num_spec_draft_tokens += len(item.spec_token_ids)
+        self.num_spec_accepted_tokens += len(tokens) - 1
+        status = None
+        appended: list[int] = []
+        for index, token in enumerate(tokens):
+            request.append_output_token(token)
+            if logprobs is not None and logprobs[index] is not None:
+                request.output_logprobs.append(logprobs[index])
+            appended.append(token)
+            status = self.check_stop(request, token)
+            if status is not None:
+                break
+        # Valid KV now covers the last real token and the accepted drafts, i.e. every token but the newest
+        # (only the last appended token can be one no draft slot held). Rejected drafts' slots lie past it:
+        # the next step overwrites them and nothing caches them.
+        request.num_computed_tokens = request.num_tokens - 1
+        self.kv.cache_blocks(request, request.num_computed_tokens)
+        params = self._finish(request, status) if status is not None else None
+        return RequestUpdate(request, appended, status is not None, params)
 
     def check_stop(self, request: Request, token: int) -> RequestStatus | None:
         sp = request.sampling_params

@@ -672,11 +672,11 @@ async def _stream_chat(ctx: _GenContext, ids: list[int], params: SamplingParams,
         completion_tokens += len(d.new_token_ids)
         if d.finished:
             cached = max(cached, d.num_cached_tokens)
-        if not d.new_text and not d.finished:
-            continue
         lp = None
         if params.logprobs is not None and d.new_token_ids:
             lp = _chat_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, params.logprobs)
+        if not d.new_text and not d.finished and lp is None:
+            continue  # NOTE: text held back (a possible stop string) still sends its tokens' logprobs
         choice = {"index": d.index, "delta": {"content": d.new_text} if d.new_text else {}, "logprobs": lp,
                   "finish_reason": d.finish_reason if d.finished else None}
         if d.finished:

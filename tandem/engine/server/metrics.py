@@ -56,6 +56,11 @@ class _EngineCollector(Collector):
                       s.prefix_cache_hits if s else 0)
         yield counter("vllm:num_preemptions", "Requests preempted for lack of KV blocks.",
                       s.num_preemptions if s else 0)
+        yield counter("vllm:spec_decode_num_drafts", "Speculative steps (draft runs verified).",
+                      s.spec_num_drafts if s else 0)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed.", s.spec_num_draft_tokens if s else 0)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                      s.spec_num_accepted_tokens if s else 0)
 
 
 class ServerMetrics:
