@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from tandem.runtime import register_process_collectors
+
 
 @dataclass
 class OperatorMetrics:
@@ -14,6 +16,7 @@ class OperatorMetrics:
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
 
     def __post_init__(self) -> None:
+        register_process_collectors(self.registry)
         self.reconciles = Counter("tandem:operator_reconciles", "LLMDeployment reconciles, by trigger and result.",
                                   ["trigger", "result"], registry=self.registry)
         self.errors = Counter("tandem:operator_reconcile_errors", "Failed reconciles, by reason.",

@@ -50,6 +50,7 @@ async def test_operator_process_reconciles_and_serves_health_and_metrics(cluster
             text = (await http.get(f"http://127.0.0.1:{metrics}/metrics")).text
         assert 'tandem:operator_reconciles_total{result="ok"' in text
         assert "tandem:operator_reconcile_duration_seconds_bucket" in text
+        assert "process_resident_memory_bytes" in text and "python_gc_collections_total" in text
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
