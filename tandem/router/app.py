@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from tandem.router.config import RouterConfig
 from tandem.router.errors import RequestError, error_body
@@ -37,6 +39,35 @@ def load_tokenizer(config: RouterConfig) -> PromptTokenizer | None:
     return None
 
 
+class RouterApp(FastAPI):
+    """FastAPI for everything but the two proxied endpoints, which skip its middleware stack (see ``__call__``)."""
+
+    hot_paths: dict[str, Any]  # path -> ASGI handler for POSTs to it
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # NOTE: POSTs to the completion endpoints go straight to their handler: Starlette's and FastAPI's
+        # middleware (server errors, exceptions, body limit, telemetry, exit stack) plus routing were a large
+        # share of the router's CPU per proxied request. The handler does its own error handling (below).
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.hot_paths.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+class _ProxyEndpoint:
+    """One proxied endpoint as an ASGI app (an object, so that Starlette's ``Route`` passes it scope, receive
+    and send rather than a ``Request``)."""
+
+    def __init__(self, endpoint: str, handler: Any) -> None:
+        self.endpoint = endpoint
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(self.endpoint, scope, receive, send)
+
+
 def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) -> FastAPI:
     """Build the router app. The service starts (health checks, KV-event consumers) in the app's lifespan."""
     if tokenizer is None:
@@ -53,14 +84,14 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
         finally:
             await service.stop()
 
-    app = FastAPI(title="Tandem router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = RouterApp(title="Tandem router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = metrics
 
-    def check_auth(request: Request) -> None:
+    def check_auth(header: str) -> None:
+        """``header``: the request's Authorization header ("" when absent)."""
         if not api_keys:
             return
-        header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         # Compare against every key (no early exit) in constant time per key.
@@ -70,36 +101,62 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
         if not matched:
             raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def request_headers(request: Request) -> dict[str, str]:
-        headers = {"x-request-id": request.headers.get("x-request-id") or uuid.uuid4().hex}
-        if "authorization" in request.headers:
-            headers["authorization"] = request.headers["authorization"]
-        return headers
+    async def proxy(endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """One proxied request as a bare ASGI handler: headers straight from the scope, body from ``receive``."""
+        request_id = authorization = None
+        for name, value in scope["headers"]:  # lower-cased names (ASGI); the first of repeated ones counts
+            if name == b"x-request-id" and request_id is None:
+                request_id = value.decode("latin-1")
+            elif name == b"authorization" and authorization is None:
+                authorization = value.decode("latin-1")
+        # NOTE: 32 random hex digits like uuid4().hex, without building a UUID object for every request.
+        headers = {"x-request-id": request_id or os.urandom(16).hex()}
+        if authorization is not None:
+            headers["authorization"] = authorization
+        response: Response | None = None
+        started = False
 
-    async def proxy(endpoint: str, request: Request) -> Response:
-        headers = request_headers(request)
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
-            check_auth(request)
-        except RequestError as exc:
-            metrics.requests.labels("none", "none", "unauthorized").inc()
-            return exc.response(headers={"x-request-id": headers["x-request-id"]})
-        return await service.handle(endpoint, await request.body(), headers)
+            try:
+                check_auth(authorization or "")
+            except RequestError as exc:
+                metrics.requests.labels("none", "none", "unauthorized").inc()
+                response = exc.response(headers={"x-request-id": headers["x-request-id"]})
+            else:
+                chunks = []
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its whole request
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        break
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                response = await service.handle(endpoint, body, headers)
+            await response(scope, receive, tracking_send)
+        except Exception:
+            # What FastAPI's error middleware did for these routes: log, and answer 500 if nothing was sent yet.
+            logger.exception("router error on %s", scope["path"])
+            if not started:
+                await JSONResponse(error_body("internal router error", "server_error", None, "router_error"),
+                                   status_code=500)(scope, receive, send)
 
-    async def completions(request: Request) -> Response:
-        return await proxy(COMPLETIONS, request)
-
-    async def chat_completions(request: Request) -> Response:
-        return await proxy(CHAT, request)
-
-    # The hot endpoints are plain Starlette routes: they take the raw body anyway, and skipping FastAPI's
-    # per-request dependency machinery is a measurable share of the router's own latency.
+    completions, chat_completions = _ProxyEndpoint(COMPLETIONS, proxy), _ProxyEndpoint(CHAT, proxy)
+    app.hot_paths = {COMPLETIONS: completions, CHAT: chat_completions}
+    # Also registered as routes, so that other methods on these paths get FastAPI's 405 (and the same handler
+    # serves them if a request ever reaches the router through the stack, e.g. under a mounted root path).
     app.router.routes.append(Route(COMPLETIONS, completions, methods=["POST"]))
     app.router.routes.append(Route(CHAT, chat_completions, methods=["POST"]))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            check_auth(request)
+            check_auth(request.headers.get("authorization", ""))
         except RequestError as exc:
             return exc.response()
         return JSONResponse({"object": "list", "data": [{

@@ -52,7 +52,6 @@ class RouterConfig:
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 600.0
     default_block_size: int = 16
-    upstream_client_shards: int = 16
     # "prefix" (the pipeline) or "round_robin" (a baseline for benchmarks).
     policy: str = "prefix"
     k8s_namespace: str | None = None

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tandem.runtime import register_process_collectors
+
 
 class RouterMetrics:
     """Every metric the router exports. One instance per app, so tests can build several routers."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_process_collectors(self.registry)
         self.requests = Counter(
             "tandem:router_requests",
             "Requests the router finished, by pool and worker of the last hop and by outcome",

@@ -28,7 +28,7 @@ from tandem.router.index import PrefixIndex
 from tandem.router.metrics import RouterMetrics
 from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
 from tandem.router.tokenizer import PromptTokenizer, TemplateError
-from tandem.router.transport import AsyncioHTTPTransport
+from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport
 from tandem.router.workers import Datastore, HealthChecker, Pool, Worker
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,46 @@ CHAT = "/v1/chat/completions"
 _TRANSPORT_ERRORS = (httpx.TransportError,)
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        pass
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class ProxyClient(httpx.AsyncClient):
+    """The request path's httpx client: without a cookie jar.
+
+    A proxy must not keep cookies: one client's upstream ``Set-Cookie`` would ride along on every other client's
+    requests. NOTE: it also saves httpx's per-response cookie extraction (it builds urllib request and response
+    stand-ins for every response), one of the larger costs of ``send`` on the router's request path.
+    """
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        pass
+
+
 @dataclass(slots=True)
 class _Attempt:
     """The outcome of one attempt that did not produce a response for the client."""
 
     reason: str
     response: Response | None = None  # an upstream 5xx answer, returned if every retry fails too
+
+
+def _never() -> bool:
+    return False
 
 
 class RelayResponse(Response):
@@ -63,23 +97,46 @@ class RelayResponse(Response):
         self._upstream = upstream
         self._chunks = chunks
         self._on_done = on_done
-        self.init_headers({**headers, "content-type": upstream.headers.get("content-type", "text/event-stream"),
-                           "cache-control": "no-cache"})
+        self._ending = False  # the last message is being sent: the disconnect watcher may fire, harmlessly
+        self._disconnected = False
+        self._finished = False
+        self._relay_task: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        # NOTE: raw headers built directly (no Starlette header merging): this runs once per proxied stream.
+        self.raw_headers = [*((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+                            (b"content-type", upstream.headers.get("content-type", "text/event-stream").encode("latin-1")),
+                            (b"cache-control", b"no-cache")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # NOTE: the relay runs in the request's own task. A disconnect watcher (a task of its own, which
+        # interrupts the relay by cancelling it) is only started once the relay has to wait for the upstream:
+        # an answer that arrived whole is relayed without any extra task.
         outcome = "client_disconnected"
-        relay = asyncio.ensure_future(self._relay(send))
-        watch = asyncio.ensure_future(self._wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if relay in done:
-                outcome = relay.result()
+            outcome = await self._relay(receive, send)
+        except asyncio.CancelledError:
+            # Our own cancel (the client went away) ends the stream quietly; anyone else's propagates.
+            if not self._disconnected or self._relay_task.uncancel() > 0:
+                raise
         finally:
-            for task in (relay, watch):
-                task.cancel()
-            await asyncio.gather(relay, watch, return_exceptions=True)
+            self._finished = True
+            if self._watch is not None:
+                self._watch.cancel()
             await self._upstream.aclose()
             self._on_done(outcome)
+
+    def _watch_disconnect(self, receive: Receive) -> None:
+        """Start the disconnect watcher (called from the relay, in the request's task)."""
+        if self._watch is None:
+            self._relay_task = asyncio.current_task()
+            self._watch = asyncio.ensure_future(self._wait_disconnect(receive))
+            self._watch.add_done_callback(self._client_gone)
+
+    def _client_gone(self, watch: asyncio.Future) -> None:
+        if watch.cancelled() or watch.exception() is not None or self._ending or self._finished or self._disconnected:
+            return
+        self._disconnected = True
+        self._relay_task.cancel()
 
     @staticmethod
     async def _wait_disconnect(receive: Receive) -> None:
@@ -87,17 +144,23 @@ class RelayResponse(Response):
         while message["type"] != "http.disconnect":  # drain until the client goes away
             message = await receive()
 
-    async def _relay(self, send: Send) -> str:
+    async def _relay(self, receive: Receive, send: Send) -> str:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        # NOTE: a piece after which the upstream body is known complete goes out as the end of the response
+        # too (one write to the client instead of two: the data, then the empty last chunk).
+        upstream_complete = self._upstream.extensions.get(BODY_COMPLETE, _never)
         last = self._first_chunk
+        ended = False
         if last:
-            await send({"type": "http.response.body", "body": last, "more_body": True})
+            ended = await self._send_piece(send, last, upstream_complete())
+        if not upstream_complete():
+            self._watch_disconnect(receive)
         outcome = "ok"
         try:
             async for chunk in self._chunks:
                 if chunk:
                     last = chunk
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    ended = await self._send_piece(send, chunk, upstream_complete())
         except _TRANSPORT_ERRORS as exc:
             logger.warning("upstream %s failed mid-stream: %s", self._upstream.request.url, exc)
             # Close a half-written event first so the error event parses on its own.
@@ -105,8 +168,16 @@ class RelayResponse(Response):
             error = sse_error_event(f"the worker failed mid-stream: {type(exc).__name__}", "upstream_stream_error")
             await send({"type": "http.response.body", "body": prefix + error, "more_body": True})
             outcome = "stream_error"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not ended:
+            await self._send_piece(send, b"", True)
         return outcome
+
+    async def _send_piece(self, send: Send, body: bytes, last: bool) -> bool:
+        if last:
+            # uvicorn reports the end of the response to receive() as a disconnect: not the client going away.
+            self._ending = True
+        await send({"type": "http.response.body", "body": body, "more_body": not last})
+        return last
 
 
 class RouterService:
@@ -138,8 +209,10 @@ class RouterService:
             metrics.healthy_workers.labels(pool.value).set_function(
                 lambda pool=pool: sum(w.healthy for w in self.datastore.pool(pool)))
         self.client: httpx.AsyncClient | None = None
-        self._proxy_clients: list[httpx.AsyncClient] = []
-        self._next_client = 0
+        self.proxy: ProxyClient | None = None
+        # Parsed upstream URL and Host header by worker URL + endpoint (httpx's URL parsing is a noticeable
+        # per-request cost).
+        self._targets: dict[str, tuple[httpx.URL, bytes]] = {}
         self.health: HealthChecker | None = None
         self.redis_consumer: RedisEventConsumer | None = None
         self._tasks: list[asyncio.Task] = []
@@ -150,12 +223,12 @@ class RouterService:
         """Open the upstream client and start the watchers (health, KV events, expiry, discovery)."""
         cfg = self.config
         timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
-        # NOTE: several small clients instead of one big one: httpx's pool scans every pooled connection on each
-        # request (a readability syscall per idle connection), so one pool of ~1,000 streams costs O(n) per request.
-        self._proxy_clients = [httpx.AsyncClient(timeout=timeout, transport=AsyncioHTTPTransport(), trust_env=False)
-                               for _ in range(cfg.upstream_client_shards)]
-        # Watchers (health checks, direct KV-event streams) get their own client, out of the request path.
-        self.client = httpx.AsyncClient(timeout=timeout)
+        # The request path's client: httpx on the router's own HTTP/1.1 transport for http:// workers (see
+        # transport.py); httpx's default transport for anything else (https).
+        self.proxy = ProxyClient(timeout=timeout, mounts={"http://": AsyncioHTTPTransport()}, trust_env=False)
+        # Watchers (health checks, direct KV-event streams) get their own client and connections, out of the
+        # request path's pool, on the same transport (they share the router's one event loop with it).
+        self.client = httpx.AsyncClient(timeout=timeout, mounts={"http://": AsyncioHTTPTransport()}, trust_env=False)
         self.health = HealthChecker(self.datastore, self.client, cfg.health_interval_s, cfg.health_timeout_s)
         self._spawn(self.health.run(), "health")
         self._spawn(expire_loop(self.index), "index-expiry")
@@ -186,13 +259,28 @@ class RouterService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for client in [*self._proxy_clients, *([self.client] if self.client else [])]:
-            await client.aclose()
-        self._proxy_clients = []
+        for client in (self.proxy, self.client):
+            if client is not None:
+                await client.aclose()
+        self.proxy = None
 
-    def _proxy_client(self) -> httpx.AsyncClient:
-        self._next_client = (self._next_client + 1) % len(self._proxy_clients)
-        return self._proxy_clients[self._next_client]
+    def _upstream_request(self, worker: Worker, endpoint: str, headers: dict[str, str], body: bytes) -> httpx.Request:
+        """A POST of ``body`` to ``worker``, with exactly ``headers`` plus Host and Content-Length.
+
+        NOTE: built from its parts (a cached URL, every header given, ``stream=``): httpx then skips URL parsing,
+        content encoding and header merging, about three quarters of the cost of ``client.build_request``.
+        """
+        key = worker.url + endpoint
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) > 4096:  # workers come and go under Kubernetes discovery
+                self._targets.clear()
+            url = httpx.URL(key)
+            target = self._targets[key] = (url, url.netloc)
+        url, host = target
+        raw = [(b"host", host), (b"content-length", b"%d" % len(body))]
+        raw += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        return httpx.Request("POST", url, headers=raw, stream=httpx.ByteStream(body))
 
     def ready(self) -> bool:
         """True when some worker can serve a whole request (a decode or aggregated worker is healthy)."""
@@ -323,7 +411,7 @@ class RouterService:
             payload["min_tokens"] = 1  # the first token obeys it (no EOS) and the decode worker continues from it
         worker.inflight += 1
         try:
-            response = await self._proxy_client().post(worker.url + endpoint, json=payload, headers=headers)
+            response = await self.proxy.send(self._upstream_request(worker, endpoint, headers, json.dumps(payload).encode()))
         except _TRANSPORT_ERRORS as exc:
             self.datastore.mark_failed(worker, f"{type(exc).__name__}: {exc}")
             self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "failed").inc()
@@ -381,7 +469,6 @@ class RouterService:
 
     async def _attempt(self, pool: Pool, worker: Worker, endpoint: str, payload: bytes, stream: bool,
                        headers: dict[str, str], done: Callable[[str, str, str], None]) -> Response | _Attempt:
-        client = self._proxy_client()
         worker.inflight += 1
         released = False
 
@@ -395,8 +482,7 @@ class RouterService:
 
         upstream: httpx.Response | None = None
         try:
-            upstream = await client.send(
-                client.build_request("POST", worker.url + endpoint, content=payload, headers=headers), stream=True)
+            upstream = await self.proxy.send(self._upstream_request(worker, endpoint, headers, payload), stream=True)
             reply_headers = {"x-request-id": headers["x-request-id"]}
             if upstream.status_code >= 500:
                 body = await upstream.aread()

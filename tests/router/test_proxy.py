@@ -91,6 +91,7 @@ async def test_completions_and_chat_stream_and_not(tokenizer_path, make_client):
         assert metric(metrics, "tandem:router_requests_total", pool="aggregated", outcome="ok") == 5
         assert metric(metrics, "tandem:router_decisions_total", decision="aggregated") == 5
         assert metric(metrics, "tandem:router_routing_decision_seconds_count") == 5
+        assert "process_cpu_seconds_total" in metrics and "python_gc_collections_total" in metrics
         assert worker.requests[0][1]["prompt"] == "Hello"
         assert service.datastore.workers[worker.url].inflight == 0
 
