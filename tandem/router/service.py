@@ -41,13 +41,13 @@ _TRANSPORT_ERRORS = (httpx.TransportError,)
 
 
 class _NoCookies(httpx.Cookies):
-    """A cookie jar that keeps nothing."""
+    """A cookie jar that keeps nothing: what a worker sets must never ride along on another client's request."""
 
     def extract_cookies(self, response: httpx.Response) -> None:
-        pass
+        """Ignore the response's ``Set-Cookie`` headers (httpx calls this after every response)."""
 
     def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
-        pass
+        """Refuse to store a cookie set through the API as well."""
 
 
 _NO_COOKIES = _NoCookies()
@@ -67,7 +67,7 @@ class ProxyClient(httpx.AsyncClient):
 
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
-        pass
+        """httpx's constructor assigns a jar (``cookies=`` included): this client never keeps one."""
 
 
 @dataclass(slots=True)
