@@ -119,17 +119,10 @@ class Sampler:
             q = torch.empty_like(probs).exponential_(generator=generator)
             tokens.append(int((probs / q).argmax()))
             break
-        logprobs: list[dict[int, float] | None] = [None] * len(tokens)
-        if sp.logprobs is not None:
-            raw = torch.log_softmax(logits[: len(tokens)], dim=-1)
-            for row, token in enumerate(tokens):
-                entry = {token: float(raw[row, token])}
-                if sp.logprobs:
-                    vals, idx = raw[row].topk(sp.logprobs)
-                    for t, v in zip(idx.tolist(), vals.tolist()):
-                        entry.setdefault(t, v)
-                logprobs[row] = entry
-        return SampleResult(tokens, logprobs)
+        if sp.logprobs is None:
+            return SampleResult(tokens, [None] * len(tokens))
+        # Row i's distribution chose token i: the same entries as a prompt's logprobs (chosen + top-k).
+        return SampleResult(tokens, list(prompt_logprobs_for(logits[: len(tokens)], tokens, sp.logprobs)))
 
     @staticmethod
     def _probs(row: torch.Tensor, temperature: float, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
