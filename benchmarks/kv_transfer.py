@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import kv_transfer_raw as raw_bench  # noqa: E402
 
+from tandem.engine.model_runner import KV_POOL_FILL  # noqa: E402
 from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache  # noqa: E402
 from tandem.kvtransfer.nixl_transport import NixlKVTransport  # noqa: E402
 
@@ -135,7 +136,7 @@ class RawReader:
         # The destination: as large as the decode worker's KV pool, so the "pool" READs can rotate through it.
         self.pool = raw_bench.smol_layout(pool_blocks)
         self._cursor = 0  # byte offset of the next "pool" READ
-        buffer = torch.zeros(self.pool.shape, dtype=torch.bfloat16)
+        buffer = torch.full(self.pool.shape, KV_POOL_FILL, dtype=torch.bfloat16)  # filled like the engine's pool
         # A pure reader, like the decode worker: no progress thread (see nixl_transport's module note).
         self.transport = NixlKVTransport(buffer, self.pool, f"kvbench-reader-{os.getpid()}", ucx_tls,
                                          progress_thread=False)

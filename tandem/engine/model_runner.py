@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~46k tokens of SmolLM2-135M in bf16
+KV_POOL_FILL = 1.0  # what never-written KV cache slots hold (see ModelRunner.__init__)
 
 
 @dataclass(slots=True)
@@ -55,9 +56,17 @@ class ModelRunner:
             self.model.pack_linears()
         self.block_size = config.cache.block_size
         self.layout = self._size_kv_cache()
-        # NOTE: one contiguous buffer; per-layer K/V are views into it (kvtransfer registers it once).
-        self.kv_buffer = torch.zeros(self.layout.shape, dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.kv_buffer[i, 0], self.kv_buffer[i, 1]) for i in range(model_config.num_layers)]
+        # NOTE: one contiguous block-major buffer (kvtransfer registers it once and moves a run of blocks as one
+        # region); attention addresses it by row and token indices built once per step (see _rows/_token_slots).
+        # NOTE: filled with a non-zero constant, not zeros. On the VMs this runs on, the host reclaims guest pages
+        # that stay all-zero (it maps them to its shared zero page), and the first write to such a page then
+        # faults in the host: idle zero pages took 1.2-2.7 GB/s to write vs ~9.5 GB/s for idle non-zero ones
+        # (measured here). Unused blocks are never attended to (masked, or sliced off), and any finite value is
+        # harmless there: a masked score is -inf, so its value row is multiplied by an exact 0.
+        self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
+        L, kvh = model_config.num_layers, model_config.num_kv_heads
+        # Row of (layer, K/V, head) within a block, [L, 2, kvh]: layer_rows + block * rows_per_block is its row.
+        self._layer_rows = torch.arange(L * 2 * kvh, dtype=torch.long).view(L, 2, kvh)
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
 
     def _size_kv_cache(self) -> KVCacheLayout:
@@ -79,6 +88,17 @@ class ModelRunner:
                 f"{self.config.scheduler.max_model_len} sequence ({needed} blocks needed)"
             )
         return KVCacheLayout(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.config.dtype)
+
+    def _rows(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Cache rows of ``block_ids`` for every layer: ``[L, 2 * kv_heads * len(block_ids)]``, (K/V, head, block)."""
+        rows = block_ids * self.layout.rows_per_block + self._layer_rows.unsqueeze(-1)
+        return rows.view(self.layout.num_layers, -1)
+
+    def _token_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Token-vector index of each flat slot for every layer: ``[L, 2 * kv_heads * T]``, (K/V, head, token)."""
+        bs = self.block_size
+        base = (slots // bs) * (self.layout.rows_per_block * bs) + slots % bs
+        return (base + self._layer_rows.unsqueeze(-1) * bs).view(self.layout.num_layers, -1)
 
     # ---- prepare_inputs -> forward -> sample ---------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> PreparedBatch:
@@ -109,11 +129,12 @@ class ModelRunner:
                 sample_items.append(item)
             if n > 1:
                 ctx = start + n
-                prefill_seqs.append(
-                    PrefillSeq(q_start, n, ctx, torch.tensor(ids[: -(-ctx // bs)], dtype=torch.long))
-                )
+                rows = None if start == 0 else self._rows(torch.tensor(ids[: -(-ctx // bs)], dtype=torch.long))
+                prefill_seqs.append(PrefillSeq(q_start, n, ctx, rows))
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long), num_decode=len(decodes), prefills=prefill_seqs
+            write_index=self._token_slots(torch.tensor(slots, dtype=torch.long)),
+            num_decode=len(decodes),
+            prefills=prefill_seqs,
         )
         if decodes:
             max_blocks = max(-(-(d.request.num_computed_tokens + 1) // bs) for d in decodes)
@@ -124,9 +145,7 @@ class ModelRunner:
                 nblk = -(-ctx // bs)
                 table[row, :nblk] = torch.tensor(d.block_ids[:nblk], dtype=torch.long)
                 seq_lens[row] = ctx
-            meta.decode_block_tables = table
-            heads = torch.arange(self.model_config.num_kv_heads).unsqueeze(1) * self.layout.num_blocks
-            meta.decode_gather_rows = (heads + table.flatten().unsqueeze(0)).flatten()
+            meta.decode_gather_rows = self._rows(table.flatten())
             meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
                 1, len(decodes), 1, max_blocks * bs
             )
@@ -146,7 +165,7 @@ class ModelRunner:
         if not sched.scheduled:
             return out
         batch = self.prepare_inputs(sched)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_buffer, batch.meta)
         self._prompt_logprobs(batch, hidden, out)
         if batch.sample_rows:
             logits = self.model.compute_logits(hidden[batch.sample_rows])

@@ -34,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_PATH = "/kv_handshake"
 HANDSHAKE_VERSION = 1
-# Names the memory layout of docs/interfaces.md: [num_layers, 2 (K, V), kv_heads, num_blocks, block_size, head_dim].
-DEFAULT_KV_LAYOUT = "layers-kv-heads-blocks-tokens-dim"
+# Names the memory layout of docs/interfaces.md: [num_blocks, num_layers, 2 (K, V), kv_heads, block_size, head_dim].
+DEFAULT_KV_LAYOUT = "blocks-layers-kv-heads-tokens-dim"
 
 
 @dataclass(frozen=True, slots=True)

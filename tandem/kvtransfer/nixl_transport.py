@@ -1,9 +1,10 @@
 """A thin, typed wrapper over NIXL for moving paged KV blocks between two engines.
 
 The decode engine pulls (NIXL READ) blocks out of the prefill engine's registered ``kv_buffer`` straight into
-its own. Both buffers follow the layout pinned in ``docs/interfaces.md``
-(``[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]``), so descriptor ``i`` of the per-block
-descriptor list, ``i = plane * num_blocks + block_id`` (plane = (layer * 2 + kind) * kv_heads + head), starts at byte ``i * block_bytes``.
+its own. Both buffers follow the block-major layout pinned in ``docs/interfaces.md``
+(``[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]``): block ``b`` with every layer, K and V, is
+the ``bytes_per_block_all_layers`` bytes at ``b * bytes_per_block_all_layers``, so a run of consecutive block ids
+on both sides is one descriptor.
 
 NOTE: this module talks to NIXL's pybind layer (``<package>._api.nixlBind``) rather than the ``nixl_agent``
 Python class, because that class hard-codes the progress thread's poll delay to 0, which makes the UCX
@@ -96,7 +97,7 @@ class TransferHandle:
     remote_agent: str
     num_blocks: int
     num_bytes: int
-    num_descriptors: int  # after coalescing runs: one per plane per run
+    num_descriptors: int  # after coalescing: one per run of consecutive block ids
     notif: bytes | None
     started_at: float  # time.monotonic() when posted
     state: TransferState = "pending"
@@ -128,22 +129,21 @@ def coalesce_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int
 
 
 def _region_descs(layout: KVCacheLayout, base_address: int, starts: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
-    """``[num_planes * runs, 3]`` (address, length, device) rows: one region per (plane, run)."""
-    planes = np.arange(layout.num_planes, dtype=np.int64)[:, None]  # [planes, 1]
-    offsets = (planes * layout.num_blocks + starts[None, :]) * layout.block_bytes  # [planes, runs]
-    descs = np.empty((offsets.size, 3), dtype=np.uint64)
-    descs[:, 0] = (base_address + offsets).reshape(-1)
-    descs[:, 1] = np.broadcast_to(lengths[None, :] * layout.block_bytes, offsets.shape).reshape(-1)
+    """``[runs, 3]`` (address, length, device) rows: one region per run of consecutive blocks."""
+    block = layout.bytes_per_block_all_layers
+    descs = np.empty((starts.size, 3), dtype=np.uint64)
+    descs[:, 0] = base_address + starts * block
+    descs[:, 1] = lengths * block
     descs[:, 2] = device_id
     return descs
 
 
 def _block_descs(layout: KVCacheLayout, base_address: int, device_id: int) -> np.ndarray:
-    """``[num_planes * num_blocks, 3]`` rows: one descriptor per (plane, block), in buffer order."""
-    count = layout.num_planes * layout.num_blocks
-    descs = np.empty((count, 3), dtype=np.uint64)
-    descs[:, 0] = base_address + np.arange(count, dtype=np.uint64) * np.uint64(layout.block_bytes)
-    descs[:, 1] = layout.block_bytes
+    """``[num_blocks, 3]`` rows: one descriptor per block (all its layers), in buffer order."""
+    block = layout.bytes_per_block_all_layers
+    descs = np.empty((layout.num_blocks, 3), dtype=np.uint64)
+    descs[:, 0] = base_address + np.arange(layout.num_blocks, dtype=np.uint64) * np.uint64(block)
+    descs[:, 1] = block
     descs[:, 2] = device_id
     return descs
 
@@ -160,9 +160,7 @@ class NixlKVTransport:
         metrics: optional ``KVTransferMetrics`` to record completed/failed transfers into.
         descriptor_mode: ``"exact"`` (default) builds each transfer from exact coalesced regions
             (``createXferReq``); ``"prepped"`` prepares per-block descriptor lists once (local at start-up,
-            remote on first use of a peer: ``num_planes * num_blocks`` entries each) and builds transfers
-            from indices. Both moved bytes equally fast in ``benchmarks/kv_transfer_raw.py``; ``"prepped"``
-            costs ~0.5 s of start-up and memory per 30k descriptors, so ``"exact"`` is the default.
+            remote on first use of a peer: ``num_blocks`` entries each) and builds transfers from block ids.
         progress_thread: run NIXL's progress thread (default). An owner whose peers READ from it needs one (it
             answers connection set-up and receives notifications while the engine is busy); a pure reader should
             pass False (see the module note) and is progressed by its own ``poll``/``wait`` calls.
@@ -296,7 +294,7 @@ class NixlKVTransport:
     ) -> TransferHandle:
         """Post a READ of ``remote_block_ids`` (every layer, K and V) into ``local_block_ids``.
 
-        Runs where both remote and local ids are consecutive move as one region per (layer, kind). When the
+        Runs where both remote and local ids are consecutive move as one region. When the
         READ completes NIXL delivers ``notif`` (e.g. ``b"done:<request_id>"``) to the owner.
 
         Raises:
@@ -312,7 +310,7 @@ class NixlKVTransport:
             remote_agent=remote_agent,
             num_blocks=num_blocks,
             num_bytes=num_blocks * self.layout.bytes_per_block_all_layers,
-            num_descriptors=self.layout.num_planes * int(lengths.size),
+            num_descriptors=int(lengths.size),
             notif=notif,
             started_at=time.monotonic(),
         )
@@ -358,17 +356,15 @@ class NixlKVTransport:
             )
             remote_prepped = int(self._agent.prepXferDlist(remote_agent, remote, self._backends))
             self._remote_prepped[key] = remote_prepped
-        planes = np.arange(self.layout.num_planes, dtype=np.int64)[:, None]  # [planes, 1]
-        # Index order is plane-major, so each run's blocks sit next to each other and NIXL merges them.
-        local_idx = (planes * self.layout.num_blocks + np.asarray(local_block_ids, dtype=np.int64)[None, :]).astype(np.int32)
-        remote_idx = (planes * remote_layout.num_blocks + np.asarray(remote_block_ids, dtype=np.int64)[None, :]).astype(np.int32)
+        local_idx = np.asarray(local_block_ids, dtype=np.int32)
+        remote_idx = np.asarray(remote_block_ids, dtype=np.int32)
         return int(
             self._agent.makeXferReq(
                 self._bind.NIXL_READ,
                 self._local_prepped,
-                local_idx.reshape(-1),
+                local_idx,
                 remote_prepped,
-                remote_idx.reshape(-1),
+                remote_idx,
                 b"",
                 self._backends,
             )

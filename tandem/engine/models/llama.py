@@ -99,17 +99,22 @@ class PrefillSeq:
     q_start: int  # offset of its first token in the flat batch
     q_len: int
     ctx_len: int  # tokens in the cache after this chunk (prefix + chunk)
-    block_ids: torch.Tensor  # [ceil(ctx_len / block_size)] blocks covering the context
+    # [num_layers, 2 * kv_heads * blocks]: cache rows of the blocks covering the context, in (K/V, head, block)
+    # order, per layer; None when the chunk has no cached prefix (it attends to its own keys only).
+    gather_rows: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """How this step's flat tokens map onto the paged KV cache."""
+    """How this step's flat tokens map onto the paged KV cache (indices per layer, built once per step).
 
-    slot_mapping: torch.Tensor  # [T] flat slot (block_id * block_size + offset) of each token
+    Indices address the block-major buffer of ``core/kv_layout.py`` viewed as ``[rows, block_size * head_dim]``
+    (rows) or ``[rows * block_size, head_dim]`` (token vectors).
+    """
+
+    write_index: torch.Tensor  # [num_layers, 2 * kv_heads * T]: where each new K/V vector goes, (K/V, head, token) order
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
-    decode_block_tables: torch.Tensor | None = None  # [Bd, max_blocks]
-    decode_gather_rows: torch.Tensor | None = None  # [kv_heads * Bd * max_blocks] rows of the [kvh * blocks, ...] view
+    decode_gather_rows: torch.Tensor | None = None  # [num_layers, 2 * kv_heads * Bd * max_blocks], (K/V, head, seq, block)
     decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
     prefills: list[PrefillSeq] = field(default_factory=list)
 
@@ -202,8 +207,8 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [T, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D] (head-major, see kv_layout.py)
-        v_cache: torch.Tensor,
+        kv_rows: torch.Tensor,  # the whole KV buffer as [rows, block_size * D] (block-major, see kv_layout.py)
+        layer: int,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         T = x.shape[0]
@@ -213,19 +218,17 @@ class Attention(nn.Module):
         q = apply_rope(q.view(T, self.num_heads, D), cos, sin)
         k = apply_rope(k.view(T, kvh, D), cos, sin)
         v = v.view(T, kvh, D)
-        nb, bs = k_cache.shape[1], k_cache.shape[2]
-        k_cache.view(kvh, nb * bs, D).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(kvh, nb * bs, D).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        new_kv = torch.stack((k, v)).transpose(1, 2).reshape(-1, D)  # [(K/V, head, token), D]
+        kv_rows.view(-1, D).index_copy_(0, meta.write_index[layer], new_kv)
 
         out = torch.empty(T, self.num_heads, D, dtype=x.dtype, device=x.device)
         group = self.num_heads // kvh
         if meta.num_decode:
             bd = meta.num_decode
-            # One gather of contiguous block rows puts each sequence's blocks in [kv_heads, Bd, L, D] order
-            # (L = max_blocks * block_size); the row ids (head * num_blocks + block) are shared by all layers.
-            rows = meta.decode_gather_rows
-            kd = k_cache.view(kvh * nb, bs * D).index_select(0, rows).view(kvh, bd, -1, D)
-            vd = v_cache.view(kvh * nb, bs * D).index_select(0, rows).view(kvh, bd, -1, D)
+            # One gather of whole [block_size, D] rows yields K and V as [2, kv_heads, Bd, L, D]
+            # (L = max_blocks * block_size), the order batched attention reads.
+            kvd = kv_rows.index_select(0, meta.decode_gather_rows[layer]).view(2, kvh, bd, -1, D)
+            kd, vd = kvd[0], kvd[1]
             qd = q[:bd].view(bd, kvh, group, D).transpose(0, 1)  # [kvh, Bd, group, D]
             scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [kvh, Bd, group, L]
             scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
@@ -233,13 +236,13 @@ class Attention(nn.Module):
             out[:bd] = torch.matmul(probs, vd).transpose(0, 1).reshape(bd, self.num_heads, D)
         for seq in meta.prefills:
             qs = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-            if seq.ctx_len == seq.q_len:  # no cached prefix: attend to this chunk, causally
+            if seq.gather_rows is None:  # no cached prefix: attend to this chunk, causally
                 ks = k[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
                 vs = v[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
             else:
-                ks = k_cache.index_select(1, seq.block_ids).view(kvh, -1, D)[:, : seq.ctx_len].unsqueeze(0)
-                vs = v_cache.index_select(1, seq.block_ids).view(kvh, -1, D)[:, : seq.ctx_len].unsqueeze(0)
+                kvs = kv_rows.index_select(0, seq.gather_rows[layer]).view(2, kvh, -1, D)[:, :, : seq.ctx_len]
+                ks, vs = kvs[0].unsqueeze(0), kvs[1].unsqueeze(0)
                 # Query i sits at position ctx_len - q_len + i and sees keys up to it.
                 qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=x.device).unsqueeze(1)
                 mask = torch.arange(seq.ctx_len, device=x.device).unsqueeze(0) <= qpos
@@ -284,7 +287,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_buffer: torch.Tensor,  # the whole block-major KV cache (see kv_layout.py)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (normalised); logits are computed separately."""
@@ -292,9 +295,9 @@ class LlamaForCausalLM(nn.Module):
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
         cos, sin = freqs.cos().to(h.dtype).unsqueeze(1), freqs.sin().to(h.dtype).unsqueeze(1)
         residual = h
+        kv_rows = kv_buffer.view(-1, kv_buffer.shape[-2] * kv_buffer.shape[-1])
         for i, layer in enumerate(self.layers):
-            k_cache, v_cache = kv_caches[i]
-            a = layer.self_attn(layer.input_layernorm(h), cos, sin, k_cache, v_cache, meta)
+            a = layer.self_attn(layer.input_layernorm(h), cos, sin, kv_rows, i, meta)
             residual = residual + a
             m = layer.mlp(layer.post_attention_layernorm(residual))
             residual = residual + m
