@@ -11,8 +11,11 @@ Three parts, one run, one JSON file:
    land in the same, recently written destination bytes every time ("hot"). One more raw READ per engine
    transfer ("pool") lands where the decode worker's do: its destination advances through a buffer the size of
    the decode worker's KV pool, wrapping, as the pool hands out blocks, so it writes memory left idle as long.
-   On the VMs this was built on, memory idle for tens of seconds is several times slower to write on its next
-   touch (a host effect, not NIXL's): the engine's READs pay it, the hot baseline never does.
+   On the VMs this was built on, memory idle for tens of seconds is slower to touch again (a host effect, not
+   NIXL's; worst for all-zero pages, which is why the engine fills its pool with 1.0): the engine's READs pay
+   it, the hot baseline never does. A third raw READ ("DRAM") repeats the hot one after sweeping 96 MB through
+   the caches: at 256 tokens source and destination (2 x 5.9 MB) fit in the 32 MB L3, which flatters the hot
+   READ; the engine's READ never finds its bytes there.
 2. ``engine``: Tandem's own block transfer inside real workers: a ``tandem prefill`` and a ``tandem decode``
    (bf16, ``--threads 1`` each); every disaggregated request's READ is timed by the decode worker itself
    (``tandem:kv_transfer_bytes_total`` / ``tandem:kv_transfer_duration_seconds_sum`` deltas).
@@ -136,6 +139,7 @@ class RawReader:
         # The destination: as large as the decode worker's KV pool, so the "pool" READs can rotate through it.
         self.pool = raw_bench.smol_layout(pool_blocks)
         self._cursor = 0  # byte offset of the next "pool" READ
+        self._scratch = torch.ones(DRAM_SWEEP_BYTES // 4, dtype=torch.int32)  # see sample_dram
         buffer = torch.full(self.pool.shape, KV_POOL_FILL, dtype=torch.bfloat16)  # filled like the engine's pool
         # A pure reader, like the decode worker: no progress thread (see nixl_transport's module note).
         self.transport = NixlKVTransport(buffer, self.pool, f"kvbench-reader-{os.getpid()}", ucx_tls,
@@ -152,6 +156,15 @@ class RawReader:
         raw_s = raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
         block_s = raw_bench.read_blocks(self.transport, self.peer, list(range(n)), list(range(n)), 30.0)[0]
         return raw_s, block_s
+
+    def sample_dram(self, tokens: int) -> float:
+        """Seconds of one raw one-region READ into the start of the destination, as ``sample``'s, but after
+        sweeping a buffer three times the size of this CPU's last-level cache: source and destination come from
+        DRAM, not from cache (at 256 tokens both fit in a 32 MB L3, which flatters the hot READ)."""
+        assert self.transport is not None
+        num_bytes = tokens // self.layout.block_size * self.layout.bytes_per_block_all_layers
+        self._scratch.add_(1)
+        return raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
 
     def sample_pool(self, tokens: int) -> float:
         """Seconds of one raw one-region READ of the KV of ``tokens`` tokens into the next bytes of the
@@ -214,6 +227,7 @@ def disagg_ttft(client: httpx.Client, prefill: Worker, decode: Worker, body: dic
 
 
 KV_CACHE_MIB = 512  # every engine's --kv-cache-memory
+DRAM_SWEEP_BYTES = 96 << 20  # 3x the L3 of the CPUs this was built on (AMD Zen 5, 32 MB per CCD)
 
 
 def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict, dict]:
@@ -240,7 +254,7 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
             for tokens in PROMPT_TOKENS:
                 num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
                 agg, dis, pre, rates, blocks, raw_s, block_s, paired_ratios = [], [], [], [], [], [], [], []
-                pool_s, pool_ratios = [], []
+                pool_s, pool_ratios, dram_s, dram_ratios = [], [], [], []
                 for _ in range(repeats):
                     body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
                     agg.append(stream_ttft(client, serve.url, body))
@@ -264,6 +278,9 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                         raw_s.append(r_s)
                         block_s.append(b_s)
                     paired_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(raw_s[-3:])))
+                    for _ in range(3):  # the DRAM baseline: the same READ with caches swept first
+                        dram_s.append(raw.sample_dram(tokens))
+                    dram_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(dram_s[-3:])))
                     # Let the prefill's completion notice land so both workers are idle before the next run.
                     time.sleep(0.05)
                 ttft_cases.append({
@@ -281,10 +298,11 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                 raw_gbps = raw_bench.gbps(num_bytes, statistics.median(raw_s))
                 block_gbps = raw_bench.gbps(num_bytes, statistics.median(block_s))
                 pool_gbps = raw_bench.gbps(num_bytes, statistics.median(pool_s))
+                dram_gbps = raw_bench.gbps(num_bytes, statistics.median(dram_s))
                 raw_cases.append({"prompt_tokens": tokens, "blocks": tokens // raw.layout.block_size, "bytes": num_bytes,
                                   "raw_gbps": raw_gbps, "transport_block_gbps": block_gbps,
                                   "transport_ratio_to_raw": block_gbps / raw_gbps,
-                                  "raw_pool_gbps": pool_gbps,
+                                  "raw_pool_gbps": pool_gbps, "raw_dram_gbps": dram_gbps,
                                   "raw_pool_samples_gbps": [raw_bench.gbps(num_bytes, x) for x in pool_s]})
                 engine_cases.append({"prompt_tokens": tokens, "blocks_pulled": blocks[-1],
                                      "engine_block_gbps": statistics.median(rates), "samples_gbps": rates,
@@ -296,7 +314,11 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                                      # Against the raw READ into memory as idle as the engine's destination.
                                      "ratio_to_raw_pool": statistics.median(rates) / pool_gbps,
                                      "pool_paired_ratios": pool_ratios,
-                                     "pool_paired_ratio_median": statistics.median(pool_ratios)})
+                                     "pool_paired_ratio_median": statistics.median(pool_ratios),
+                                     # Against the raw READ with caches swept: DRAM->DRAM, as the engine's is.
+                                     "ratio_to_raw_dram": statistics.median(rates) / dram_gbps,
+                                     "dram_paired_ratios": dram_ratios,
+                                     "dram_paired_ratio_median": statistics.median(dram_ratios)})
                 print(f"  {tokens} tokens: agg {ttft_cases[-1]['aggregated_ttft_ms']:.1f} ms, "
                       f"disagg {ttft_cases[-1]['disaggregated_ttft_ms']:.1f} ms, "
                       f"engine transfer {engine_cases[-1]['engine_block_gbps']:.2f} GB/s", flush=True)
@@ -333,17 +355,19 @@ def main() -> None:
     }
 
     print(f"\n{'tokens':>6} {'MB':>6} {'raw GB/s':>9} {'transport GB/s':>15} {'engine GB/s':>12} {'engine/raw':>10} "
-          f"{'paired':>6} {'raw pool GB/s':>13} {'engine/pool':>11} {'paired':>6} | "
+          f"{'paired':>6} {'raw DRAM GB/s':>13} {'engine/DRAM':>11} {'paired':>6} {'raw pool GB/s':>13} {'engine/pool':>11} | "
           f"{'agg TTFT ms':>11} {'disagg TTFT ms':>14} {'added ms':>9} {'decode hop ms':>13}")
     for r, e, t in zip(raw["cases"], engine["cases"], ttft["cases"]):
         print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:9.2f} {r['transport_block_gbps']:15.2f} "
               f"{e['engine_block_gbps']:12.2f} {e['ratio_to_raw']:10.2f} {e['paired_ratio_median']:6.2f} "
-              f"{r['raw_pool_gbps']:13.2f} {e['ratio_to_raw_pool']:11.2f} {e['pool_paired_ratio_median']:6.2f} | "
+              f"{r['raw_dram_gbps']:13.2f} {e['ratio_to_raw_dram']:11.2f} {e['dram_paired_ratio_median']:6.2f} "
+              f"{r['raw_pool_gbps']:13.2f} {e['ratio_to_raw_pool']:11.2f} | "
               f"{t['aggregated_ttft_ms']:11.1f} "
               f"{t['disaggregated_ttft_ms']:14.1f} {t['added_ms']:9.1f} {t['decode_hop_ttft_ms']:13.1f}")
     print(f"(every engine --threads {args.threads}; bf16; medians of {args.repeats}; 'decode hop' = disaggregated TTFT "
           "minus the prefill round trip, i.e. what the decode worker adds after the prompt is computed; 'paired' = "
-          "median over READs of engine GB/s / raw GB/s sampled right after that READ; 'raw pool' = raw READs into a "
+          "median over READs of engine GB/s / raw GB/s sampled right after that READ; 'raw DRAM' = the raw READ after "
+          "sweeping 96 MB through the caches (the hot raw READ is cache-resident at 256 tokens); 'raw pool' = raw READs into a "
           "destination rotating through a buffer the size of the decode worker's KV pool, i.e. memory as idle as the "
           "engine's destination blocks)")
     out = Path(args.out)
