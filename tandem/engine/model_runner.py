@@ -58,11 +58,10 @@ class ModelRunner:
         self.layout = self._size_kv_cache()
         # NOTE: one contiguous block-major buffer (kvtransfer registers it once and moves a run of blocks as one
         # region); attention addresses it by row and token indices built once per step (see _rows/_token_slots).
-        # NOTE: filled with a non-zero constant, not zeros. On the VMs this runs on, the host reclaims guest pages
-        # that stay all-zero (it maps them to its shared zero page), and the first write to such a page then
-        # faults in the host: idle zero pages took 1.2-2.7 GB/s to write vs ~9.5 GB/s for idle non-zero ones
-        # (measured here). Unused blocks are never attended to (masked, or sliced off), and any finite value is
-        # harmless there: a masked score is -inf, so its value row is multiplied by an exact 0.
+        # NOTE: filled with a non-zero constant, not zeros. On the VMs this runs on, idle all-zero pages are slow
+        # to write again (1.2-2.7 GB/s after 45 s idle, vs 5.5-9.8 GB/s for idle non-zero pages, measured here):
+        # the host appears to reclaim them. Unused blocks are never attended to (masked, or sliced off), and any
+        # finite value is harmless there: a masked score is -inf, so its value row is multiplied by an exact 0.
         self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
         L, kvh = model_config.num_layers, model_config.num_kv_heads
         # Row of (layer, K/V, head) within a block, [L, 2, kvh]: layer_rows + block * rows_per_block is its row.
