@@ -63,9 +63,13 @@ class ModelRunner:
         # the host appears to reclaim them. Unused blocks are never attended to (masked, or sliced off), and any
         # finite value is harmless there: a masked score is -inf, so its value row is multiplied by an exact 0.
         self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
-        L, kvh = model_config.num_layers, model_config.num_kv_heads
-        # Row of (layer, K/V, head) within a block, [L, 2, kvh]: layer_rows + block * rows_per_block is its row.
-        self._layer_rows = torch.arange(L * 2 * kvh, dtype=torch.long).view(L, 2, kvh)
+        # Row of (layer, K/V, head) in block 0, [L, 2, kvh]: + block * rows_per_block gives any block's row.
+        lay = self.layout
+        self._layer_rows = torch.tensor(
+            [[[lay.row_index(0, layer, kind, head) for head in range(lay.num_kv_heads)] for kind in (0, 1)]
+             for layer in range(lay.num_layers)],
+            dtype=torch.long,
+        )
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
 
     def _size_kv_cache(self) -> KVCacheLayout:
