@@ -5,17 +5,14 @@
 Three parts, one run, one JSON file:
 
 1. ``raw``: raw NIXL DRAM->DRAM READ GB/s of one contiguous region of the same byte count as the KV of a
-   256, 1,024 and 4,096-token prompt (SmolLM2-135M, bf16), between two processes, and the transport's
-   block READ of those blocks (consecutive ids), via ``benchmarks/kv_transfer_raw.py``'s owner process; taken
-   three times right after every engine transfer of part 2, so both see the same machine load. These READs
-   land in the same, recently written destination bytes every time ("hot"). One more raw READ per engine
-   transfer ("pool") lands where the decode worker's do: its destination advances through a buffer the size of
-   the decode worker's KV pool, wrapping, as the pool hands out blocks, so it writes memory left idle as long.
-   On the VMs this was built on, memory idle for tens of seconds is slower to touch again (a host effect, not
-   NIXL's; worst for all-zero pages, which is why the engine fills its pool with 1.0): the engine's READs pay
-   it, the hot baseline never does. A third raw READ ("DRAM") repeats the hot one after sweeping 96 MB through
-   the caches: at 256 tokens source and destination (2 x 5.9 MB) fit in the 32 MB L3, which flatters the hot
-   READ; the engine's READ never finds its bytes there.
+   256, 1,024 and 4,096-token prompt (SmolLM2-135M, bf16), between two processes, and the transport's block
+   READ of those blocks (consecutive ids), via ``benchmarks/kv_transfer_raw.py``'s owner process; taken three
+   times right after every engine transfer of part 2, so both see the same machine load. Two buffer kinds:
+   ordinary torch allocations (4 KiB pages: what a plain NIXL user gets) and transparent huge pages (how the
+   engine allocates its KV pool; UCX's ``cma`` pins and copies page by page, so these READs are faster).
+   "hot" READs land in the same, recently written destination bytes every time; "DRAM" READs repeat them
+   after sweeping 96 MB through the caches (at 256 tokens source and destination, 2 x 5.9 MB, fit in the
+   32 MB L3, which flatters the hot READ; the engine's READ never finds its bytes there).
 2. ``engine``: Tandem's own block transfer inside real workers: a ``tandem prefill`` and a ``tandem decode``
    (bf16, ``--threads 1`` each); every disaggregated request's READ is timed by the decode worker itself
    (``tandem:kv_transfer_bytes_total`` / ``tandem:kv_transfer_duration_seconds_sum`` deltas).
@@ -54,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import kv_transfer_raw as raw_bench  # noqa: E402
 
+from tandem.engine.host_memory import transparent_huge_pages_mode  # noqa: E402
 from tandem.engine.model_runner import KV_POOL_FILL  # noqa: E402
 from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache  # noqa: E402
 from tandem.kvtransfer.nixl_transport import NixlKVTransport  # noqa: E402
@@ -118,12 +116,15 @@ def metric(text: str, name: str) -> float:
 # ------------------------------------------------------------------------------------------- part 1
 class RawReader:
     """The raw baseline: an owner process holding a SmolLM2-shaped bf16 KV cache (``kv_transfer_raw.py
-    --owner``) and a reader transport in this process. It stays up during the serving runs, so raw READs are
-    taken interleaved with the engines' transfers and machine noise hits both alike."""
+    --owner``) and a reader transport in this process, both on ordinary torch allocations (4 KiB pages) or both
+    on transparent huge pages as the engine allocates its pool (``huge_pages``). It stays up during the serving
+    runs, so raw READs are taken interleaved with the engines' transfers and machine noise hits both alike."""
 
-    def __init__(self, ucx_tls: str | None, pool_blocks: int) -> None:
+    def __init__(self, ucx_tls: str | None, huge_pages: bool) -> None:
         self.layout = raw_bench.smol_layout(512)
         command = [sys.executable, str(ROOT / "benchmarks" / "kv_transfer_raw.py"), "--owner", "--num-blocks", "512"]
+        if huge_pages:
+            command.append("--huge-pages")
         if ucx_tls:
             command += ["--ucx-tls", ucx_tls]
         self.owner = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -136,20 +137,17 @@ class RawReader:
         if port is None:
             self.close()
             raise RuntimeError(f"raw owner exited with {self.owner.wait(10)}")
-        # The destination: as large as the decode worker's KV pool, so the "pool" READs can rotate through it.
-        self.pool = raw_bench.smol_layout(pool_blocks)
-        self._cursor = 0  # byte offset of the next "pool" READ
         self._scratch = torch.ones(DRAM_SWEEP_BYTES // 4, dtype=torch.int32)  # see sample_dram
-        buffer = torch.full(self.pool.shape, KV_POOL_FILL, dtype=torch.bfloat16)  # filled like the engine's pool
+        buffer = raw_bench.local_buffer(self.layout, KV_POOL_FILL, huge_pages)  # filled like the engine's pool
         # A pure reader, like the decode worker: no progress thread (see nixl_transport's module note).
-        self.transport = NixlKVTransport(buffer, self.pool, f"kvbench-reader-{os.getpid()}", ucx_tls,
-                                         progress_thread=False)
+        self.transport = NixlKVTransport(buffer, self.layout, f"kvbench-reader-{os.getpid()}-{int(huge_pages)}",
+                                         ucx_tls, progress_thread=False)
         self.peer = RemotePeerCache(self.transport, KVCompatibility.from_layout(MODEL, self.layout)).get("127.0.0.1", port)
         raw_bench.read_blocks(self.transport, self.peer, [0], [0], 30.0)  # connect
 
     def sample(self, tokens: int) -> tuple[float, float]:
         """(raw one-region READ seconds, transport block READ seconds) for the KV of ``tokens`` tokens, both into
-        the start of the destination buffer (hot)."""
+        the start of the destination buffer (hot: the same bytes every time)."""
         assert self.transport is not None
         n = tokens // self.layout.block_size
         num_bytes = n * self.layout.bytes_per_block_all_layers
@@ -165,18 +163,6 @@ class RawReader:
         num_bytes = tokens // self.layout.block_size * self.layout.bytes_per_block_all_layers
         self._scratch.add_(1)
         return raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
-
-    def sample_pool(self, tokens: int) -> float:
-        """Seconds of one raw one-region READ of the KV of ``tokens`` tokens into the next bytes of the
-        pool-sized destination (wrapping): memory last written one pool rotation ago, like the engine's."""
-        assert self.transport is not None
-        num_bytes = tokens // self.layout.block_size * self.layout.bytes_per_block_all_layers
-        if self._cursor + num_bytes > self.pool.total_bytes:
-            self._cursor = 0
-        seconds = raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0,
-                                        local_offset=self._cursor)
-        self._cursor += num_bytes
-        return seconds
 
     def close(self) -> None:
         if self.transport is not None:
@@ -230,19 +216,30 @@ KV_CACHE_MIB = 512  # every engine's --kv-cache-memory
 DRAM_SWEEP_BYTES = 96 << 20  # 3x the L3 of the CPUs this was built on (AMD Zen 5, 32 MB per CCD)
 
 
-def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict, dict]:
+BASELINES = {  # name -> (reader, DRAM sweep first?)
+    "raw": ("base", False),
+    "raw_dram": ("base", True),
+    "raw_huge": ("huge", False),
+    "raw_huge_dram": ("huge", True),
+}
+
+
+def measure(repeats: int, threads: int, ucx_tls: str | None, keep_warm_s: float | None) -> tuple[dict, dict, dict]:
     engine_args = ["--dtype", "bfloat16", "--threads", str(threads), "--max-model-len", "4608",
                    "--max-num-batched-tokens", "4608", "--kv-cache-memory", f"{KV_CACHE_MIB}MiB"]
+    if keep_warm_s is not None:
+        engine_args += ["--kv-keep-warm-interval", str(keep_warm_s)]
     kv_args = ["--ucx-transports", ucx_tls] if ucx_tls else []
     workers = [Worker("prefill", engine_args + kv_args), Worker("decode", engine_args + kv_args),
                Worker("serve", engine_args)]
     prefill, decode, serve = workers
     rng = random.Random(0)
     raw_cases, engine_cases, ttft_cases = [], [], []
-    raw = None
+    readers: dict[str, RawReader] = {}
     try:
-        # The decode worker's pool size, as the engine computes it from --kv-cache-memory.
-        raw = RawReader(ucx_tls, (KV_CACHE_MIB << 20) // raw_bench.smol_layout(1).bytes_per_block_all_layers)
+        readers["base"] = RawReader(ucx_tls, huge_pages=False)
+        readers["huge"] = RawReader(ucx_tls, huge_pages=True)
+        layout = readers["base"].layout
         for w in workers:
             w.wait_healthy()
         with httpx.Client(timeout=600) as client:
@@ -252,9 +249,11 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                 stream_ttft(client, serve.url, body)
                 disagg_ttft(client, prefill, decode, body)
             for tokens in PROMPT_TOKENS:
-                num_bytes = tokens // raw.layout.block_size * raw.layout.bytes_per_block_all_layers
-                agg, dis, pre, rates, blocks, raw_s, block_s, paired_ratios = [], [], [], [], [], [], [], []
-                pool_s, pool_ratios, dram_s, dram_ratios = [], [], [], []
+                num_bytes = tokens // layout.block_size * layout.bytes_per_block_all_layers
+                agg, dis, pre, rates, blocks = [], [], [], [], []
+                raw_s: dict[str, list[float]] = {name: [] for name in BASELINES}
+                block_s: dict[str, list[float]] = {kind: [] for kind in readers}
+                paired: dict[str, list[float]] = {name: [] for name in BASELINES}
                 for _ in range(repeats):
                     body = {"prompt": random_prompt(rng, tokens), "max_tokens": 2, "temperature": 0}
                     agg.append(stream_ttft(client, serve.url, body))
@@ -271,16 +270,19 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                         raise RuntimeError(f"{tokens} tokens: the decode worker moved no KV ({moved} bytes)")
                     rates.append(moved / seconds / 1e9)
                     blocks.append(len(params["remote_block_ids"]))
-                    pool_s.append(raw.sample_pool(tokens))  # first: the conditions closest to the engine's READ
-                    pool_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, pool_s[-1]))
-                    for _ in range(3):  # the hot baseline, right after the engine's READ
-                        r_s, b_s = raw.sample(tokens)
-                        raw_s.append(r_s)
-                        block_s.append(b_s)
-                    paired_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(raw_s[-3:])))
-                    for _ in range(3):  # the DRAM baseline: the same READ with caches swept first
-                        dram_s.append(raw.sample_dram(tokens))
-                    dram_ratios.append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(dram_s[-3:])))
+                    # Every baseline three times, right after the engine's READ: each engine READ is compared
+                    # with raw READs taken under the same machine load ("paired").
+                    for name, (kind, sweep) in BASELINES.items():
+                        samples = []
+                        for _ in range(3):
+                            if sweep:
+                                samples.append(readers[kind].sample_dram(tokens))
+                            else:
+                                r_s, b_s = readers[kind].sample(tokens)
+                                samples.append(r_s)
+                                block_s[kind].append(b_s)
+                        raw_s[name] += samples
+                        paired[name].append(rates[-1] / raw_bench.gbps(num_bytes, statistics.median(samples)))
                     # Let the prefill's completion notice land so both workers are idle before the next run.
                     time.sleep(0.05)
                 ttft_cases.append({
@@ -295,36 +297,27 @@ def measure(repeats: int, threads: int, ucx_tls: str | None) -> tuple[dict, dict
                     "aggregated_samples_ms": [s * 1e3 for s in agg],
                     "disaggregated_samples_ms": [s * 1e3 for s in dis],
                 })
-                raw_gbps = raw_bench.gbps(num_bytes, statistics.median(raw_s))
-                block_gbps = raw_bench.gbps(num_bytes, statistics.median(block_s))
-                pool_gbps = raw_bench.gbps(num_bytes, statistics.median(pool_s))
-                dram_gbps = raw_bench.gbps(num_bytes, statistics.median(dram_s))
-                raw_cases.append({"prompt_tokens": tokens, "blocks": tokens // raw.layout.block_size, "bytes": num_bytes,
-                                  "raw_gbps": raw_gbps, "transport_block_gbps": block_gbps,
-                                  "transport_ratio_to_raw": block_gbps / raw_gbps,
-                                  "raw_pool_gbps": pool_gbps, "raw_dram_gbps": dram_gbps,
-                                  "raw_pool_samples_gbps": [raw_bench.gbps(num_bytes, x) for x in pool_s]})
-                engine_cases.append({"prompt_tokens": tokens, "blocks_pulled": blocks[-1],
-                                     "engine_block_gbps": statistics.median(rates), "samples_gbps": rates,
-                                     "raw_gbps": raw_gbps, "ratio_to_raw": statistics.median(rates) / raw_gbps,
-                                     # Each engine READ against the raw READs taken right after it: less exposed
-                                     # to the machine's load drifting between the two.
-                                     "paired_ratios": paired_ratios,
-                                     "paired_ratio_median": statistics.median(paired_ratios),
-                                     # Against the raw READ into memory as idle as the engine's destination.
-                                     "ratio_to_raw_pool": statistics.median(rates) / pool_gbps,
-                                     "pool_paired_ratios": pool_ratios,
-                                     "pool_paired_ratio_median": statistics.median(pool_ratios),
-                                     # Against the raw READ with caches swept: DRAM->DRAM, as the engine's is.
-                                     "ratio_to_raw_dram": statistics.median(rates) / dram_gbps,
-                                     "dram_paired_ratios": dram_ratios,
-                                     "dram_paired_ratio_median": statistics.median(dram_ratios)})
+                raw_case = {"prompt_tokens": tokens, "blocks": tokens // layout.block_size, "bytes": num_bytes}
+                for name in BASELINES:
+                    raw_case[f"{name}_gbps"] = raw_bench.gbps(num_bytes, statistics.median(raw_s[name]))
+                for kind, suffix in (("base", ""), ("huge", "_huge")):
+                    raw_case[f"transport_block{suffix}_gbps"] = raw_bench.gbps(num_bytes, statistics.median(block_s[kind]))
+                    raw_case[f"transport{suffix}_ratio_to_raw"] = (raw_case[f"transport_block{suffix}_gbps"]
+                                                                  / raw_case[f"raw{suffix}_gbps"])
+                raw_cases.append(raw_case)
+                engine_case = {"prompt_tokens": tokens, "blocks_pulled": blocks[-1],
+                               "engine_block_gbps": statistics.median(rates), "samples_gbps": rates}
+                for name in BASELINES:
+                    engine_case[f"ratio_to_{name}"] = statistics.median(rates) / raw_case[f"{name}_gbps"]
+                    engine_case[f"paired_ratios_{name}"] = paired[name]
+                    engine_case[f"paired_ratio_{name}"] = statistics.median(paired[name])
+                engine_cases.append(engine_case)
                 print(f"  {tokens} tokens: agg {ttft_cases[-1]['aggregated_ttft_ms']:.1f} ms, "
                       f"disagg {ttft_cases[-1]['disaggregated_ttft_ms']:.1f} ms, "
-                      f"engine transfer {engine_cases[-1]['engine_block_gbps']:.2f} GB/s", flush=True)
+                      f"engine transfer {engine_case['engine_block_gbps']:.2f} GB/s", flush=True)
     finally:
-        if raw is not None:
-            raw.close()
+        for reader in readers.values():
+            reader.close()
         for w in workers:
             w.stop()
     raw_result = {"cases": raw_cases, "bytes_per_block_all_layers": raw_bench.smol_layout(1).bytes_per_block_all_layers}
@@ -337,10 +330,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every engine (default 1)")
     parser.add_argument("--ucx-tls", default=None, help="UCX_TLS for every NIXL agent (default: UCX's own)")
+    parser.add_argument("--kv-keep-warm-interval", type=float, default=None, metavar="SECONDS",
+                        help="the engines' --kv-keep-warm-interval (default: theirs; 0 = off)")
     args = parser.parse_args()
 
-    print("prefill + decode vs serve, raw NIXL baseline interleaved ...", flush=True)
-    raw, engine, ttft = measure(args.repeats, args.threads, args.ucx_tls)
+    print("prefill + decode vs serve, raw NIXL baselines interleaved ...", flush=True)
+    raw, engine, ttft = measure(args.repeats, args.threads, args.ucx_tls, args.kv_keep_warm_interval)
     results = {
         "raw": raw,
         "engine": engine,
@@ -348,28 +343,33 @@ def main() -> None:
         "model": MODEL,
         "dtype": "bfloat16",
         "ucx_tls": args.ucx_tls or "default",
+        "kv_keep_warm_interval_s": args.kv_keep_warm_interval,
         "repeats": args.repeats,
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "transparent_hugepage": transparent_huge_pages_mode()},
         "goals": {"engine_block_ratio_to_raw": ">= 0.8", "added_ttft_ms_at_1024": "< 15"},
         "kv_cache_mib": KV_CACHE_MIB,
     }
 
-    print(f"\n{'tokens':>6} {'MB':>6} {'raw GB/s':>9} {'transport GB/s':>15} {'engine GB/s':>12} {'engine/raw':>10} "
-          f"{'paired':>6} {'raw DRAM GB/s':>13} {'engine/DRAM':>11} {'paired':>6} {'raw pool GB/s':>13} {'engine/pool':>11} | "
-          f"{'agg TTFT ms':>11} {'disagg TTFT ms':>14} {'added ms':>9} {'decode hop ms':>13}")
-    for r, e, t in zip(raw["cases"], engine["cases"], ttft["cases"]):
-        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:9.2f} {r['transport_block_gbps']:15.2f} "
-              f"{e['engine_block_gbps']:12.2f} {e['ratio_to_raw']:10.2f} {e['paired_ratio_median']:6.2f} "
-              f"{r['raw_dram_gbps']:13.2f} {e['ratio_to_raw_dram']:11.2f} {e['dram_paired_ratio_median']:6.2f} "
-              f"{r['raw_pool_gbps']:13.2f} {e['ratio_to_raw_pool']:11.2f} | "
-              f"{t['aggregated_ttft_ms']:11.1f} "
-              f"{t['disaggregated_ttft_ms']:14.1f} {t['added_ms']:9.1f} {t['decode_hop_ttft_ms']:13.1f}")
-    print(f"(every engine --threads {args.threads}; bf16; medians of {args.repeats}; 'decode hop' = disaggregated TTFT "
-          "minus the prefill round trip, i.e. what the decode worker adds after the prompt is computed; 'paired' = "
-          "median over READs of engine GB/s / raw GB/s sampled right after that READ; 'raw DRAM' = the raw READ after "
-          "sweeping 96 MB through the caches (the hot raw READ is cache-resident at 256 tokens); 'raw pool' = raw READs into a "
-          "destination rotating through a buffer the size of the decode worker's KV pool, i.e. memory as idle as the "
-          "engine's destination blocks)")
+    print("\nKV block transfer, GB/s (raw: one-region NIXL READ of the same byte count; 4K = ordinary torch buffers, "
+          "HP = huge-page buffers like the engine's pool; hot = same bytes again, DRAM = caches swept first)")
+    print(f"{'tokens':>6} {'MB':>6} {'raw 4K hot':>10} {'4K DRAM':>8} {'HP hot':>7} {'HP DRAM':>8} {'transport HP':>12} "
+          f"{'engine':>7} | {'engine/':>7} {'engine/':>8} {'engine/':>7} {'engine/':>8}")
+    print(f"{'':>6} {'':>6} {'':>10} {'':>8} {'':>7} {'':>8} {'':>12} {'':>7} | {'4K hot':>7} {'4K DRAM':>8} "
+          f"{'HP hot':>7} {'HP DRAM':>8}")
+    for r, e in zip(raw["cases"], engine["cases"]):
+        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:10.2f} {r['raw_dram_gbps']:8.2f} "
+              f"{r['raw_huge_gbps']:7.2f} {r['raw_huge_dram_gbps']:8.2f} {r['transport_block_huge_gbps']:12.2f} "
+              f"{e['engine_block_gbps']:7.2f} | {e['paired_ratio_raw']:7.2f} {e['paired_ratio_raw_dram']:8.2f} "
+              f"{e['paired_ratio_raw_huge']:7.2f} {e['paired_ratio_raw_huge_dram']:8.2f}")
+    print(f"(medians of {args.repeats}; engine = the decode worker's own READ timing; ratios are 'paired': the median over "
+          "engine READs of engine GB/s / raw GB/s sampled right after that READ)")
+    print(f"\nTime to first token, ms (every engine --threads {args.threads}; 'decode hop' = disaggregated TTFT minus the "
+          "prefill round trip: what the decode worker adds after the prompt is computed)")
+    print(f"{'tokens':>6} {'aggregated':>10} {'disaggregated':>13} {'added':>7} {'decode hop':>10}")
+    for t in ttft["cases"]:
+        print(f"{t['prompt_tokens']:>6} {t['aggregated_ttft_ms']:10.1f} {t['disaggregated_ttft_ms']:13.1f} "
+              f"{t['added_ms']:7.1f} {t['decode_hop_ttft_ms']:10.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

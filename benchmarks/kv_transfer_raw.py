@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tandem.engine.core.kv_layout import KVCacheLayout  # noqa: E402
+from tandem.engine.host_memory import allocate_pool  # noqa: E402
 from tandem.kvtransfer.handshake import HandshakeServer, KVCompatibility, RemotePeerCache, make_payload  # noqa: E402
 from tandem.kvtransfer.nixl_transport import NixlKVTransport, TransferHandle  # noqa: E402
 
@@ -47,15 +48,28 @@ def smol_layout(num_blocks: int) -> KVCacheLayout:
     return KVCacheLayout(num_layers=30, num_blocks=num_blocks, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16")
 
 
-def seeded_kv(layout: KVCacheLayout, seed: int) -> torch.Tensor:
+def seeded_kv(layout: KVCacheLayout, seed: int, huge_pages: bool = False) -> torch.Tensor:
+    """Random bf16 KV of ``layout``; on huge pages (as the engine's pool) or in an ordinary torch allocation."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(-32768, 32767, layout.shape, generator=generator, dtype=torch.int16).view(torch.bfloat16)
+    values = torch.randint(-32768, 32767, layout.shape, generator=generator, dtype=torch.int16).view(torch.bfloat16)
+    if not huge_pages:
+        return values
+    buffer = allocate_pool(layout.shape, torch.bfloat16, 0.0).tensor
+    buffer.copy_(values)
+    return buffer
 
 
-def run_owner(num_blocks: int, ucx_tls: str | None) -> None:
+def local_buffer(layout: KVCacheLayout, fill: float, huge_pages: bool) -> torch.Tensor:
+    """The reader's destination: an ordinary torch allocation, or a huge-page pool as the engine's."""
+    if huge_pages:
+        return allocate_pool(layout.shape, torch.bfloat16, fill).tensor
+    return torch.full(layout.shape, fill, dtype=torch.bfloat16)
+
+
+def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool) -> None:
     """The owner process: a registered KV cache and a handshake server; exits when stdin closes."""
     layout = smol_layout(num_blocks)
-    transport = NixlKVTransport(seeded_kv(layout, 7), layout, f"bench-prefill-{os.getpid()}", ucx_tls)
+    transport = NixlKVTransport(seeded_kv(layout, 7, huge_pages), layout, f"bench-prefill-{os.getpid()}", ucx_tls)
     compat = KVCompatibility.from_layout(MODEL, layout)
     server = HandshakeServer("127.0.0.1", 0, lambda: make_payload(transport, f"bench-{os.getpid()}", compat))
     sys.stdout.write(json.dumps({"port": server.port}) + "\n")
@@ -108,16 +122,20 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=512, help="blocks in each engine's cache (>= 256)")
     parser.add_argument("--ucx-tls", default=None, help="UCX_TLS for both processes (default: UCX's own)")
     parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="both KV buffers on transparent huge pages, as the engine allocates its pool")
     parser.add_argument("--owner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.owner:
-        run_owner(args.num_blocks, args.ucx_tls)
+        run_owner(args.num_blocks, args.ucx_tls, args.huge_pages)
         return
 
     layout = smol_layout(args.num_blocks)
     if max(PROMPT_TOKENS) // layout.block_size > layout.num_blocks:
         parser.error(f"--num-blocks must be >= {max(PROMPT_TOKENS) // layout.block_size}")
     command = [sys.executable, __file__, "--owner", "--num-blocks", str(args.num_blocks)]
+    if args.huge_pages:
+        command.append("--huge-pages")
     if args.ucx_tls:
         command += ["--ucx-tls", args.ucx_tls]
     owner = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -130,7 +148,7 @@ def main() -> None:
                 break
         if port is None:
             raise RuntimeError(f"owner exited with {owner.wait(10)}")
-        buffer = torch.zeros(layout.shape, dtype=torch.bfloat16)
+        buffer = local_buffer(layout, 0.0, args.huge_pages)
         setup: dict[str, float] = {}
         peers = {}
         for mode in MODES:
@@ -193,6 +211,7 @@ def main() -> None:
                 "layout": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "block_size": 16, "dtype": "bfloat16", "num_blocks": args.num_blocks},
                 "bytes_per_block_all_layers": layout.bytes_per_block_all_layers,
                 "ucx_tls": args.ucx_tls or "default",
+                "huge_pages": args.huge_pages,
                 "repeats": args.repeats,
                 "setup": setup,
                 "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

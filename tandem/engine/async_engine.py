@@ -209,6 +209,8 @@ class AsyncEngine:
             # must see the state that response left behind (e.g. blocks held under a lease).
             self.stats = engine.stats()
             self._deliver(engine, deltas)
+            if idle and not engine.scheduler.has_work() and not engine.scheduler.has_external_work():
+                engine.keep_kv_cache_warm(time.monotonic())
 
     def _handle(self, engine: LLMEngine, command) -> None:
         if isinstance(command, _Add):

@@ -20,6 +20,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=None,
                    help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--kv-keep-warm-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="while idle, touch the pages of the next max-model-len of free KV blocks this often, so "
+                        "hosts that reclaim idle guest memory do not slow the next prompt's KV writes or "
+                        "transfers (default %(default)s; 0 = off)")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -61,6 +65,7 @@ def engine_config_from_args(args: argparse.Namespace):
             block_size=args.block_size,
             kv_cache_memory=None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory),
             enable_prefix_caching=args.enable_prefix_caching,
+            kv_keep_warm_interval_s=args.kv_keep_warm_interval,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,

@@ -32,8 +32,11 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None = a default share of RAM
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
     enable_prefix_caching: bool = True
+    kv_keep_warm_interval_s: float = 5.0  # 0 = off; see LLMEngine.keep_kv_cache_warm
 
     def __post_init__(self) -> None:
+        if self.kv_keep_warm_interval_s < 0:
+            raise ValueError(f"kv_keep_warm_interval_s: must be >= 0, got {self.kv_keep_warm_interval_s}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"block_size: must be a power of two in [1, 128], got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

@@ -8,6 +8,7 @@ recorded as a KV event for the router.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -60,6 +61,10 @@ class BlockPool:
 
     def cached_hashes(self) -> list[int]:
         return list(self._cached)
+
+    def next_free_block_ids(self, n: int) -> list[int]:
+        """Ids of the next ``n`` blocks ``get_new_blocks`` would hand out, in that order (fewer if fewer are free)."""
+        return list(itertools.islice(self._free, n))
 
     # ---- allocation ----------------------------------------------------------------------------
     def get_new_blocks(self, n: int) -> list[KVCacheBlock]:
