@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import operator
 import os
 import threading
 import time
@@ -111,31 +112,37 @@ class TransferHandle:
         return None if self.finished_at is None else self.finished_at - self.started_at
 
 
-def coalesce_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def coalesce_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
     """Split a block mapping into runs where both remote and local ids are consecutive.
 
-    Returns ``(remote_starts, local_starts, lengths)``, int64 arrays of one entry per run.
+    Returns ``(remote_starts, local_starts, lengths)``, one entry per run.
     """
-    remote = np.asarray(remote_block_ids, dtype=np.int64)
-    local = np.asarray(local_block_ids, dtype=np.int64)
-    if remote.ndim != 1 or remote.shape != local.shape or remote.size == 0:
+    # NOTE: plain Python, not numpy: for one request's tens to hundreds of ids, numpy's per-call overhead made
+    # these helpers ~0.1 ms per READ, on the transfer's timed path (a 256-token READ copies in ~0.6 ms).
+    remote, local = list(map(int, remote_block_ids)), list(map(int, local_block_ids))
+    if len(remote) != len(local) or not remote:
         raise ValueError(
-            f"block ids: need two equally long, non-empty lists, got {remote.size} remote and {local.size} local"
+            f"block ids: need two equally long, non-empty lists, got {len(remote)} remote and {len(local)} local"
         )
-    breaks = np.flatnonzero((np.diff(remote) != 1) | (np.diff(local) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [remote.size])))
-    return remote[starts], local[starts], lengths
+    steps = len(remote) - 1
+    if list(map(operator.sub, remote[1:], remote)).count(1) == steps == list(map(operator.sub, local[1:], local)).count(1):
+        return [remote[0]], [local[0]], [len(remote)]  # the usual case: one run on both sides
+    remote_starts, local_starts, lengths = [remote[0]], [local[0]], [1]
+    for prev_r, prev_l, r, l in zip(remote, local, remote[1:], local[1:]):
+        if r == prev_r + 1 and l == prev_l + 1:
+            lengths[-1] += 1
+        else:
+            remote_starts.append(r)
+            local_starts.append(l)
+            lengths.append(1)
+    return remote_starts, local_starts, lengths
 
 
-def _region_descs(layout: KVCacheLayout, base_address: int, starts: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
-    """``[runs, 3]`` (address, length, device) rows: one region per run of consecutive blocks."""
+def _region_descs(layout: KVCacheLayout, base_address: int, starts: list[int], lengths: list[int],
+                  device_id: int) -> list[tuple[int, int, int]]:
+    """(address, length, device) per run of consecutive blocks: one region each."""
     block = layout.bytes_per_block_all_layers
-    descs = np.empty((starts.size, 3), dtype=np.uint64)
-    descs[:, 0] = base_address + starts * block
-    descs[:, 1] = lengths * block
-    descs[:, 2] = device_id
-    return descs
+    return [(base_address + start * block, length * block, device_id) for start, length in zip(starts, lengths)]
 
 
 def _block_descs(layout: KVCacheLayout, base_address: int, device_id: int) -> np.ndarray:
@@ -305,12 +312,12 @@ class NixlKVTransport:
         remote_starts, local_starts, lengths = coalesce_runs(remote_block_ids, local_block_ids)
         _check_range("remote", remote_starts, lengths, remote_layout.num_blocks)
         _check_range("local", local_starts, lengths, self.layout.num_blocks)
-        num_blocks = int(lengths.sum())
+        num_blocks = sum(lengths)
         handle = TransferHandle(
             remote_agent=remote_agent,
             num_blocks=num_blocks,
             num_bytes=num_blocks * self.layout.bytes_per_block_all_layers,
-            num_descriptors=int(lengths.size),
+            num_descriptors=len(lengths),
             notif=notif,
             started_at=time.monotonic(),
         )
@@ -375,9 +382,9 @@ class NixlKVTransport:
         remote_agent: str,
         remote_base_address: int,
         remote_layout: KVCacheLayout,
-        remote_starts: np.ndarray,
-        local_starts: np.ndarray,
-        lengths: np.ndarray,
+        remote_starts: list[int],
+        local_starts: list[int],
+        lengths: list[int],
     ) -> int:
         local = self._bind.nixlXferDList(
             self._mem_type, _region_descs(self.layout, self.base_address, local_starts, lengths, self._device_id)
@@ -583,6 +590,6 @@ def _check_same_blocks(local: KVCacheLayout, remote: KVCacheLayout) -> None:
         raise ValueError("remote_layout: blocks differ from the local layout (" + "; ".join(diffs) + ")")
 
 
-def _check_range(side: str, starts: np.ndarray, lengths: np.ndarray, num_blocks: int) -> None:
-    if starts.min() < 0 or int((starts + lengths).max()) > num_blocks:
+def _check_range(side: str, starts: list[int], lengths: list[int], num_blocks: int) -> None:
+    if min(starts) < 0 or max(start + length for start, length in zip(starts, lengths)) > num_blocks:
         raise ValueError(f"{side} block ids: must lie in [0, {num_blocks})")

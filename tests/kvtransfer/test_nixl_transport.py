@@ -70,9 +70,8 @@ def block_mapping(seed: int) -> tuple[list[int], list[int]]:
 
 def test_coalesce_runs_needs_both_sides_consecutive():
     starts_r, starts_l, lengths = coalesce_runs([4, 5, 6, 9, 10, 11, 12], [0, 1, 2, 3, 7, 8, 9])
-    assert starts_r.tolist() == [4, 9, 10]
-    assert starts_l.tolist() == [0, 3, 7]
-    assert lengths.tolist() == [3, 1, 3]
+    assert (starts_r, starts_l, lengths) == ([4, 9, 10], [0, 3, 7], [3, 1, 3])
+    assert coalesce_runs([7], [2]) == ([7], [2], [1])
     with pytest.raises(ValueError, match="equally long"):
         coalesce_runs([1, 2], [1])
 
