@@ -149,7 +149,7 @@ class LLMEngine:
         Why: on VMs whose host reclaims guest memory left idle (the Firecracker VMs this was built on), the first
         touch of a page idle for ~30 s or more is slow, and the free queue hands out exactly those pages: the
         least recently used. A decode worker's READ of a 4,096-token prompt's KV (94 MB) into them ran at
-        0.8-1.1 GB/s; with this pass every 5 s, at 4.9-9.9 (raw NIXL: 7-12). A pass reads ~26k bytes, a
+        0.7-1.6 GB/s; with this pass every 5 s, at 4.9-9.9 (raw NIXL: 7-11). A pass reads ~26k bytes, a
         fraction of a millisecond. Meant for an idle engine (the async loop calls it then); returns whether
         it touched anything.
         """
