@@ -48,22 +48,19 @@ def smol_layout(num_blocks: int) -> KVCacheLayout:
     return KVCacheLayout(num_layers=30, num_blocks=num_blocks, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16")
 
 
-def seeded_kv(layout: KVCacheLayout, seed: int, huge_pages: bool = False) -> torch.Tensor:
-    """Random bf16 KV of ``layout``; on huge pages (as the engine's pool) or in an ordinary torch allocation."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randint(-32768, 32767, layout.shape, generator=generator, dtype=torch.int16).view(torch.bfloat16)
-    if not huge_pages:
-        return values
-    buffer = allocate_pool(layout.shape, torch.bfloat16, 0.0).tensor
-    buffer.copy_(values)
-    return buffer
-
-
 def local_buffer(layout: KVCacheLayout, fill: float, huge_pages: bool) -> torch.Tensor:
-    """The reader's destination: an ordinary torch allocation, or a huge-page pool as the engine's."""
+    """A KV buffer of ``layout`` filled with ``fill``: an ordinary torch allocation, or a huge-page pool as the
+    engine allocates its own."""
     if huge_pages:
         return allocate_pool(layout.shape, torch.bfloat16, fill).tensor
     return torch.full(layout.shape, fill, dtype=torch.bfloat16)
+
+
+def seeded_kv(layout: KVCacheLayout, seed: int, huge_pages: bool = False) -> torch.Tensor:
+    """Random bf16 KV of ``layout``, in a ``local_buffer``."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(-32768, 32767, layout.shape, generator=generator, dtype=torch.int16).view(torch.bfloat16)
+    return local_buffer(layout, 0.0, huge_pages).copy_(values) if huge_pages else values
 
 
 def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool) -> None:
@@ -79,16 +76,15 @@ def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool) -> None:
     transport.close()
 
 
-def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int, timeout_s: float,
-                local_offset: int = 0) -> float:
-    """Raw NIXL READ of one contiguous region into the local buffer at ``local_offset``; returns seconds.
+def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int, timeout_s: float) -> float:
+    """Raw NIXL READ of one contiguous region into the start of the local buffer; returns seconds.
 
     NOTE: uses the transport's own agent and backend so raw and block reads share one UCX connection and one
     progress setting: the difference between them is only the descriptors.
     """
     bind, agent = transport._bind, transport._agent  # noqa: SLF001 - the baseline deliberately bypasses the block logic
     started = time.perf_counter()
-    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address + local_offset, num_bytes, 0)])  # noqa: SLF001
+    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address, num_bytes, 0)])  # noqa: SLF001
     remote = bind.nixlXferDList(transport._mem_type, [(remote_address, num_bytes, 0)])  # noqa: SLF001
     xfer = agent.createXferReq(bind.NIXL_READ, local, remote, remote_agent, b"", transport._backends)  # noqa: SLF001
     try:

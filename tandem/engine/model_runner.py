@@ -17,7 +17,7 @@ import torch
 from tandem.engine.config import EngineConfig
 from tandem.engine.core.kv_layout import KVCacheLayout
 from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from tandem.engine.host_memory import allocate_pool
+from tandem.engine.host_memory import allocate_pool, huge_page_bytes
 from tandem.engine.models.llama import (
     AttentionMetadata,
     LlamaConfig,
@@ -69,8 +69,9 @@ class ModelRunner:
         if self.device.type == "cpu":
             pool = allocate_pool(self.layout.shape, self.dtype, KV_POOL_FILL)
             self.kv_buffer = pool.tensor
-            logger.info("KV cache pool: %.0f MiB, %s", self.layout.total_bytes / 2**20,
-                        "huge pages requested" if pool.huge_pages_requested else "base pages")
+            backed = huge_page_bytes(self.kv_buffer) if pool.huge_pages_requested else 0
+            logger.info("KV cache pool: %.0f MiB, %s MiB of it on huge pages", self.layout.total_bytes / 2**20,
+                        "?" if backed is None else f"{backed / 2**20:.0f}")
         else:
             self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
         # Row of (layer, K/V, head) in block 0, [L, 2, kvh]: + block * rows_per_block gives any block's row.
@@ -81,12 +82,10 @@ class ModelRunner:
             dtype=torch.long,
         )
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
-        self._page_offsets: torch.Tensor | None = None  # byte offset of every page in a block (touch_blocks)
+        self._page_offsets = torch.arange(0, lay.bytes_per_block_all_layers, PAGE_BYTES)  # of every page in a block
 
     def page_offsets(self, block_ids: list[int]) -> torch.Tensor:
         """Byte offset, in ``kv_buffer``, of the start of every ``PAGE_BYTES`` page of these blocks."""
-        if self._page_offsets is None:
-            self._page_offsets = torch.arange(0, self.layout.bytes_per_block_all_layers, PAGE_BYTES)
         starts = torch.tensor(block_ids, dtype=torch.long) * self.layout.bytes_per_block_all_layers
         return (starts[:, None] + self._page_offsets[None, :]).view(-1)
 
