@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -76,8 +77,17 @@ def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool) -> None:
     transport.close()
 
 
-def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int, timeout_s: float) -> float:
-    """Raw NIXL READ of one contiguous region into the start of the local buffer; returns seconds.
+class ReadTiming(NamedTuple):
+    """One READ's time on this process's clock (``wall_s``: creating the request, posting it, polling it) and on
+    NIXL's own (``transfer_s``: post -> completion; the agent captures telemetry, see ``NixlKVTransport``)."""
+
+    wall_s: float
+    transfer_s: float
+
+
+def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int,
+                timeout_s: float) -> ReadTiming:
+    """Raw NIXL READ of one contiguous region into the start of the local buffer.
 
     NOTE: uses the transport's own agent and backend so raw and block reads share one UCX connection and one
     progress setting: the difference between them is only the descriptors.
@@ -96,7 +106,8 @@ def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: i
             status = agent.getXferStatus(xfer)
         if status != bind.NIXL_SUCCESS:
             raise RuntimeError(f"raw READ failed: {status}")
-        return time.perf_counter() - started
+        wall = time.perf_counter() - started
+        return ReadTiming(wall, agent.getXferTelemetry(xfer).xferDuration / 1e6)
     finally:
         agent.releaseXferReq(xfer)
 
@@ -163,7 +174,8 @@ def main() -> None:
         results = {"cases": []}
         # Raw peak: the whole remote cache in one descriptor.
         peer0 = peers["prepped"]
-        raw_peak = [read_region(transports["prepped"], peer0.agent_name, peer0.base_address, layout.total_bytes, args.timeout_s) for _ in range(5)]
+        raw_peak = [read_region(transports["prepped"], peer0.agent_name, peer0.base_address, layout.total_bytes, args.timeout_s).wall_s
+                    for _ in range(5)]
         results["raw_peak"] = {"bytes": layout.total_bytes, "gbps": gbps(layout.total_bytes, statistics.median(raw_peak))}
 
         for tokens in PROMPT_TOKENS:
@@ -176,7 +188,8 @@ def main() -> None:
             for mode, kind in variants:
                 samples[f"{mode}/{kind}"] = []
             for _ in range(args.repeats):
-                samples["raw"].append(read_region(transports["prepped"], peer0.agent_name, peer0.base_address, num_bytes, args.timeout_s))
+                samples["raw"].append(read_region(transports["prepped"], peer0.agent_name, peer0.base_address, num_bytes,
+                                                  args.timeout_s).wall_s)
                 for mode, kind in variants:
                     remote_ids, local_ids = contiguous if kind == "contiguous" else scattered
                     seconds, handle = read_blocks(transports[mode], peers[mode], remote_ids, local_ids, args.timeout_s)

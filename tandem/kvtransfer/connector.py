@@ -460,10 +460,12 @@ class NixlConnector:
                 self._notify(peer.agent_name, remote.request_id)
             return _LoadResult(job.request_id, False, str(exc))
         if self.metrics is not None:
-            self.metrics.record_transfer(handle.num_bytes, handle.num_blocks, handle.duration_s or 0.0)
+            wall = handle.duration_s or 0.0
+            self.metrics.record_transfer(handle.num_bytes, handle.num_blocks, handle.transfer_s or wall, wall)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("kv transfer: request %s pulled %d blocks (%d descriptors) in %.2f ms: remote %s -> local %s",
-                         job.request_id, handle.num_blocks, handle.num_descriptors, (handle.duration_s or 0.0) * 1e3,
+            logger.debug("kv transfer: request %s pulled %d blocks (%d descriptors) in %.2f ms (%.2f ms NIXL): "
+                         "remote %s -> local %s", job.request_id, handle.num_blocks, handle.num_descriptors,
+                         (handle.duration_s or 0.0) * 1e3, (handle.transfer_s or 0.0) * 1e3,
                          list(job.remote_block_ids), list(job.local_block_ids))
         return _LoadResult(job.request_id, True)
 

@@ -14,7 +14,7 @@ ROLES = ("prefill", "decode")
 
 
 class KVTransferMetrics:
-    """The four ``tandem:kv_transfer_*`` series of one engine, bound to its role and model name.
+    """The five ``tandem:kv_transfer_*`` series of one engine, bound to its role and model name.
 
     Create one per registry: prometheus_client refuses to register the same metric name twice in a registry.
     """
@@ -33,7 +33,16 @@ class KVTransferMetrics:
         )
         self._duration = Histogram(
             "tandem:kv_transfer_duration_seconds",
-            "Time from posting a KV transfer to seeing it complete.",
+            "Time a KV transfer took from its post to its completion, as NIXL measures it (vLLM's transfer time); "
+            "on the exporting side, from granting the blocks to the reader's notice.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._wall = Histogram(
+            "tandem:kv_transfer_wall_seconds",
+            "Time a reader spent on one KV transfer on its own clock: building the NIXL request, the transfer, "
+            "and any wait for the GIL around them.",
             labels,
             buckets=DURATION_BUCKETS,
             registry=registry,
@@ -45,11 +54,14 @@ class KVTransferMetrics:
             registry=registry,
         )
 
-    def record_transfer(self, num_bytes: int, num_blocks: int, duration_s: float) -> None:
-        """Count one completed transfer."""
+    def record_transfer(self, num_bytes: int, num_blocks: int, duration_s: float, wall_s: float | None = None) -> None:
+        """Count one completed transfer: ``duration_s`` as NIXL timed it, ``wall_s`` as the reader waited for it
+        (readers only)."""
         self._bytes.labels(self.role, self.model_name).inc(num_bytes)
         self._blocks.labels(self.role, self.model_name).inc(num_blocks)
         self._duration.labels(self.role, self.model_name).observe(duration_s)
+        if wall_s is not None:
+            self._wall.labels(self.role, self.model_name).observe(wall_s)
 
     def record_failure(self, reason: str) -> None:
         """Count one failed transfer or handshake (``reason``: timeout, peer_error, post_error, ...)."""

@@ -100,15 +100,17 @@ class TransferHandle:
     num_bytes: int
     num_descriptors: int  # after coalescing: one per run of consecutive block ids
     notif: bytes | None
-    started_at: float  # time.monotonic() when posted
+    started_at: float  # time.monotonic() when start_read began building the request
     state: TransferState = "pending"
     finished_at: float | None = None
     error: str | None = None
+    transfer_s: float | None = None  # NIXL's own timing of the READ, post -> completion (None: not done, or none)
     _xfer: int | None = field(default=None, repr=False)
 
     @property
     def duration_s(self) -> float | None:
-        """Seconds from post to completion (None until done)."""
+        """Seconds on this process's clock from starting to build the READ to seeing it complete (None until
+        done): ``transfer_s`` plus creating the NIXL request and any wait for the GIL on either side of it."""
         return None if self.finished_at is None else self.finished_at - self.started_at
 
 
@@ -220,7 +222,9 @@ class NixlKVTransport:
             config.pthrDelay = int(progress_delay_us)
             config.lthrDelay = 100_000
             config.syncMode = bind.NIXL_THREAD_SYNC_NONE  # our lock serialises every call
-            config.captureTelemetry = False
+            # NIXL times every transfer itself (post -> completion, in C++, two clock reads), as vLLM's connector
+            # reports transfer time: this process's Python clock would add waits for the GIL to it.
+            config.captureTelemetry = True
             self._agent = bind.nixlAgent(agent_name, config)
             if "UCX" not in self._agent.getAvailPlugins():
                 raise KVTransferUnavailable(f"NIXL has no UCX plugin; reinstall it (`{INSTALL_HINT}`)")
@@ -545,8 +549,20 @@ class NixlKVTransport:
     def _finish(self, handle: TransferHandle) -> None:
         handle.state = "done"
         handle.finished_at = time.monotonic()
+        handle.transfer_s = self._telemetry_seconds(handle._xfer)
         if self._metrics is not None:
-            self._metrics.record_transfer(handle.num_bytes, handle.num_blocks, handle.finished_at - handle.started_at)
+            wall = handle.finished_at - handle.started_at
+            self._metrics.record_transfer(handle.num_bytes, handle.num_blocks, handle.transfer_s or wall, wall)
+
+    def _telemetry_seconds(self, xfer: int | None) -> float | None:
+        """NIXL's own post -> completion time of a finished request, or None where it has none."""
+        if xfer is None:
+            return None
+        try:
+            micros = self._agent.getXferTelemetry(xfer).xferDuration
+        except Exception:  # noqa: BLE001 - telemetry is an extra: a request without it is still done
+            return None
+        return micros / 1e6 if micros > 0 else None
 
     def _fail(self, handle: TransferHandle, error: str, reason: str) -> None:
         handle.state = "failed"

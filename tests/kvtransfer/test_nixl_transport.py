@@ -100,6 +100,9 @@ def test_read_scattered_and_contiguous_blocks_bytes_match(request, owner_fixture
         # The 8-block run is one region (block-major layout: every layer of a block is contiguous); the 10
         # scattered blocks are one each.
         assert handle.num_descriptors == 1 + 10
+        # NIXL timed the READ itself (post -> completion): inside the span this process saw, never zero.
+        assert handle.transfer_s is not None and handle.duration_s is not None
+        assert 0 < handle.transfer_s <= handle.duration_s
         got = local_kv(decode)
         for remote, local in zip(remote_ids, local_ids, strict=True):
             assert torch.equal(as_bytes(got[local]), as_bytes(expected[remote])), (remote, local)
@@ -156,9 +159,15 @@ def test_killed_peer_fails_within_timeout_and_restart_replaces_its_agent():
         with create_decode("bfloat16", metrics=metrics) as decode:
             cache = create_cache(decode, metrics)
             peer = cache.get("127.0.0.1", port, first.engine_id)
-            decode.read_blocks(peer.agent_name, peer.base_address, peer.layout, [0, 1], [0, 1], timeout_s=10.0)
+            handle = decode.read_blocks(peer.agent_name, peer.base_address, peer.layout, [0, 1], [0, 1], timeout_s=10.0)
             assert registry.get_sample_value("tandem:kv_transfer_bytes_total", labels) == 2 * decode.layout.bytes_per_block_all_layers
             assert registry.get_sample_value("tandem:kv_transfer_blocks_total", labels) == 2
+            # The duration histogram holds NIXL's timing, the wall histogram this process's (which includes it).
+            duration = registry.get_sample_value("tandem:kv_transfer_duration_seconds_sum", labels)
+            wall = registry.get_sample_value("tandem:kv_transfer_wall_seconds_sum", labels)
+            assert duration == pytest.approx(handle.transfer_s)
+            assert wall == pytest.approx(handle.duration_s)
+            assert 0 < duration <= wall
 
             first.kill()
             started = time.monotonic()
