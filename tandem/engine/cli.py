@@ -13,6 +13,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=DEFAULT_MODEL, help="HF id (bundled: %(default)s), directory or .gguf file")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument("--device", default="cpu", help="where the model and KV cache live: cpu, cuda or cuda:N "
+                   "(default %(default)s)")
     g.add_argument("--max-model-len", type=int, default=4096)
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=128)
@@ -59,6 +61,7 @@ def engine_config_from_args(args: argparse.Namespace):
         speculative=speculative_config_from_json(args.speculative_config),
         model=args.model,
         dtype=args.dtype,
+        device=args.device,
         seed=args.seed,
         num_threads=args.threads,
         cache=CacheConfig(

@@ -23,6 +23,7 @@ class LLM:
         self,
         model: str | None = None,
         dtype: str = "bfloat16",
+        device: str = "cpu",
         max_model_len: int = 4096,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
@@ -40,6 +41,7 @@ class LLM:
             speculative=None if speculative_config is None else SpeculativeConfig.from_dict(speculative_config),
             model=model,
             dtype=dtype,
+            device=device,
             seed=seed,
             num_threads=num_threads,
             cache=CacheConfig(

@@ -118,6 +118,9 @@ class LLMEngine:
         progress: bool = True,
     ) -> None:
         self.config = config
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device: {config.device!r} asked for, but this torch ({torch.__version__}) sees no "
+                             "CUDA device")
         set_threads(config.num_threads)
         self.model_config, model, self.tokenizer, self.model_name = load_model(config, progress)
         max_pos = self.model_config.max_position_embeddings

@@ -174,15 +174,33 @@ class ModelRunner:
             meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
                 1, len(decodes), 1, max_blocks * bs
             )
+        input_ids_t = torch.tensor(input_ids, dtype=torch.long)
+        positions_t = torch.tensor(positions, dtype=torch.long)
+        if self.device.type != "cpu":
+            input_ids_t, positions_t = self._to_device(input_ids_t), self._to_device(positions_t)
+            meta.write_index = self._to_device(meta.write_index)
+            for seq in meta.prefills:
+                seq.gather_rows = None if seq.gather_rows is None else self._to_device(seq.gather_rows)
+            if meta.decode_gather_rows is not None:
+                meta.decode_gather_rows = self._to_device(meta.decode_gather_rows)
+                meta.decode_mask = self._to_device(meta.decode_mask)
         return PreparedBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
+            input_ids=input_ids_t,
+            positions=positions_t,
             meta=meta,
             sample_rows=sample_rows,
             sample_items=sample_items,
             order=order,
             spec_rows=spec_rows,
         )
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A step's index tensor, built on the host, on the model's device (pinned, so the copy is asynchronous)."""
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _host(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits where the sampler works: on the host (its generators and per-request state live there)."""
+        return logits if self.device.type == "cpu" else logits.cpu()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -193,7 +211,7 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_buffer, batch.meta)
         self._prompt_logprobs(batch, hidden, out)
         if batch.sample_rows:
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            logits = self._host(self.model.compute_logits(hidden[batch.sample_rows]))
             requests = [item.request for item in batch.sample_items]
             result = self.sampler.sample(logits, requests)
             for req, tok, lp in zip(requests, result.token_ids, result.logprobs):
@@ -202,7 +220,7 @@ class ModelRunner:
                     out.logprobs[req.request_id] = lp
         for item, first in batch.spec_rows:
             n = item.num_tokens
-            result = self.sampler.verify(self.model.compute_logits(hidden[first : first + n]), item.request,
+            result = self.sampler.verify(self._host(self.model.compute_logits(hidden[first : first + n])), item.request,
                                          item.spec_token_ids)
             out.spec_sampled[item.request.request_id] = result.token_ids
             out.spec_logprobs[item.request.request_id] = result.logprobs
@@ -218,7 +236,7 @@ class ModelRunner:
                 end = min(start + n, req.num_prompt_tokens - 1)
                 entries: list[dict[int, float] | None] = [None] if start == 0 else []
                 if end > start:
-                    logits = self.model.compute_logits(hidden[offset : offset + (end - start)])
+                    logits = self._host(self.model.compute_logits(hidden[offset : offset + (end - start)]))
                     entries.extend(prompt_logprobs_for(logits, req.prompt_token_ids[start + 1 : end + 1], k))
                 out.prompt_logprobs[req.request_id] = entries
             offset += n

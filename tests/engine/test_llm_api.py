@@ -70,6 +70,16 @@ def test_invalid_sampling_params_name_the_field(kwargs, field):
         SamplingParams(**kwargs)
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("tpu", "must be 'cpu', 'cuda' or 'cuda:N'"),
+    pytest.param("cuda", "sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")),
+])
+def test_unusable_device_is_refused_naming_it(device, message):
+    with pytest.raises(ValueError, match=f"^device: .*{message}"):
+        LLM(model="preset:tiny-llama", device=device, progress=False)
+
+
 def test_prompt_longer_than_max_model_len_names_the_prompt():
     llm = LLM(model="preset:tiny-llama", dtype="float32", max_model_len=64, num_blocks=16, progress=False)
     with pytest.raises(ValueError, match="^prompt:"):
