@@ -58,7 +58,7 @@ def bench_tandem_single_decode(llm, prompt, output_len: int) -> float:
 def bench_hf_batched(model, prompts, output_len: int) -> float:
     import torch
 
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    ids = torch.tensor(prompts, device=model.device)  # equal lengths: no padding needed
     with torch.inference_mode():
         model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=2, do_sample=False)
         t0 = time.perf_counter()
@@ -75,7 +75,7 @@ def bench_hf_one_at_a_time(model, prompts, output_len: int) -> float:
     total, t0 = 0, time.perf_counter()
     with torch.inference_mode():
         for p in prompts:
-            ids = torch.tensor([p])
+            ids = torch.tensor([p], device=model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                                  min_new_tokens=output_len, do_sample=False)
             total += out.shape[1] - ids.shape[1]
@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where both engines run (default %(default)s)")
     ap.add_argument("--one-at-a-time-prompts", type=int, default=4,
                     help="prompts for the sequential transformers baseline (a rate, so a subset suffices)")
     ap.add_argument("--threads", type=int, default=None)
@@ -105,8 +106,9 @@ def main() -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     weights = ensure_converted(args.model).weights_dir
-    log(f"loading Tandem ({args.dtype}, {threads} threads)")
-    llm = LLM(model=str(weights), dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
+    log(f"loading Tandem ({args.dtype} on {args.device}, {threads} threads)")
+    llm = LLM(model=str(weights), dtype=args.dtype, device=args.device,
+              max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=max(args.num_prompts, 1), num_threads=threads, progress=False)
     vocab = llm.engine.model_config.vocab_size
     prompts = make_prompts(args.num_prompts, args.input_len, vocab, args.seed)
@@ -119,7 +121,7 @@ def main() -> int:
 
     log("transformers: loading")
     dtype = getattr(torch, args.dtype)
-    hf = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).eval()
+    hf = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype).to(args.device).eval()
     log("transformers: generate, whole batch")
     hf_batched = bench_hf_batched(hf, prompts, args.output_len)
     k = max(1, min(args.one_at_a_time_prompts, args.num_prompts))
@@ -132,7 +134,7 @@ def main() -> int:
         ("transformers generate, one at a time", hf_single, hf_single / hf_batched, 1.0),
     ]
     print(f"\nOffline throughput: {args.num_prompts} prompts, {args.input_len} in / {args.output_len} out, "
-          f"{args.dtype}, {threads} threads")
+          f"{args.dtype} on {args.device}, {threads} threads")
     print(f"{'engine':40} {'gen tok/s':>10} {'vs batched':>11} {'vs 1-at-a-time':>15}")
     for name, tps, r1, r2 in rows:
         print(f"{name:40} {tps:10.1f} {r1:10.2f}x {r2:14.2f}x")
