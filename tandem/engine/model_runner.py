@@ -199,7 +199,7 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True)
 
     def _host(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits where the sampler works: on the host (its generators and per-request state live there)."""
+        """Logits for speculative verification and prompt logprobs, which run on the host (row by row)."""
         return logits if self.device.type == "cpu" else logits.cpu()
 
     @torch.inference_mode()
@@ -211,7 +211,7 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_buffer, batch.meta)
         self._prompt_logprobs(batch, hidden, out)
         if batch.sample_rows:
-            logits = self._host(self.model.compute_logits(hidden[batch.sample_rows]))
+            logits = self.model.compute_logits(hidden[batch.sample_rows])  # the sampler moves it if it must
             requests = [item.request for item in batch.sample_items]
             result = self.sampler.sample(logits, requests)
             for req, tok, lp in zip(requests, result.token_ids, result.logprobs):

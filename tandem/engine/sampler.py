@@ -44,7 +44,13 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        """logits: [B, V] (any float dtype), one row per request."""
+        """logits: [B, V] (any float dtype, any device), one row per request.
+
+        A batch that only takes argmaxes is sampled where its logits are (off a GPU come B token ids, not B x V
+        logits); any random draw moves the batch to the host, where the per-request generators live.
+        """
+        if logits.device.type != "cpu" and not all(r.sampling_params.greedy for r in requests):
+            logits = logits.cpu()
         logits = logits[:, : self.vocab_size].float()
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -146,11 +152,12 @@ class Sampler:
     def _apply_penalties(row: torch.Tensor, request: Request) -> None:
         sp = request.sampling_params
         if sp.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=row.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
         if (sp.presence_penalty or sp.frequency_penalty) and request.output_token_ids:
-            ids, counts = torch.tensor(request.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            ids, counts = torch.tensor(request.output_token_ids, dtype=torch.long, device=row.device).unique(
+                return_counts=True)
             row[ids] -= sp.frequency_penalty * counts.float() + sp.presence_penalty
 
 

@@ -42,8 +42,7 @@ def prompts():
     return [torch.randint(3, 1024, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.fixture(scope="module")
-def expected(llama_dir, prompts):
+def hf_greedy_on_cuda(llama_dir, prompts, **generate_kwargs) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).to("cuda").eval()
@@ -52,11 +51,16 @@ def expected(llama_dir, prompts):
         for p in prompts:
             ids = torch.tensor([p], device="cuda")
             gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                              pad_token_id=2)
+                              pad_token_id=2, **generate_kwargs)
             out.append(gen[0, len(p):].tolist())
     del hf
     torch.cuda.empty_cache()
     return out
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir, prompts):
+    return hf_greedy_on_cuda(llama_dir, prompts)
 
 
 def test_cuda_greedy_matches_transformers_batched_chunked_and_cached(llama_dir, prompts, expected):
@@ -81,4 +85,18 @@ def test_cuda_sampling_and_logprobs_run_on_the_host(llama_dir, prompts):
     assert len(first.outputs[0].token_ids) == 6
     assert first.outputs[0].token_ids == again.outputs[0].token_ids  # seeded: reproducible
     assert len(first.prompt_logprobs) == len(prompts[1])
+    assert_engine_idle(llm.engine)
+
+
+def test_cuda_greedy_with_penalty_and_logprobs_samples_on_the_device(llama_dir, prompts):
+    # Greedy rows are sampled where the logits are; the repetition penalty then indexes them on the GPU.
+    expected = hf_greedy_on_cuda(llama_dir, prompts[:3], repetition_penalty=1.3)
+    llm = LLM(model=str(llama_dir), dtype="float32", device="cuda", max_model_len=1024, num_blocks=128,
+              progress=False)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs=1, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], params)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    for o in outs:
+        for token, entry in zip(o.outputs[0].token_ids, o.outputs[0].logprobs, strict=True):
+            assert token in entry and entry[token] <= 0.0
     assert_engine_idle(llm.engine)
