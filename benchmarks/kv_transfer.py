@@ -16,17 +16,17 @@ Three parts, one run, one JSON file:
 2. ``engine``: Tandem's own block transfer inside real workers: a ``tandem prefill`` and a ``tandem decode``
    (bf16, ``--threads 1`` each); every disaggregated request's READ is read off the decode worker's metrics
    (``tandem:kv_transfer_bytes_total`` / ``tandem:kv_transfer_duration_seconds_sum`` deltas).
-
-Both the raw and the engine READs are timed twice: by NIXL itself (post -> completion, its telemetry, as vLLM's
-connector reports transfer time; the goal is judged on this) and on the reader's own clock ("wall": + creating
-the NIXL request, + any wait for the GIL, which in a worker shares the process with the engine thread and the
-HTTP server). The second table prints the wall view and the setup time per READ, so neither is hidden.
 3. ``ttft``: time to first token, streamed, seen by the client: aggregated (one ``tandem serve``) vs
    disaggregated (the client sends the prompt to the prefill worker, then the original request plus the
    returned ``kv_transfer_params`` to the decode worker, and the clock stops at the decode's first token).
    Every engine gets the same ``--threads`` (default 1: equal compute per engine, so the difference is the
    disaggregation overhead, not a core count). Each repeat uses a fresh random prompt (no prefix-cache hits);
    aggregated and disaggregated runs alternate so machine noise hits both alike. Medians are reported.
+
+Both the raw and the engine READs are timed twice: by NIXL itself (post -> completion, its telemetry, as vLLM's
+connector reports transfer time; the goal is judged on this) and on the reader's own clock ("wall": + creating
+the NIXL request, + any wait for the GIL, which in a worker shares the process with the engine thread and the
+HTTP server). The second table prints the wall view and the setup time per READ, so neither is hidden.
 
 Goals: engine block transfer >= 0.8 x raw GB/s; disaggregation adds < 15 ms to TTFT at 1,024 tokens.
 """
