@@ -209,7 +209,9 @@ class AsyncEngine:
             # must see the state that response left behind (e.g. blocks held under a lease).
             self.stats = engine.stats()
             self._deliver(engine, deltas)
-            if idle and not engine.scheduler.has_work() and not engine.scheduler.has_external_work():
+            # Busy or idle (an engine that never idles would hand out pages untouched for minutes), but not while
+            # a READ lands in this engine's blocks: a pass would compete with it for memory bandwidth.
+            if not engine.scheduler.has_external_work():
                 engine.keep_kv_cache_warm(time.monotonic())
 
     def _handle(self, engine: LLMEngine, command) -> None:

@@ -23,7 +23,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                    help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--kv-keep-warm-interval", type=float, default=5.0, metavar="SECONDS",
-                   help="while idle, touch the pages of the next max-model-len of free KV blocks this often, so "
+                   help="busy or idle, touch the pages of the next max-model-len of free KV blocks this often, so "
                         "hosts that reclaim idle guest memory do not slow the next prompt's KV writes or "
                         "transfers (default %(default)s; 0 = off)")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)

@@ -153,8 +153,8 @@ class LLMEngine:
         touch of a page idle for ~30 s or more is slow, and the free queue hands out exactly those pages: the
         least recently used. A decode worker's READ of a 4,096-token prompt's KV (94 MB) into them ran at
         0.7-1.6 GB/s; with this pass every 5 s, at 4.9-9.9 (raw NIXL: 7-11). A pass reads ~26k bytes, a
-        fraction of a millisecond. Meant for an idle engine (the async loop calls it then); returns whether
-        it touched anything.
+        fraction of a millisecond. The async loop calls it after every step and every idle wake-up, busy or
+        not, except while a remote READ is landing; returns whether it touched anything.
         """
         interval = self.config.cache.kv_keep_warm_interval_s
         if not interval or now - self._warmed_at < interval:

@@ -1,17 +1,20 @@
-"""The KV pool's host memory: a huge-page mapping, and the idle engine's keep-warm pass over the next free blocks."""
+"""The KV pool's host memory: a huge-page mapping, and the engine's keep-warm pass over the next free blocks."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 import pytest
 import torch
 
+from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.core.block_pool import BlockPool
 from tandem.engine.host_memory import HUGE_PAGE_BYTES, allocate_pool, huge_page_bytes, transparent_huge_pages_mode
 from tandem.engine.llm_engine import LLMEngine
 from tandem.engine.model_runner import PAGE_BYTES
+from tandem.engine.sampling_params import SamplingParams
 
 
 def test_pool_is_aligned_filled_and_outlives_its_other_references():
@@ -87,3 +90,35 @@ def test_keep_warm_touches_the_next_blocks_once_per_interval_and_changes_nothing
 def test_keep_warm_interval_must_not_be_negative():
     with pytest.raises(ValueError, match="kv_keep_warm_interval_s"):
         CacheConfig(kv_keep_warm_interval_s=-1)
+
+
+async def test_keep_warm_also_runs_while_the_engine_is_busy():
+    # A server that is never idle would otherwise hand its next prompts pages nobody touched for minutes.
+    config = EngineConfig(model="preset:tiny-llama", dtype="float32",
+                          cache=CacheConfig(num_blocks=64, block_size=4, kv_keep_warm_interval_s=0.001),
+                          scheduler=SchedulerConfig(max_model_len=256))
+    busy: list[float] = []
+
+    def factory(cfg: EngineConfig) -> LLMEngine:
+        engine = LLMEngine(cfg, progress=False)
+        real = engine.keep_kv_cache_warm
+
+        def recording(now: float) -> bool:
+            touched = real(now)
+            if touched and engine.scheduler.has_work():
+                busy.append(now)
+            return touched
+
+        engine.keep_kv_cache_warm = recording
+        return engine
+
+    engine = AsyncEngine(config, factory)
+    engine.start()
+    try:
+        await engine.wait_ready(60)
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        deltas = [d async for d in engine.generate("long", list(range(10, 30)), params)]
+        assert sum(len(d.new_token_ids) for d in deltas) == 200
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+    assert len(busy) >= 2
