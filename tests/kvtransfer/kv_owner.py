@@ -37,11 +37,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--model", default="tiny-test-model")
     parser.add_argument("--ucx-tls", default=None)
+    parser.add_argument("--device", default="cpu", help="where the KV buffer lives (cuda: NIXL registers VRAM)")
     args = parser.parse_args()
 
     layout = KVCacheLayout(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=32, dtype=args.dtype)
     engine_id = uuid.uuid4().hex
-    transport = NixlKVTransport(seeded_kv(layout, args.seed), layout, f"prefill-{engine_id[:12]}", args.ucx_tls)
+    kv = seeded_kv(layout, args.seed).to(args.device)
+    transport = NixlKVTransport(kv, layout, f"prefill-{engine_id[:12]}", args.ucx_tls)
     compat = KVCompatibility.from_layout(args.model, layout)
     server = HandshakeServer("127.0.0.1", args.port, lambda: make_payload(transport, engine_id, compat))
     commands: queue.Queue[str] = queue.Queue()

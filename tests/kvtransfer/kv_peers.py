@@ -20,12 +20,14 @@ START_TIMEOUT_S = 60.0  # a cold start imports torch and NIXL; two cores are sha
 class OwnerProcess:
     """One ``kv_owner.py`` process: a prefill-like engine whose KV blocks the test READs."""
 
-    def __init__(self, dtype: str = "bfloat16", seed: int = 1, port: int = 0, ucx_tls: str | None = None) -> None:
+    def __init__(self, dtype: str = "bfloat16", seed: int = 1, port: int = 0, ucx_tls: str | None = None,
+                 device: str = "cpu") -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT), NIXL_LOG_LEVEL=os.environ.get("NIXL_LOG_LEVEL", "WARN"))
         self.dtype = dtype
         self.seed = seed
         self.proc = subprocess.Popen(
-            [sys.executable, str(OWNER_SCRIPT), "--dtype", dtype, "--seed", str(seed), "--port", str(port)]
+            [sys.executable, str(OWNER_SCRIPT), "--dtype", dtype, "--seed", str(seed), "--port", str(port),
+             "--device", device]
             + (["--ucx-tls", ucx_tls] if ucx_tls else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
