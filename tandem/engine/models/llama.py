@@ -117,6 +117,21 @@ class AttentionMetadata:
     decode_gather_rows: torch.Tensor | None = None  # [num_layers, 2 * kv_heads * Bd * max_blocks], (K/V, head, seq, block)
     decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # GPU only: the prefill chunks without a cached prefix, attended as one padded batch (see FreshPrefillBatch).
+    fresh_batch: FreshPrefillBatch | None = None
+
+
+@dataclass(slots=True)
+class FreshPrefillBatch:
+    """Prefill chunks that attend only to themselves, padded to ``[n, S]`` (S: the longest) for one attention call.
+
+    NOTE: on a GPU one call per chunk and layer is launch-bound (256 short prompts ran at half transformers' batched
+    speed on an H100); on the CPU the per-chunk loop is kept, where padding would cost real compute.
+    """
+
+    token_index: torch.Tensor  # [n, S] flat token of each (chunk, position); padding repeats the chunk's first token
+    valid: torch.Tensor  # [n, S] True for real tokens
+    mask: torch.Tensor  # [n, 1, S, S] causal and within the chunk; a padded query row still sees its chunk's start
 
 
 class PackedLinear(nn.Module):
@@ -234,7 +249,14 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
             out[:bd] = torch.matmul(probs, vd).transpose(0, 1).reshape(bd, self.num_heads, D)
+        fresh = meta.fresh_batch
+        if fresh is not None:
+            qb, kb, vb = (t[fresh.token_index].transpose(1, 2) for t in (q, k, v))  # [n, heads, S, D]
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=fresh.mask, enable_gqa=True)
+            out[fresh.token_index[fresh.valid]] = o.transpose(1, 2)[fresh.valid]
         for seq in meta.prefills:
+            if fresh is not None and seq.gather_rows is None:
+                continue  # attended in the padded batch above
             qs = q[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
             if seq.gather_rows is None:  # no cached prefix: attend to this chunk, causally
                 ks = k[seq.q_start : seq.q_start + seq.q_len].transpose(0, 1).unsqueeze(0)
