@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from tandem.engine.core.request import Request
 from tandem.engine.sampling_params import SamplingParams
+
+
+def save_random_llama(path: Path, vocab_size: int) -> Path:
+    """A small Llama (4 layers, hidden 256, 8 heads over 4 KV heads) with random weights, in Hugging Face format.
+
+    The weights are drawn wider than the default init: peaked logits, so greedy picks are not near-ties.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.08)
+    model.save_pretrained(path)
+    return path
 
 
 def create_request(request_id: str, prompt: list[int], max_tokens: int = 8, block_size: int = 4, **params) -> Request:

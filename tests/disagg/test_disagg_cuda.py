@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from disagg_client import kv_metric, metrics
+from helpers import save_random_llama
 from procs import free_port, start_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,18 +25,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def cuda_workers(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # wider than the default init: peaked logits, so greedy picks are not near-ties
-        for p in model.parameters():
-            p.normal_(std=0.08)
-    path = tmp_path_factory.mktemp("random-llama")
-    model.save_pretrained(path)
+    path = save_random_llama(tmp_path_factory.mktemp("random-llama"), vocab_size=2048)
     common = ("--model", str(path), "--device", "cuda", "--dtype", "float32", "--threads", "4",
               "--kv-cache-memory", "256MiB", "--max-model-len", "1024")
     workers = {role: start_serve(*common, *(() if role == "serve" else ("--kv-port", str(free_port()))), subcommand=role)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_engine_idle
+from helpers import assert_engine_idle, save_random_llama
 from tandem import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -21,19 +21,7 @@ PROMPT_LENGTHS = (5, 17, 64, 200, 700)  # one block or less up to 44 blocks; 700
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
-                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # wider than the default init: peaked logits, so greedy picks are not near-ties
-        for p in model.parameters():
-            p.normal_(std=0.08)
-    path = tmp_path_factory.mktemp("random-llama")
-    model.save_pretrained(path)
-    return path
+    return save_random_llama(tmp_path_factory.mktemp("random-llama"), vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
