@@ -64,10 +64,11 @@ def seeded_kv(layout: KVCacheLayout, seed: int, huge_pages: bool = False) -> tor
     return local_buffer(layout, 0.0, huge_pages).copy_(values) if huge_pages else values
 
 
-def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool) -> None:
+def run_owner(num_blocks: int, ucx_tls: str | None, huge_pages: bool, device: str = "cpu") -> None:
     """The owner process: a registered KV cache and a handshake server; exits when stdin closes."""
     layout = smol_layout(num_blocks)
-    transport = NixlKVTransport(seeded_kv(layout, 7, huge_pages), layout, f"bench-prefill-{os.getpid()}", ucx_tls)
+    kv = seeded_kv(layout, 7, huge_pages).to(device)
+    transport = NixlKVTransport(kv, layout, f"bench-prefill-{os.getpid()}", ucx_tls)
     compat = KVCompatibility.from_layout(MODEL, layout)
     server = HandshakeServer("127.0.0.1", 0, lambda: make_payload(transport, f"bench-{os.getpid()}", compat))
     sys.stdout.write(json.dumps({"port": server.port}) + "\n")
@@ -131,16 +132,20 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=30.0)
     parser.add_argument("--huge-pages", action="store_true",
                         help="both KV buffers on transparent huge pages, as the engine allocates its pool")
+    parser.add_argument("--device", default="cpu",
+                        help="where both KV buffers live: cpu (DRAM) or cuda (GPU memory; NIXL registers VRAM)")
     parser.add_argument("--owner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.huge_pages and args.device != "cpu":
+        parser.error("--huge-pages is for host memory (--device cpu)")
     if args.owner:
-        run_owner(args.num_blocks, args.ucx_tls, args.huge_pages)
+        run_owner(args.num_blocks, args.ucx_tls, args.huge_pages, args.device)
         return
 
     layout = smol_layout(args.num_blocks)
     if max(PROMPT_TOKENS) // layout.block_size > layout.num_blocks:
         parser.error(f"--num-blocks must be >= {max(PROMPT_TOKENS) // layout.block_size}")
-    command = [sys.executable, __file__, "--owner", "--num-blocks", str(args.num_blocks)]
+    command = [sys.executable, __file__, "--owner", "--num-blocks", str(args.num_blocks), "--device", args.device]
     if args.huge_pages:
         command.append("--huge-pages")
     if args.ucx_tls:
@@ -155,7 +160,7 @@ def main() -> None:
                 break
         if port is None:
             raise RuntimeError(f"owner exited with {owner.wait(10)}")
-        buffer = local_buffer(layout, 0.0, args.huge_pages)
+        buffer = local_buffer(layout, 0.0, args.huge_pages).to(args.device)
         setup: dict[str, float] = {}
         peers = {}
         for mode in MODES:
@@ -196,7 +201,7 @@ def main() -> None:
                     samples[f"{mode}/{kind}"].append(seconds)
             # The last READ was exact/scattered: its bytes must match the owner's.
             remote_ids, local_ids = scattered
-            if not torch.equal(buffer[local_ids].view(torch.int16), expected[remote_ids].view(torch.int16)):
+            if not torch.equal(buffer[local_ids].cpu().view(torch.int16), expected[remote_ids].view(torch.int16)):
                 raise AssertionError(f"{tokens} tokens: scattered blocks do not match the owner's bytes")
             raw = gbps(num_bytes, statistics.median(samples["raw"]))
             case = {
@@ -221,6 +226,7 @@ def main() -> None:
                 "bytes_per_block_all_layers": layout.bytes_per_block_all_layers,
                 "ucx_tls": args.ucx_tls or "default",
                 "huge_pages": args.huge_pages,
+                "device": args.device,
                 "repeats": args.repeats,
                 "setup": setup,
                 "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
