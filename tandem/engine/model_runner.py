@@ -20,11 +20,11 @@ from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, Sc
 from tandem.engine.host_memory import allocate_pool, huge_page_bytes
 from tandem.engine.models.llama import (
     AttentionMetadata,
-    FreshPrefillBatch,
     LlamaConfig,
     LlamaForCausalLM,
     PrefillSeq,
     can_pack_linears,
+    fresh_prefill_batch,
 )
 from tandem.engine.sampler import Sampler, prompt_logprobs_for
 
@@ -178,14 +178,9 @@ class ModelRunner:
         input_ids_t = torch.tensor(input_ids, dtype=torch.long)
         positions_t = torch.tensor(positions, dtype=torch.long)
         if self.device.type != "cpu":
-            meta.fresh_batch = self._fresh_batch(prefill_seqs)
+            meta.fresh_batch = fresh_prefill_batch(prefill_seqs)
+            meta.map_tensors(self._to_device)
             input_ids_t, positions_t = self._to_device(input_ids_t), self._to_device(positions_t)
-            meta.write_index = self._to_device(meta.write_index)
-            for seq in meta.prefills:
-                seq.gather_rows = None if seq.gather_rows is None else self._to_device(seq.gather_rows)
-            if meta.decode_gather_rows is not None:
-                meta.decode_gather_rows = self._to_device(meta.decode_gather_rows)
-                meta.decode_mask = self._to_device(meta.decode_mask)
         return PreparedBatch(
             input_ids=input_ids_t,
             positions=positions_t,
@@ -195,19 +190,6 @@ class ModelRunner:
             order=order,
             spec_rows=spec_rows,
         )
-
-    def _fresh_batch(self, prefills: list[PrefillSeq]) -> FreshPrefillBatch | None:
-        """The prefill chunks with no cached prefix as one padded batch, on the device (None for fewer than two)."""
-        fresh = [seq for seq in prefills if seq.gather_rows is None]
-        if len(fresh) < 2:
-            return None
-        lengths = torch.tensor([seq.q_len for seq in fresh])
-        pos = torch.arange(int(lengths.max()))
-        valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [n, S]
-        starts = torch.tensor([seq.q_start for seq in fresh]).unsqueeze(1)
-        token_index = torch.where(valid, starts + pos.unsqueeze(0), starts)
-        mask = (pos.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(0) & valid.unsqueeze(1)  # [n, S(query), S(key)]
-        return FreshPrefillBatch(self._to_device(token_index), self._to_device(valid), self._to_device(mask.unsqueeze(1)))
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A step's index tensor, built on the host, on the model's device (pinned, so the copy is asynchronous)."""

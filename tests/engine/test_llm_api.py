@@ -8,7 +8,13 @@ from torch import nn
 
 from helpers import assert_engine_idle
 from tandem import LLM, SamplingParams
-from tandem.engine.models.llama import PackedLinear, can_pack_linears
+from tandem.engine.models.llama import (
+    PackedLinear,
+    PrefillSeq,
+    attend_fresh_batch,
+    can_pack_linears,
+    fresh_prefill_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +32,22 @@ def test_packed_linear_equals_aten_linear():
 
 
 @pytest.mark.slow
+def test_padded_fresh_prefill_batch_equals_attention_per_chunk():
+    # The GPU attends prefill chunks without a cached prefix as one padded batch: same result as one call per chunk.
+    chunks = [PrefillSeq(0, 5, 5, None), PrefillSeq(5, 3, 3, None), PrefillSeq(8, 9, 9, None)]
+    batch = fresh_prefill_batch(chunks)
+    assert fresh_prefill_batch(chunks[:1]) is None
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(17, heads, 8, generator=gen) for heads in (4, 2, 2))
+    got = torch.zeros(17, 4, 8)
+    attend_fresh_batch(q, k, v, batch, got)
+    for c in chunks:
+        rows = slice(c.q_start, c.q_start + c.q_len)
+        qs, ks, vs = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        expected = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(got[rows], expected[0].transpose(0, 1))
+
+
 def test_bf16_chat_answers_sensibly(bf16_llm):
     out = bf16_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                         SamplingParams(temperature=0, max_tokens=24))

@@ -8,6 +8,7 @@ the paged KV cache through the ``AttentionMetadata`` passed in (never a module g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +121,20 @@ class AttentionMetadata:
     # GPU only: the prefill chunks without a cached prefix, attended as one padded batch (see FreshPrefillBatch).
     fresh_batch: FreshPrefillBatch | None = None
 
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every index tensor with ``fn(tensor)`` (e.g. a copy on the model's device), in place."""
+        self.write_index = fn(self.write_index)
+        if self.decode_gather_rows is not None:
+            self.decode_gather_rows = fn(self.decode_gather_rows)
+        if self.decode_mask is not None:
+            self.decode_mask = fn(self.decode_mask)
+        for seq in self.prefills:
+            if seq.gather_rows is not None:
+                seq.gather_rows = fn(seq.gather_rows)
+        fresh = self.fresh_batch
+        if fresh is not None:
+            fresh.token_index, fresh.valid, fresh.mask = fn(fresh.token_index), fn(fresh.valid), fn(fresh.mask)
+
 
 @dataclass(slots=True)
 class FreshPrefillBatch:
@@ -132,6 +147,28 @@ class FreshPrefillBatch:
     token_index: torch.Tensor  # [n, S] flat token of each (chunk, position); padding repeats the chunk's first token
     valid: torch.Tensor  # [n, S] True for real tokens
     mask: torch.Tensor  # [n, 1, S, S] causal and within the chunk; a padded query row still sees its chunk's start
+
+
+def fresh_prefill_batch(prefills: list[PrefillSeq]) -> FreshPrefillBatch | None:
+    """The prefill chunks with no cached prefix as one padded batch, on the host (None for fewer than two)."""
+    fresh = [seq for seq in prefills if seq.gather_rows is None]
+    if len(fresh) < 2:
+        return None
+    lengths = torch.tensor([seq.q_len for seq in fresh])
+    pos = torch.arange(int(lengths.max()))
+    valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # [n, S]
+    starts = torch.tensor([seq.q_start for seq in fresh]).unsqueeze(1)
+    token_index = torch.where(valid, starts + pos.unsqueeze(0), starts)
+    mask = (pos.unsqueeze(0) <= pos.unsqueeze(1)).unsqueeze(0) & valid.unsqueeze(1)  # [n, S(query), S(key)]
+    return FreshPrefillBatch(token_index, valid, mask.unsqueeze(1))
+
+
+def attend_fresh_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: FreshPrefillBatch,
+                       out: torch.Tensor) -> None:
+    """Causal attention of every chunk in ``batch`` to itself, in one call; q/out ``[T, H, D]``, k/v ``[T, kvh, D]``."""
+    qb, kb, vb = (t[batch.token_index].transpose(1, 2) for t in (q, k, v))  # [n, heads, S, D]
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=batch.mask, enable_gqa=True)
+    out[batch.token_index[batch.valid]] = o.transpose(1, 2)[batch.valid]
 
 
 class PackedLinear(nn.Module):
@@ -251,9 +288,7 @@ class Attention(nn.Module):
             out[:bd] = torch.matmul(probs, vd).transpose(0, 1).reshape(bd, self.num_heads, D)
         fresh = meta.fresh_batch
         if fresh is not None:
-            qb, kb, vb = (t[fresh.token_index].transpose(1, 2) for t in (q, k, v))  # [n, heads, S, D]
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=fresh.mask, enable_gqa=True)
-            out[fresh.token_index[fresh.valid]] = o.transpose(1, 2)[fresh.valid]
+            attend_fresh_batch(q, k, v, fresh, out)
         for seq in meta.prefills:
             if fresh is not None and seq.gather_rows is None:
                 continue  # attended in the padded batch above
