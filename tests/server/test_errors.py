@@ -215,3 +215,16 @@ def test_idle_server_does_not_spin(server, client):
     before = _cpu_seconds(server.proc.pid)
     time.sleep(2.0)
     assert _cpu_seconds(server.proc.pid) - before < 0.4  # an idle engine blocks on its command queue
+
+
+def test_an_engine_that_cannot_start_ends_the_server_with_status_1_and_the_reason():
+    # 8 MiB holds 22 blocks of SmolLM2's KV; one 512-token sequence needs 32: the model loads, the engine
+    # refuses, and the process must exit (an orchestrator sees a crash) rather than answer 503 forever.
+    proc = start_serve("--max-model-len", "512", "--kv-cache-memory", "8MiB", wait=False)
+    try:
+        assert proc.proc.wait(180) == 1
+        output = proc.output()
+        assert "kv_cache_memory" in output and "512" in output
+        assert "Traceback" not in output
+    finally:
+        proc.kill()

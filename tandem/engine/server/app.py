@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,9 @@ class ServerState:
         self.engine.kv_event_listeners.append(self.kv_hub.publish_threadsafe)
         # Extra routes/hooks for worker roles (disaggregation) register here.
         self.extensions: list[Any] = []
+        # Called once if the engine fails to start (e.g. ``tandem serve`` stops its server and exits 1); without
+        # it the app stays up and answers 503 with the reason.
+        self.on_engine_start_failure: Callable[[BaseException], None] | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -281,10 +285,21 @@ class RequestContextMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+async def _watch_engine_start(state: ServerState) -> None:
+    """Wait for the engine's start-up; if it failed, log why and hand the error to ``on_engine_start_failure``."""
+    with contextlib.suppress(EngineDeadError):  # raised when start-up failed: the case handled here
+        await state.engine.wait_ready()
+    error = state.engine.error
+    if error is not None and state.on_engine_start_failure is not None:
+        logger.error("engine failed to start, shutting the server down: %s", error)
+        state.on_engine_start_failure(error)
+
+
 def build_app(state: ServerState) -> FastAPI:
     async def lifespan(app: FastAPI):
         state.kv_hub.bind(asyncio.get_running_loop())
         state.engine.start()
+        watcher = asyncio.create_task(_watch_engine_start(state))
         if state.redis_publisher is not None:
             state.redis_publisher.start()
         for ext in state.extensions:
@@ -292,6 +307,7 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
+            watcher.cancel()
             for ext in reversed(state.extensions):
                 await ext.shutdown(state)
             if state.redis_publisher is not None:

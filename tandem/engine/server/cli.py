@@ -76,6 +76,9 @@ def serve(args: argparse.Namespace, role: str = "aggregated", extensions=(), eng
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout, loop="auto", http="auto")
     server = uvicorn.Server(config)
+    # A worker whose engine cannot start (bad model path, too little KV cache memory) exits with status 1 and
+    # the reason, as an orchestrator expects (a crash it reports and restarts), instead of serving 503s forever.
+    state.on_engine_start_failure = lambda _error: setattr(server, "should_exit", True)
     # NOTE: uvicorn re-raises the signal it caught once shutdown is done; a no-op handler makes a
     # graceful SIGTERM end with exit status 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda *_: None)
