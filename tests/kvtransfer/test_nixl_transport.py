@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import time
@@ -80,6 +81,24 @@ def test_missing_nixl_names_the_package(monkeypatch):
     monkeypatch.setattr(nixl_transport, "NIXL_MODULES", ("no_such_nixl._api",))
     with pytest.raises(KVTransferUnavailable, match=r"pip install nixl-cu13==1\.5\.1"):
         nixl_transport.load_nixl()
+
+
+def test_ucx_settings_turn_on_get_over_cuda_ipc_for_gpu_caches_only(monkeypatch):
+    monkeypatch.delenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", raising=False)
+    assert nixl_transport.ucx_settings(None, "cpu") == {}
+    assert nixl_transport.ucx_settings("tcp,cma", "cpu") == {"UCX_TLS": "tcp,cma"}
+    assert nixl_transport.ucx_settings(None, "cuda") == {"UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}
+    monkeypatch.setenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", "n")  # an operator's own choice wins
+    assert nixl_transport.ucx_settings("tcp", "cuda") == {"UCX_TLS": "tcp"}
+
+
+def test_ucx_env_sets_variables_only_while_the_backend_is_created(monkeypatch):
+    monkeypatch.setenv("UCX_TLS", "tcp")
+    monkeypatch.delenv("UCX_CUDA_IPC_ENABLE_GET_ZCOPY", raising=False)
+    with nixl_transport._ucx_env({"UCX_TLS": "cma", "UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}):
+        assert (os.environ["UCX_TLS"], os.environ["UCX_CUDA_IPC_ENABLE_GET_ZCOPY"]) == ("cma", "y")
+    assert os.environ["UCX_TLS"] == "tcp"
+    assert "UCX_CUDA_IPC_ENABLE_GET_ZCOPY" not in os.environ
 
 
 @pytest.mark.parametrize(("owner_fixture", "mode", "progress_thread"), [
