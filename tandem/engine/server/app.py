@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -287,8 +286,8 @@ class RequestContextMiddleware:
 
 async def _watch_engine_start(state: ServerState) -> None:
     """Wait for the engine's start-up; if it failed, log why and hand the error to ``on_engine_start_failure``."""
-    with contextlib.suppress(EngineDeadError):  # raised when start-up failed: the case handled here
-        await state.engine.wait_ready()
+    assert state.engine.ready is not None  # start() made it
+    await state.engine.ready.wait()  # set once start-up ends, failed or not (wait_ready would raise on failure)
     error = state.engine.error
     if error is not None and state.on_engine_start_failure is not None:
         logger.error("engine failed to start, shutting the server down: %s", error)
