@@ -43,6 +43,7 @@ class _Child:
     detok: DetokenizerState = field(default_factory=DetokenizerState)
     sent_prompt_logprobs: bool = False
     sent_queue_time: bool = False
+    first_token_at: float | None = None  # time.monotonic() when its first token was reported
 
 
 @dataclass(slots=True)
@@ -388,6 +389,7 @@ class LLMEngine:
         if not child.sent_queue_time and req.first_scheduled_time is not None:
             delta.queue_time = max(0.0, req.first_scheduled_time - req.arrival_time)
             child.sent_queue_time = True
+        self._time_phases(child, delta)
         if sp.prompt_logprobs is not None and not child.sent_prompt_logprobs:
             delta.prompt_logprobs = req.prompt_logprobs
             child.sent_prompt_logprobs = True
@@ -398,6 +400,23 @@ class LLMEngine:
             if siblings is not None and all(c not in self._children for c in siblings):
                 del self._parents[child.parent_id]
         return delta
+
+    @staticmethod
+    def _time_phases(child: _Child, delta: RequestDelta) -> None:
+        """Put vLLM's phase times of ``child`` on ``delta``: prefill on its first token, decode and inference
+        on its last."""
+        req = child.request
+        now = time.monotonic()
+        scheduled = req.first_scheduled_time
+        if delta.new_token_ids and child.first_token_at is None:
+            child.first_token_at = now
+            # A first token handed in by a remote prefill was computed elsewhere: this engine has no prefill time.
+            if scheduled is not None and not req.num_preseeded_tokens:
+                delta.prefill_time = now - scheduled
+        if delta.finished and scheduled is not None:
+            delta.inference_time = now - scheduled
+            if child.first_token_at is not None:
+                delta.decode_time = now - max(child.first_token_at, scheduled)
 
     # ---- introspection -------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -22,6 +22,11 @@ class RequestDelta:
     num_cached_tokens: int = 0
     kv_transfer_params: dict | None = None
     queue_time: float | None = None  # seconds from arrival to first schedule, on the first delta only
+    # vLLM's request phases, in seconds: first schedule -> first token (on the first token's delta; not for a
+    # first token computed by a remote prefill), first token -> last, first schedule -> last (on the final delta).
+    prefill_time: float | None = None
+    decode_time: float | None = None
+    inference_time: float | None = None
     error: str | None = None
 
 

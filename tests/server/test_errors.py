@@ -140,9 +140,35 @@ def test_metrics_use_vllm_names_with_model_label(server, client):
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:prompt_tokens_total",
                  "vllm:generation_tokens_total", "vllm:request_success_total",
                  "vllm:time_to_first_token_seconds_count", "vllm:inter_token_latency_seconds_count",
-                 "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count"):
+                 "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count",
+                 "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_count",
+                 "vllm:request_inference_time_seconds_count"):
         assert metric_value(text, name, model_name="smol") >= 0, name
     assert metric_value(text, "vllm:generation_tokens_total", model_name="smol") >= 3
+
+
+def test_request_phase_times_are_observed_once_each_and_add_up(server, client):
+    phases = ("queue_time", "prefill_time", "decode_time", "inference_time")
+
+    def snapshot() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        out = {f"{p}_{k}": metric_value(text, f"vllm:request_{p}_seconds_{k}", model_name="smol")
+               for p in phases for k in ("count", "sum")}
+        for k in ("count", "sum"):
+            out[f"ttft_{k}"] = metric_value(text, f"vllm:time_to_first_token_seconds_{k}", model_name="smol")
+            out[f"e2e_{k}"] = metric_value(text, f"vllm:e2e_request_latency_seconds_{k}", model_name="smol")
+        return out
+
+    before = snapshot()
+    client.completions.create(model="smol", prompt="Count to ten:", max_tokens=8, temperature=0)
+    after = snapshot()
+    d = {k: after[k] - before[k] for k in after}
+    for p in phases:
+        assert d[f"{p}_count"] == 1, p
+    prefill, decode, inference = d["prefill_time_sum"], d["decode_time_sum"], d["inference_time_sum"]
+    assert 0 < prefill <= d["ttft_sum"]  # the server's TTFT adds queueing and HTTP to the engine's prefill
+    assert 0 < decode < inference <= d["e2e_sum"]
+    assert inference == pytest.approx(prefill + decode, abs=0.01)
 
 
 def test_process_and_gc_metrics_and_the_start_up_heap_is_frozen(server, client):

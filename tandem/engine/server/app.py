@@ -148,8 +148,11 @@ class _RequestTracker:
             self.last = now
             self.output_tokens += n
             self.m.generation_tokens.labels(label).inc(n)
-        if delta.queue_time is not None:
-            self.m.queue_time.labels(label).observe(delta.queue_time)
+        for seconds, histogram in ((delta.queue_time, self.m.queue_time), (delta.prefill_time, self.m.prefill_time),
+                                   (delta.decode_time, self.m.decode_time),
+                                   (delta.inference_time, self.m.inference_time)):
+            if seconds is not None:
+                histogram.labels(label).observe(seconds)
         if delta.finished:
             self.finished += 1
             self.m.request_success.labels(label, delta.finish_reason or "stop").inc()

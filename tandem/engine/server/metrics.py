@@ -87,6 +87,15 @@ class ServerMetrics:
                              buckets=E2E_BUCKETS, registry=r)
         self.queue_time = Histogram("vllm:request_queue_time_seconds", "Time waiting before first schedule.",
                                     labels, buckets=E2E_BUCKETS, registry=r)
+        self.prefill_time = Histogram("vllm:request_prefill_time_seconds",
+                                      "Time in the prefill phase: first schedule to first token.", labels,
+                                      buckets=E2E_BUCKETS, registry=r)
+        self.decode_time = Histogram("vllm:request_decode_time_seconds",
+                                     "Time in the decode phase: first token to last.", labels,
+                                     buckets=E2E_BUCKETS, registry=r)
+        self.inference_time = Histogram("vllm:request_inference_time_seconds",
+                                        "Time running: first schedule to last token.", labels,
+                                        buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens_hist = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", labels,
                                             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
                                             registry=r)
