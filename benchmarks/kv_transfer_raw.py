@@ -87,15 +87,15 @@ class ReadTiming(NamedTuple):
 
 
 def read_region(transport: NixlKVTransport, remote_agent: str, remote_address: int, num_bytes: int,
-                timeout_s: float) -> ReadTiming:
-    """Raw NIXL READ of one contiguous region into the start of the local buffer.
+                timeout_s: float, local_offset: int = 0) -> ReadTiming:
+    """Raw NIXL READ of one contiguous region into the local buffer, ``local_offset`` bytes from its start.
 
     NOTE: uses the transport's own agent and backend so raw and block reads share one UCX connection and one
     progress setting: the difference between them is only the descriptors.
     """
     bind, agent = transport._bind, transport._agent  # noqa: SLF001 - the baseline deliberately bypasses the block logic
     started = time.perf_counter()
-    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address, num_bytes, 0)])  # noqa: SLF001
+    local = bind.nixlXferDList(transport._mem_type, [(transport.base_address + local_offset, num_bytes, 0)])  # noqa: SLF001
     remote = bind.nixlXferDList(transport._mem_type, [(remote_address, num_bytes, 0)])  # noqa: SLF001
     xfer = agent.createXferReq(bind.NIXL_READ, local, remote, remote_agent, b"", transport._backends)  # noqa: SLF001
     try:
