@@ -24,7 +24,16 @@ Three parts, one run, one JSON file:
    returned ``kv_transfer_params`` to the decode worker, and the clock stops at the decode's first token).
    Every engine gets the same ``--threads`` (default 1: equal compute per engine, so the difference is the
    disaggregation overhead, not a core count). Each repeat uses a fresh random prompt (no prefix-cache hits);
-   aggregated and disaggregated runs alternate so machine noise hits both alike. Medians are reported.
+   aggregated and disaggregated runs alternate so machine noise hits both alike. The prompt's compute (2-14 s)
+   varies between requests by more than the overhead in question, so each pair is also compared with it taken
+   out: TTFT minus the prefill time the computing engine measured (``vllm:request_prefill_time_seconds``); the
+   goal is judged on the median of those paired differences. The second token is timed the same way: it waits
+   for the KV transfer and the decode worker's first step (the first token is the prefill's, streamed at once).
+
+A fifth raw baseline, "pool", READs into successive stretches of a huge-page destination as large as an engine's
+KV pool (``KV_CACHE_MIB``), wrapping at its end, as an engine's LRU free queue walks its pool: it shows what the
+age of the destination memory costs a READ on this machine, which the "hot"/"DRAM" READs (the same destination
+bytes every time) never pay.
 
 Both the raw and the engine READs are timed twice: by NIXL itself (post -> completion, its telemetry, as vLLM's
 connector reports transfer time; the goal is judged on this) and on the reader's own clock ("wall": + creating
