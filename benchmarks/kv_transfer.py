@@ -445,6 +445,59 @@ def measure(repeats: int, transfer_samples: int, threads: int, ucx_tls: str | No
     return raw_result, {"cases": engine_cases}, {"cases": ttft_cases, "threads_per_engine": threads}
 
 
+def report(results: dict) -> None:
+    """Print the tables of one run's results (as ``main`` writes them to JSON)."""
+    raw, engine, ttft = results["raw"], results["engine"], results["ttft"]
+    print(f"\nKV block transfer, GB/s, timed by NIXL (post -> completion) on both sides; medians of {results['transfer_samples']} "
+          "engine READs and of as many READs of every raw baseline, one taken right after each engine READ (raw: one-region "
+          "NIXL READ of the same byte count; 4K = ordinary torch buffers, HP = huge-page buffers like the engine's pool; "
+          "hot = same bytes again, DRAM = caches swept first)")
+    print(f"{'tokens':>6} {'MB':>6} {'raw 4K hot':>10} {'4K DRAM':>8} {'HP hot':>7} {'HP DRAM':>8} {'transport HP':>12} "
+          f"{'engine':>7} | {'engine/':>7} {'engine/':>8} {'engine/':>7} {'engine/':>8} | {'goal':>4} {'HP':>4}")
+    print(f"{'':>6} {'':>6} {'':>10} {'':>8} {'':>7} {'':>8} {'':>12} {'':>7} | {'4K hot':>7} {'4K DRAM':>8} "
+          f"{'HP hot':>7} {'HP DRAM':>8} | {'':>4} {'':>4}")
+    for r, e in zip(raw["cases"], engine["cases"]):
+        verdicts = ["met" if e[f"ratio_to_{name}"] >= 0.8 else "NOT" for name in ("raw_dram", "raw_huge_dram")]
+        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:10.2f} {r['raw_dram_gbps']:8.2f} "
+              f"{r['raw_huge_gbps']:7.2f} {r['raw_huge_dram_gbps']:8.2f} {r['transport_block_huge_gbps']:12.2f} "
+              f"{e['engine_block_gbps']:7.2f} | {e['ratio_to_raw']:7.2f} {e['ratio_to_raw_dram']:8.2f} "
+              f"{e['ratio_to_raw_huge']:7.2f} {e['ratio_to_raw_huge_dram']:8.2f} | {verdicts[0]:>4} {verdicts[1]:>4}")
+    print("(goal: engine >= 0.8 x raw NIXL DRAM->DRAM on a buffer of the same size, as a NIXL user allocates one (4K); "
+          "'HP': the same against huge-page buffers like the engine's own pool, a stricter check. The hot READs find "
+          "their bytes in the CPU's caches, which an engine's READ of a prompt just computed elsewhere does not)")
+    print("\nThe slow tail against raw HP DRAM: 10th percentiles, per-READ pairs, and how often a READ fell below 0.8 x the "
+          "raw median; and raw HP 'pool' READs: each into the next stretch of a huge-page destination as large as an "
+          f"engine's KV pool ({KV_CACHE_MIB} MiB), as old as the free blocks an engine's READ lands in")
+    print(f"{'tokens':>6} {'engine p10':>10} {'raw p10':>8} {'p10 ratio':>9} {'paired median':>13} {'engine < goal':>13} "
+          f"{'raw < goal':>10} | {'raw HP pool':>11} {'pool p10':>8} {'engine/pool':>11}")
+    for r, e in zip(raw["cases"], engine["cases"]):
+        print(f"{r['prompt_tokens']:>6} {e['engine_p10_gbps']:10.2f} {r['raw_huge_dram_p10_gbps']:8.2f} "
+              f"{e['p10_ratio_to_raw_huge_dram']:9.2f} {e['paired_ratio_raw_huge_dram']:13.2f} "
+              f"{e['below_goal_fraction_raw_huge_dram']:13.0%} {r['raw_huge_dram_below_goal_fraction']:10.0%} | "
+              f"{r['raw_huge_pool_gbps']:11.2f} {r['raw_huge_pool_p10_gbps']:8.2f} {e['ratio_to_raw_huge_pool']:11.2f}")
+    print("\nThe same READs on the reader's own clock (+ building the NIXL request, + waits for the GIL), GB/s")
+    print(f"{'tokens':>6} {'raw 4K DRAM':>11} {'raw HP DRAM':>11} {'engine':>7} | {'engine/':>8} {'engine/':>8} | "
+          f"{'setup ms':>8} {'setup ms':>8}")
+    print(f"{'':>6} {'':>11} {'':>11} {'':>7} | {'4K DRAM':>8} {'HP DRAM':>8} | {'raw':>8} {'engine':>8}")
+    for r, e in zip(raw["cases"], engine["cases"]):
+        print(f"{r['prompt_tokens']:>6} {r['raw_dram_wall_gbps']:11.2f} {r['raw_huge_dram_wall_gbps']:11.2f} "
+              f"{e['engine_wall_gbps']:7.2f} | {e['wall_ratio_to_raw_dram']:8.2f} {e['wall_ratio_to_raw_huge_dram']:8.2f} | "
+              f"{r['raw_huge_dram_setup_ms']:8.3f} {e['engine_setup_ms']:8.3f}")
+    print(f"\nTime to first token, ms, medians of {results['repeats']} alternating pairs (every engine --threads {ttft['threads_per_engine']}). "
+          "'added' = disaggregated minus aggregated; 'compute removed' = the same per pair after taking out the prompt's "
+          "compute as the computing engine timed it (vllm:request_prefill_time_seconds); 'decode hop' = disaggregated TTFT "
+          "minus the prefill round trip; '2nd token' waits for the KV transfer and the decode worker's first step")
+    print(f"{'tokens':>6} {'aggregated':>10} {'disaggregated':>13} {'added':>8} {'compute removed':>15} {'decode hop':>10} | "
+          f"{'2nd token agg':>13} {'disagg':>8} {'added, compute removed':>22} | {'goal':>4}")
+    for t in ttft["cases"]:
+        goal = f"{'met' if t['added_compute_removed_ms'] < 15 else 'NOT':>4}" if t["prompt_tokens"] == 1024 else ""
+        print(f"{t['prompt_tokens']:>6} {t['aggregated_ttft_ms']:10.1f} {t['disaggregated_ttft_ms']:13.1f} "
+              f"{t['added_ms']:8.1f} {t['added_compute_removed_ms']:15.1f} {t['decode_hop_ttft_ms']:10.1f} | "
+              f"{t['aggregated_second_token_ms']:13.1f} {t['disaggregated_second_token_ms']:8.1f} "
+              f"{t['second_token_added_compute_removed_ms']:22.1f} | {goal}")
+    print("(goal: disaggregation adds < 15 ms to TTFT at 1,024 tokens, judged on 'compute removed')")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/kv_transfer.json")
@@ -456,7 +509,11 @@ def main() -> None:
     parser.add_argument("--ucx-tls", default=None, help="UCX_TLS for every NIXL agent (default: UCX's own)")
     parser.add_argument("--kv-keep-warm-interval", type=float, default=None, metavar="SECONDS",
                         help="the engines' --kv-keep-warm-interval (default: theirs; 0 = off)")
+    parser.add_argument("--report", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     args = parser.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
     if args.repeats < 1 or args.transfer_samples < 2:
         parser.error("--repeats must be >= 1 and --transfer-samples >= 2")
 
@@ -479,53 +536,7 @@ def main() -> None:
         "kv_cache_mib": KV_CACHE_MIB,
     }
 
-    print(f"\nKV block transfer, GB/s, timed by NIXL (post -> completion) on both sides; medians of {args.transfer_samples} "
-          "engine READs and of as many READs of every raw baseline, one taken right after each engine READ (raw: one-region "
-          "NIXL READ of the same byte count; 4K = ordinary torch buffers, HP = huge-page buffers like the engine's pool; "
-          "hot = same bytes again, DRAM = caches swept first)")
-    print(f"{'tokens':>6} {'MB':>6} {'raw 4K hot':>10} {'4K DRAM':>8} {'HP hot':>7} {'HP DRAM':>8} {'transport HP':>12} "
-          f"{'engine':>7} | {'engine/':>7} {'engine/':>8} {'engine/':>7} {'engine/':>8} | {'goal':>4}")
-    print(f"{'':>6} {'':>6} {'':>10} {'':>8} {'':>7} {'':>8} {'':>12} {'':>7} | {'4K hot':>7} {'4K DRAM':>8} "
-          f"{'HP hot':>7} {'HP DRAM':>8} | {'':>4}")
-    for r, e in zip(raw["cases"], engine["cases"]):
-        met = min(e["ratio_to_raw_dram"], e["ratio_to_raw_huge_dram"]) >= 0.8
-        print(f"{r['prompt_tokens']:>6} {r['bytes'] / 1e6:6.1f} {r['raw_gbps']:10.2f} {r['raw_dram_gbps']:8.2f} "
-              f"{r['raw_huge_gbps']:7.2f} {r['raw_huge_dram_gbps']:8.2f} {r['transport_block_huge_gbps']:12.2f} "
-              f"{e['engine_block_gbps']:7.2f} | {e['ratio_to_raw']:7.2f} {e['ratio_to_raw_dram']:8.2f} "
-              f"{e['ratio_to_raw_huge']:7.2f} {e['ratio_to_raw_huge_dram']:8.2f} | {'met' if met else 'NOT':>4}")
-    print("(goal: engine >= 0.8 x raw DRAM->DRAM, both buffer kinds; the hot READs find their bytes in the CPU's caches, "
-          "which an engine's READ of a prompt just computed elsewhere does not)")
-    print("\nThe slow tail against raw HP DRAM: 10th percentiles, per-READ pairs, and how often a READ fell below 0.8 x the "
-          "raw median; and raw HP 'pool' READs: each into the next stretch of a huge-page destination as large as an "
-          f"engine's KV pool ({KV_CACHE_MIB} MiB), as old as the free blocks an engine's READ lands in")
-    print(f"{'tokens':>6} {'engine p10':>10} {'raw p10':>8} {'p10 ratio':>9} {'paired median':>13} {'engine < goal':>13} "
-          f"{'raw < goal':>10} | {'raw HP pool':>11} {'pool p10':>8} {'engine/pool':>11}")
-    for r, e in zip(raw["cases"], engine["cases"]):
-        print(f"{r['prompt_tokens']:>6} {e['engine_p10_gbps']:10.2f} {r['raw_huge_dram_p10_gbps']:8.2f} "
-              f"{e['p10_ratio_to_raw_huge_dram']:9.2f} {e['paired_ratio_raw_huge_dram']:13.2f} "
-              f"{e['below_goal_fraction_raw_huge_dram']:13.0%} {r['raw_huge_dram_below_goal_fraction']:10.0%} | "
-              f"{r['raw_huge_pool_gbps']:11.2f} {r['raw_huge_pool_p10_gbps']:8.2f} {e['ratio_to_raw_huge_pool']:11.2f}")
-    print("\nThe same READs on the reader's own clock (+ building the NIXL request, + waits for the GIL), GB/s")
-    print(f"{'tokens':>6} {'raw 4K DRAM':>11} {'raw HP DRAM':>11} {'engine':>7} | {'engine/':>8} {'engine/':>8} | "
-          f"{'setup ms':>8} {'setup ms':>8}")
-    print(f"{'':>6} {'':>11} {'':>11} {'':>7} | {'4K DRAM':>8} {'HP DRAM':>8} | {'raw':>8} {'engine':>8}")
-    for r, e in zip(raw["cases"], engine["cases"]):
-        print(f"{r['prompt_tokens']:>6} {r['raw_dram_wall_gbps']:11.2f} {r['raw_huge_dram_wall_gbps']:11.2f} "
-              f"{e['engine_wall_gbps']:7.2f} | {e['wall_ratio_to_raw_dram']:8.2f} {e['wall_ratio_to_raw_huge_dram']:8.2f} | "
-              f"{r['raw_huge_dram_setup_ms']:8.3f} {e['engine_setup_ms']:8.3f}")
-    print(f"\nTime to first token, ms, medians of {args.repeats} alternating pairs (every engine --threads {args.threads}). "
-          "'added' = disaggregated minus aggregated; 'compute removed' = the same per pair after taking out the prompt's "
-          "compute as the computing engine timed it (vllm:request_prefill_time_seconds); 'decode hop' = disaggregated TTFT "
-          "minus the prefill round trip; '2nd token' waits for the KV transfer and the decode worker's first step")
-    print(f"{'tokens':>6} {'aggregated':>10} {'disaggregated':>13} {'added':>8} {'compute removed':>15} {'decode hop':>10} | "
-          f"{'2nd token agg':>13} {'disagg':>8} {'added, compute removed':>22} | {'goal':>4}")
-    for t in ttft["cases"]:
-        goal = f"{'met' if t['added_compute_removed_ms'] < 15 else 'NOT':>4}" if t["prompt_tokens"] == 1024 else ""
-        print(f"{t['prompt_tokens']:>6} {t['aggregated_ttft_ms']:10.1f} {t['disaggregated_ttft_ms']:13.1f} "
-              f"{t['added_ms']:8.1f} {t['added_compute_removed_ms']:15.1f} {t['decode_hop_ttft_ms']:10.1f} | "
-              f"{t['aggregated_second_token_ms']:13.1f} {t['disaggregated_second_token_ms']:8.1f} "
-              f"{t['second_token_added_compute_removed_ms']:22.1f} | {goal}")
-    print("(goal: disaggregation adds < 15 ms to TTFT at 1,024 tokens, judged on 'compute removed')")
+    report(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
