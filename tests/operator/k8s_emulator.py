@@ -14,7 +14,9 @@ that behaves like the API server as far as an operator can tell:
 - JSON merge patch (``null`` deletes) and PUT replace; no-op writes bump nothing;
 - equality- and set-based label selectors on list and watch;
 - finalizers (``deletionTimestamp`` first), owner-reference garbage collection (background cascade);
-- the scale subresource of custom resources.
+- the scale subresource of custom resources;
+- the Namespace objects themselves (``/api/v1/namespaces`` and ``/api/v1/namespaces/NAME``), which kopf lists
+  and watches when it serves chosen namespaces.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import attrs
 import jsonpatch
 import kmock
-from kmock._internal import rendering
+from kmock._internal import parsing, rendering
 
 from crd_schema import apply_defaults
 
@@ -51,6 +53,26 @@ BUILTIN_RESOURCES = [
     ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, ()),
 ]
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+
+def _parse_path(path: str, _kmock_parse=parsing.parse_path) -> parsing.ParsedPath:
+    """kmock's path parser, plus the Namespace resource's own paths.
+
+    NOTE: kmock reads ``/api/v1/namespaces/X/...`` as "in namespace X" and fails on the bare collection
+    ``/api/v1/namespaces`` (a 500 from its parser), so an operator scoped to namespaces, which lists and
+    watches them, could not start against it. Here the collection and ``/api/v1/namespaces/NAME`` (with an
+    optional subresource such as ``status``) are the cluster-scoped ``namespaces`` resource, as on a real API
+    server; every other path goes to kmock unchanged.
+    """
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) in (3, 4, 5) and not (
+            len(parts) == 5 and parts[4] not in ("status", "finalize")):
+        name = parts[3] if len(parts) > 3 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, parts[4] if len(parts) == 5 else None)
+    return _kmock_parse(path)
+
+
+parsing.parse_path = _parse_path  # rendering.Request._parse looks it up at every request
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The real kopf operator against the API server emulator: create, scale, update, drift, delete, status."""
+"""The real kopf operator against the API server emulator: create, scale, update, drift, delete, status, scope."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from operator_support import LLMD_API, NAMESPACE, Cluster, RunningOperator, eventually
+import pytest
+
+from operator_support import LLMD_API, NAMESPACE, Cluster, RunningOperator, eventually, running_operator
 from tandem.operator.kube import Conflict
 from tandem.operator.render import render
 
@@ -235,3 +237,23 @@ async def test_foreign_object_with_a_child_name_is_left_alone(cluster: Cluster, 
     assert condition(obj, "Degraded")["reason"] == "OwnershipConflict"
     assert cluster.obj("v1", "configmaps", "o-config")["data"] == {"mine": "yes"}
     assert cluster.obj("apps/v1", "deployments", "o-decode") is not None  # the rest is still reconciled
+
+
+@pytest.mark.parametrize("watch", [NAMESPACE, "te*"])
+async def test_an_operator_scoped_to_one_namespace_leaves_the_others_alone(cluster: Cluster, watch: str):
+    """``tandem operator --namespace team`` (the chart's ``operator.watchNamespaces``; globs allowed): an
+    LLMDeployment in another namespace gets no children and no status, while the watched one is reconciled."""
+    for namespace in (NAMESPACE, "other"):  # kopf serves the watched namespaces it sees listed
+        await cluster.user._call("POST", "/api/v1/namespaces",  # noqa: SLF001 - the operator's client is namespaced
+                                 body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    elsewhere = {**new_llmd("x", {}), "metadata": {"name": "x", "namespace": "other"}}
+    async with running_operator(cluster, namespaces=[watch]):
+        await cluster.user.create(elsewhere)
+        await cluster.user.create(new_llmd("w", {}))
+        await eventually(lambda: children(cluster, "w") == expected_children(cluster, "w"))
+        await eventually(lambda: cluster.llmd("w").get("status", {}).get("phase") == "Progressing")
+        await asyncio.sleep(1.5)  # three resync periods: time enough to have touched "other" if it watched it
+        other = cluster.obj(LLMD_API, "llmdeployments", "x", namespace="other")
+        assert "status" not in other and not (other["metadata"].get("annotations") or {})
+        for api_version, plural in [("v1", "configmaps"), ("v1", "services"), ("apps/v1", "deployments")]:
+            assert cluster.api.list_objects(api_version, plural, "other") == [], plural
