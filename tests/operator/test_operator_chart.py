@@ -150,7 +150,9 @@ def test_grafana_dashboard_covers_engine_and_router_metrics():
     for metric in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                    "vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_bucket",
                    "tandem:router_requests_total", "tandem:router_decisions_total",
-                   "tandem:router_routing_decision_seconds_bucket", "tandem:operator_reconciles_total"):
+                   "tandem:router_routing_decision_seconds_bucket", "tandem:operator_reconciles_total",
+                   "vllm:request_prefill_time_seconds_sum", "vllm:request_decode_time_seconds_count",
+                   "tandem:kv_transfer_duration_seconds_bucket"):
         assert metric in exprs, metric
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
