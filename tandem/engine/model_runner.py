@@ -23,6 +23,7 @@ from tandem.engine.models.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     PrefillSeq,
+    VerifyGroup,
     can_pack_linears,
     fresh_prefill_batch,
 )
@@ -139,6 +140,7 @@ class ModelRunner:
         sample_items: list[ScheduledRequest] = []
         prefill_seqs: list[PrefillSeq] = []
         spec_rows: list[tuple[ScheduledRequest, int]] = []
+        verify_items: list[tuple[ScheduledRequest, int]] = []
         for item in order:
             req, start, n = item.request, item.request.num_computed_tokens, item.num_tokens
             q_start = len(input_ids)
@@ -153,13 +155,16 @@ class ModelRunner:
             if not item.spec_token_ids and start + n == req.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_items.append(item)
-            if n > 1:
+            if item.spec_token_ids:
+                verify_items.append((item, q_start))
+            elif n > 1:
                 ctx = start + n
                 rows = None if start == 0 else self._rows(torch.tensor(ids[: -(-ctx // bs)], dtype=torch.long))
                 prefill_seqs.append(PrefillSeq(q_start, n, ctx, rows))
         meta = AttentionMetadata(
             write_index=self._token_slots(torch.tensor(slots, dtype=torch.long)),
             num_decode=len(decodes),
+            verify=self._verify_groups(verify_items),
             prefills=prefill_seqs,
         )
         if decodes:
@@ -190,6 +195,32 @@ class ModelRunner:
             order=order,
             spec_rows=spec_rows,
         )
+
+    def _verify_groups(self, items: list[tuple[ScheduledRequest, int]]) -> list[VerifyGroup]:
+        """Speculative chunks (at flat offset ``q_start``), grouped by length for batched attention."""
+        bs = self.block_size
+        by_len: dict[int, list[tuple[ScheduledRequest, int]]] = {}
+        for item, q_start in items:
+            by_len.setdefault(item.num_tokens, []).append((item, q_start))
+        groups = []
+        for q_len, members in by_len.items():
+            ctx = torch.tensor([it.request.num_computed_tokens + q_len for it, _ in members], dtype=torch.long)
+            max_blocks = -(-int(ctx.max()) // bs)
+            table = torch.zeros(len(members), max_blocks, dtype=torch.long)
+            for row, (it, _) in enumerate(members):
+                nblk = -(-int(ctx[row]) // bs)
+                table[row, :nblk] = torch.tensor(it.block_ids[:nblk], dtype=torch.long)
+            # Query i of a chunk sits at position ctx - q_len + i and sees the keys up to it.
+            query_pos = ctx.unsqueeze(1) - q_len + torch.arange(q_len).unsqueeze(0)  # [B, Q]
+            mask = torch.arange(max_blocks * bs).view(1, 1, -1) <= query_pos.unsqueeze(2)  # [B, Q, L]
+            groups.append(VerifyGroup(
+                token_index=torch.tensor([q0 + i for _, q0 in members for i in range(q_len)], dtype=torch.long),
+                gather_rows=self._rows(table.flatten()),
+                mask=mask.view(1, len(members), 1, q_len, -1),
+                num_seqs=len(members),
+                q_len=q_len,
+            ))
+        return groups
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A step's index tensor, built on the host, on the model's device (pinned, so the copy is asynchronous)."""

@@ -87,6 +87,26 @@ def test_greedy_output_is_identical_with_speculation(llms):
 
 
 @pytest.mark.slow
+def test_a_batch_verified_together_is_identical_to_plain_decoding(llms):
+    """Eight sequences of different lengths speculate at once: their verify chunks (of different lengths, over
+    different contexts) are attended in batched groups, and greedy output still matches plain decoding."""
+    plain, spec = llms
+    passages = ["The quick brown fox jumps over the lazy dog.", "Knowledge is power. Time is money.",
+                "To reset the router, hold the power button for ten seconds."]
+    prompts = [[{"role": "user", "content": f"Copy this text exactly:\n\n{' '.join(passages[: 1 + i % 3] * (1 + i % 4))}"}]
+               for i in range(6)]
+    prompts += [[{"role": "user", "content": "Write a haiku about the sea."}],
+                [{"role": "user", "content": "List the first ten prime numbers."}]]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    drafts_before = spec.engine.stats().spec_num_drafts
+    want = [o.outputs[0].token_ids for o in plain.chat(prompts, params)]
+    got = [o.outputs[0].token_ids for o in spec.chat(prompts, params)]
+    assert got == want
+    assert spec.engine.stats().spec_num_drafts - drafts_before >= 8
+    assert_engine_idle(spec.engine)
+
+
+@pytest.mark.slow
 def test_speculation_honours_stops_logprobs_and_sampling(llms):
     plain, spec = llms
     # A stop string and a stop token inside an accepted run end the output where plain decoding does.

@@ -106,6 +106,18 @@ class PrefillSeq:
 
 
 @dataclass(slots=True)
+class VerifyGroup:
+    """Speculative verification chunks of one length ``q_len`` (the last token and its drafts), attended like the
+    decodes: one gather of their blocks and one batched attention per layer, not one call per chunk."""
+
+    token_index: torch.Tensor  # [B * q_len]: flat token of each (chunk, position)
+    gather_rows: torch.Tensor  # [num_layers, 2 * kv_heads * B * max_blocks], (K/V, head, seq, block)
+    mask: torch.Tensor  # [1, B, 1, q_len, max_blocks * block_size]: True where attended (causal within the chunk)
+    num_seqs: int
+    q_len: int
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """How this step's flat tokens map onto the paged KV cache (indices per layer, built once per step).
 
@@ -117,6 +129,7 @@ class AttentionMetadata:
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
     decode_gather_rows: torch.Tensor | None = None  # [num_layers, 2 * kv_heads * Bd * max_blocks], (K/V, head, seq, block)
     decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
+    verify: list[VerifyGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
     # GPU only: the prefill chunks without a cached prefix, attended as one padded batch (see FreshPrefillBatch).
     fresh_batch: FreshPrefillBatch | None = None
@@ -128,6 +141,8 @@ class AttentionMetadata:
             self.decode_gather_rows = fn(self.decode_gather_rows)
         if self.decode_mask is not None:
             self.decode_mask = fn(self.decode_mask)
+        for grp in self.verify:
+            grp.token_index, grp.gather_rows, grp.mask = fn(grp.token_index), fn(grp.gather_rows), fn(grp.mask)
         for seq in self.prefills:
             if seq.gather_rows is not None:
                 seq.gather_rows = fn(seq.gather_rows)
@@ -274,18 +289,14 @@ class Attention(nn.Module):
         kv_rows.view(-1, D).index_copy_(0, meta.write_index[layer], new_kv)
 
         out = torch.empty(T, self.num_heads, D, dtype=x.dtype, device=x.device)
-        group = self.num_heads // kvh
         if meta.num_decode:
             bd = meta.num_decode
-            # One gather of whole [block_size, D] rows yields K and V as [2, kv_heads, Bd, L, D]
-            # (L = max_blocks * block_size), the order batched attention reads.
-            kvd = kv_rows.index_select(0, meta.decode_gather_rows[layer]).view(2, kvh, bd, -1, D)
-            kd, vd = kvd[0], kvd[1]
-            qd = q[:bd].view(bd, kvh, group, D).transpose(0, 1)  # [kvh, Bd, group, D]
-            scores = torch.matmul(qd, kd.transpose(-1, -2)) * self.scale  # [kvh, Bd, group, L]
-            scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(vd.dtype)
-            out[:bd] = torch.matmul(probs, vd).transpose(0, 1).reshape(bd, self.num_heads, D)
+            out[:bd] = self._paged_attention(q[:bd].view(bd, 1, self.num_heads, D), kv_rows,
+                                             meta.decode_gather_rows[layer], meta.decode_mask.unsqueeze(3)).view(bd, -1, D)
+        for grp in meta.verify:
+            qv = q.index_select(0, grp.token_index).view(grp.num_seqs, grp.q_len, self.num_heads, D)
+            o = self._paged_attention(qv, kv_rows, grp.gather_rows[layer], grp.mask)
+            out.index_copy_(0, grp.token_index, o.view(-1, self.num_heads, D))
         fresh = meta.fresh_batch
         if fresh is not None:
             attend_fresh_batch(q, k, v, fresh, out)
@@ -306,6 +317,22 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             out[seq.q_start : seq.q_start + seq.q_len] = o[0].transpose(0, 1)
         return self.o_proj(out.view(T, self.q_size))
+
+    def _paged_attention(self, q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[B, Q, H, D]`` (Q queries per sequence) attending to its sequence's blocks, gathered whole by
+        ``rows``; ``mask`` ``[1, B, 1, Q, L]``. One gather of ``[block_size, D]`` rows yields K and V as
+        ``[2, kv_heads, B, L, D]`` (L = max_blocks * block_size), the order batched attention reads."""
+        B, Q, H, D = q.shape
+        kvh = self.num_kv_heads
+        group = H // kvh
+        kv = kv_rows.index_select(0, rows).view(2, kvh, B, -1, D)
+        qg = q.view(B, Q, kvh, group, D).permute(2, 0, 3, 1, 4).reshape(kvh, B, group * Q, D)
+        scores = torch.matmul(qg, kv[0].transpose(-1, -2)) * self.scale  # [kvh, B, group * Q, L]
+        scores = scores.view(kvh, B, group, Q, -1).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(kv.dtype).view(kvh, B, group * Q, -1)
+        out = torch.matmul(probs, kv[1])  # [kvh, B, group * Q, D]
+        return out.view(kvh, B, group, Q, D).permute(1, 3, 0, 2, 4).reshape(B, Q, H, D)
 
 
 class MLP(nn.Module):
