@@ -181,14 +181,15 @@ class RawReader:
         handle = raw_bench.read_blocks(self.transport, self.peer, list(range(n)), list(range(n)), 30.0)[1]
         return raw_s, handle.transfer_s or handle.duration_s or 0.0
 
-    def sample_dram(self, tokens: int) -> raw_bench.ReadTiming:
-        """One raw one-region READ into the start of the destination, as ``sample``'s, but after
-        sweeping a buffer three times the size of this CPU's last-level cache: source and destination come from
-        DRAM, not from cache (at 256 tokens both fit in a 32 MB L3, which flatters the hot READ)."""
+    def sample_dram(self, tokens: int, first_block: int = 0) -> raw_bench.ReadTiming:
+        """One raw one-region READ into the destination (from its start, or from ``first_block``), as ``sample``'s,
+        but after sweeping a buffer three times the size of this CPU's last-level cache: source and destination
+        come from DRAM, not from cache (at 256 tokens both fit in a 32 MB L3, which flatters the hot READ)."""
         assert self.transport is not None
-        num_bytes = tokens // self.layout.block_size * self.layout.bytes_per_block_all_layers
+        bpb = self.layout.bytes_per_block_all_layers
         self._scratch.add_(1)
-        return raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address, num_bytes, 30.0)
+        return raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address,
+                                     tokens // self.layout.block_size * bpb, 30.0, local_offset=first_block * bpb)
 
     def sample_pool(self, tokens: int) -> raw_bench.ReadTiming:
         """``sample_dram``'s READ, but each one into the next stretch of a destination as large as an engine's KV
@@ -198,11 +199,8 @@ class RawReader:
         n = tokens // self.layout.block_size
         if self._next_block + n > self._pool_end:
             self._next_block = self._pool_start
-        offset = self._next_block * self.layout.bytes_per_block_all_layers
-        self._next_block += n
-        self._scratch.add_(1)
-        return raw_bench.read_region(self.transport, self.peer.agent_name, self.peer.base_address,
-                                     n * self.layout.bytes_per_block_all_layers, 30.0, local_offset=offset)
+        first, self._next_block = self._next_block, self._next_block + n
+        return self.sample_dram(tokens, first)
 
     def close(self) -> None:
         if self.transport is not None:

@@ -168,18 +168,7 @@ class ModelRunner:
             prefills=prefill_seqs,
         )
         if decodes:
-            max_blocks = max(-(-(d.request.num_computed_tokens + 1) // bs) for d in decodes)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            seq_lens = torch.empty(len(decodes), dtype=torch.long)
-            for row, d in enumerate(decodes):
-                ctx = d.request.num_computed_tokens + 1
-                nblk = -(-ctx // bs)
-                table[row, :nblk] = torch.tensor(d.block_ids[:nblk], dtype=torch.long)
-                seq_lens[row] = ctx
-            meta.decode_gather_rows = self._rows(table.flatten())
-            meta.decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) < seq_lens.unsqueeze(1)).view(
-                1, len(decodes), 1, max_blocks * bs
-            )
+            meta.decode_gather_rows, meta.decode_mask = self._paged_batch(decodes, 1)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long)
         positions_t = torch.tensor(positions, dtype=torch.long)
         if self.device.type != "cpu":
@@ -198,29 +187,34 @@ class ModelRunner:
 
     def _verify_groups(self, items: list[tuple[ScheduledRequest, int]]) -> list[VerifyGroup]:
         """Speculative chunks (at flat offset ``q_start``), grouped by length for batched attention."""
-        bs = self.block_size
         by_len: dict[int, list[tuple[ScheduledRequest, int]]] = {}
         for item, q_start in items:
             by_len.setdefault(item.num_tokens, []).append((item, q_start))
         groups = []
         for q_len, members in by_len.items():
-            ctx = torch.tensor([it.request.num_computed_tokens + q_len for it, _ in members], dtype=torch.long)
-            max_blocks = -(-int(ctx.max()) // bs)
-            table = torch.zeros(len(members), max_blocks, dtype=torch.long)
-            for row, (it, _) in enumerate(members):
-                nblk = -(-int(ctx[row]) // bs)
-                table[row, :nblk] = torch.tensor(it.block_ids[:nblk], dtype=torch.long)
-            # Query i of a chunk sits at position ctx - q_len + i and sees the keys up to it.
-            query_pos = ctx.unsqueeze(1) - q_len + torch.arange(q_len).unsqueeze(0)  # [B, Q]
-            mask = torch.arange(max_blocks * bs).view(1, 1, -1) <= query_pos.unsqueeze(2)  # [B, Q, L]
-            groups.append(VerifyGroup(
-                token_index=torch.tensor([q0 + i for _, q0 in members for i in range(q_len)], dtype=torch.long),
-                gather_rows=self._rows(table.flatten()),
-                mask=mask.view(1, len(members), 1, q_len, -1),
-                num_seqs=len(members),
-                q_len=q_len,
-            ))
+            rows, mask = self._paged_batch([item for item, _ in members], q_len)
+            token_index = torch.tensor([q0 + i for _, q0 in members for i in range(q_len)], dtype=torch.long)
+            groups.append(VerifyGroup(token_index, rows, mask, len(members), q_len))
         return groups
+
+    def _paged_batch(self, items: list[ScheduledRequest], q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather rows and causal mask for ``items`` each computing its next ``q_len`` tokens over its cached
+        context, attended as one batch (decodes: ``q_len`` 1; verify chunks: the last token and its drafts).
+
+        Returns ``[num_layers, 2 * kv_heads * B * max_blocks]`` rows (a sequence's unused table slots gather block
+        0, masked out) and a ``[1, B, 1, q_len, max_blocks * block_size]`` mask: query i of a sequence sits at
+        position ``ctx - q_len + i`` and sees the keys up to it.
+        """
+        bs = self.block_size
+        ctx = torch.tensor([it.request.num_computed_tokens + q_len for it in items], dtype=torch.long)
+        max_blocks = -(-int(ctx.max()) // bs)
+        table = torch.zeros(len(items), max_blocks, dtype=torch.long)
+        for row, it in enumerate(items):
+            nblk = -(-int(ctx[row]) // bs)
+            table[row, :nblk] = torch.tensor(it.block_ids[:nblk], dtype=torch.long)
+        query_pos = ctx.unsqueeze(1) - q_len + torch.arange(q_len).unsqueeze(0)  # [B, Q]
+        mask = torch.arange(max_blocks * bs).view(1, 1, -1) <= query_pos.unsqueeze(2)  # [B, Q, L]
+        return self._rows(table.flatten()), mask.view(1, len(items), 1, q_len, -1)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A step's index tensor, built on the host, on the model's device (pinned, so the copy is asynchronous)."""

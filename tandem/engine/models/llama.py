@@ -128,7 +128,7 @@ class AttentionMetadata:
     write_index: torch.Tensor  # [num_layers, 2 * kv_heads * T]: where each new K/V vector goes, (K/V, head, token) order
     num_decode: int = 0  # the first num_decode tokens are single-token decodes
     decode_gather_rows: torch.Tensor | None = None  # [num_layers, 2 * kv_heads * Bd * max_blocks], (K/V, head, seq, block)
-    decode_mask: torch.Tensor | None = None  # [1, Bd, 1, max_blocks * block_size] True where attended
+    decode_mask: torch.Tensor | None = None  # [1, Bd, 1, 1, max_blocks * block_size] True where attended
     verify: list[VerifyGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
     # GPU only: the prefill chunks without a cached prefix, attended as one padded batch (see FreshPrefillBatch).
@@ -292,7 +292,7 @@ class Attention(nn.Module):
         if meta.num_decode:
             bd = meta.num_decode
             out[:bd] = self._paged_attention(q[:bd].view(bd, 1, self.num_heads, D), kv_rows,
-                                             meta.decode_gather_rows[layer], meta.decode_mask.unsqueeze(3)).view(bd, -1, D)
+                                             meta.decode_gather_rows[layer], meta.decode_mask).view(bd, -1, D)
         for grp in meta.verify:
             qv = q.index_select(0, grp.token_index).view(grp.num_seqs, grp.q_len, self.num_heads, D)
             o = self._paged_attention(qv, kv_rows, grp.gather_rows[layer], grp.mask)
