@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, event_from_dict
+from tandem.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, event_from_dict
 
 logger = logging.getLogger(__name__)
 

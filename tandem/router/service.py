@@ -20,7 +20,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tandem.engine.hashing import hash_block_tokens
+from tandem.protocol.hashing import hash_block_tokens
 from tandem.router.config import RouterConfig
 from tandem.router.errors import RequestError, sse_error_event
 from tandem.router.events import DirectEventConsumer, RedisEventConsumer, expire_loop

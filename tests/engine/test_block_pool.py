@@ -5,7 +5,7 @@ import pytest
 from helpers import create_request
 from tandem.engine.core.block_pool import BlockPool
 from tandem.engine.core.kv_cache_manager import KVCacheManager
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from tandem.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 def test_allocate_and_free_return_every_block():

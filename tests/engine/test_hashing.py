@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from tandem.engine.hashing import hash_block, hash_block_tokens
+from tandem.protocol.hashing import hash_block, hash_block_tokens
 
 
 def test_hashes_chain_and_cover_only_full_blocks():
@@ -21,7 +21,7 @@ def test_equal_blocks_with_different_prefixes_differ():
 
 def test_hashes_are_stable_across_processes_and_torch_free():
     code = (
-        "import sys; from tandem.engine.hashing import hash_block_tokens; "
+        "import sys; from tandem.protocol.hashing import hash_block_tokens; "
         "print(hash_block_tokens(list(range(64)), 16)); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tandem.engine.kv_events import BlockRemoved, BlockStored, EventBatch
+from tandem.protocol.kv_events import BlockRemoved, BlockStored, EventBatch
 
 
 def free_port() -> int:

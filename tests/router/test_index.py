@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.engine.hashing import hash_block_tokens
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+from tandem.protocol.hashing import hash_block_tokens
+from tandem.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from tandem.router.index import PrefixIndex
 
 W1 = "http://127.0.0.1:1001"

@@ -12,7 +12,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from tandem.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class KVCacheBlock:

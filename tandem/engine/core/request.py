@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from tandem.engine.hashing import hash_block
+from tandem.protocol.hashing import hash_block
 from tandem.engine.sampling_params import SamplingParams
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from tandem.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, event_to_dict
+from tandem.protocol.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, event_to_dict
 
 logger = logging.getLogger(__name__)
 
