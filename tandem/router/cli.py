@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="uncached prompt tokens below which decode serves alone (no prefill hop)")
     parser.add_argument("--kv-event-ttl", type=float, default=10.0, help="seconds without events before a worker's index entries expire")
     parser.add_argument("--max-retries", type=int, default=2)
+    parser.add_argument("--max-migrations", type=int, default=2,
+                        help="times a stream whose worker fails mid-way is resumed on another worker (0: never)")
+    parser.add_argument("--stream-stall-timeout", type=float, default=60.0,
+                        help="seconds without data after which a stream's worker counts as failed (and it migrates)")
     parser.add_argument("--health-interval", type=float, default=1.0)
     parser.add_argument("--log-level", default="info")
 
@@ -70,6 +74,8 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
         disagg_threshold=args.disagg_threshold,
         kv_event_ttl_s=args.kv_event_ttl,
         max_retries=args.max_retries,
+        max_migrations=args.max_migrations,
+        stream_stall_timeout_s=args.stream_stall_timeout,
         health_interval_s=args.health_interval,
         policy=args.policy,
         k8s_namespace=args.k8s_namespace,

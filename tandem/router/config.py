@@ -46,6 +46,10 @@ class RouterConfig:
     disagg_threshold: int = 256
     kv_event_ttl_s: float = 10.0
     max_retries: int = 2
+    # Mid-stream failures resumed on another worker per request (0: a failed stream ends with an error event).
+    max_migrations: int = 2
+    # A stream that sends nothing for this long is treated as failed (and migrated).
+    stream_stall_timeout_s: float = 60.0
     retry_backoff_s: float = 0.05
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
@@ -72,6 +76,10 @@ class RouterConfig:
             raise ValueError("disagg_threshold must be >= 0")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.max_migrations < 0:
+            raise ValueError("max_migrations must be >= 0")
+        if self.stream_stall_timeout_s <= 0:
+            raise ValueError("stream_stall_timeout_s must be > 0")
         if self.kv_event_ttl_s <= 0:
             raise ValueError("kv_event_ttl_s must be > 0")
         if self.policy not in ("prefix", "round_robin"):

@@ -35,6 +35,13 @@ class RouterMetrics:
         self.retries = Counter(
             "tandem:router_retries", "Requests re-sent to another worker after a failure", ["pool"], registry=self.registry
         )
+        self.migrations = Counter(
+            "tandem:router_migrations",
+            "Streams resumed on another worker after their worker failed mid-stream, by reason "
+            "(connection_error, eof, error_event, stall)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.decisions = Counter(
             "tandem:router_decisions",
             "How requests were served: disaggregated (prefill then decode), direct (decode alone, "

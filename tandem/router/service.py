@@ -2,7 +2,9 @@
 
 NOTE: every request ends with a response or an error and is counted in ``tandem:router_requests``:
 failures before the first byte reach the client are retried on another worker (bounded, with backoff);
-failures after it end the stream with an error event; nothing is dropped silently.
+a single-choice stream whose worker fails after that is resumed on another worker as a continuation of the
+tokens generated so far (``--max-migrations``, see migration.py); a stream that cannot be resumed ends with an
+error event. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from tandem.router.config import RouterConfig
 from tandem.router.errors import RequestError, sse_error_event
 from tandem.router.events import DirectEventConsumer, RedisEventConsumer, expire_loop
 from tandem.router.index import PrefixIndex
+from tandem.router.migration import (
+    DONE,
+    RETURN_TOKEN_IDS,
+    StreamFailed,
+    StreamState,
+    closing_events,
+    continuation_body,
+    migratable,
+    with_token_ids,
+)
 from tandem.router.metrics import RouterMetrics
 from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
 from tandem.router.tokenizer import PromptTokenizer, TemplateError
@@ -90,13 +102,15 @@ class RelayResponse(Response):
     """
 
     def __init__(self, first_chunk: bytes, upstream: httpx.Response, chunks: AsyncIterator[bytes],
-                 headers: dict[str, str], on_done: Callable[[str], None]) -> None:
+                 headers: dict[str, str], on_done: Callable[[str | None], None],
+                 migration: "Migration | None" = None) -> None:
         self.status_code = upstream.status_code
         self.background = None
         self._first_chunk = first_chunk
         self._upstream = upstream
         self._chunks = chunks
         self._on_done = on_done
+        self._migration = migration
         self._ending = False  # the last message is being sent: the disconnect watcher may fire, harmlessly
         self._disconnected = False
         self._finished = False
@@ -146,6 +160,8 @@ class RelayResponse(Response):
 
     async def _relay(self, receive: Receive, send: Send) -> str:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self._migration is not None:
+            return await self._relay_migrating(receive, send)
         # NOTE: a piece after which the upstream body is known complete goes out as the end of the response
         # too (one write to the client instead of two: the data, then the empty last chunk).
         upstream_complete = self._upstream.extensions.get(BODY_COMPLETE, _never)
@@ -172,12 +188,148 @@ class RelayResponse(Response):
             await self._send_piece(send, b"", True)
         return outcome
 
+    async def _relay_migrating(self, receive: Receive, send: Send) -> str:
+        """Relay event by event (token ids stripped, the stream state kept); a failed upstream is replaced by a
+        continuation on another worker, seamlessly for the client."""
+        migration = self._migration
+        state = migration.state
+        self._watch_disconnect(receive)
+        pending = self._first_chunk
+        while True:
+            try:
+                await self._forward(send, state.feed(pending))
+                while not state.done:
+                    async with asyncio.timeout(migration.stall_timeout_s):
+                        chunk = await anext(self._chunks, None)
+                    if chunk is None:
+                        raise StreamFailed("eof", "the stream ended before [DONE]")
+                    await self._forward(send, state.feed(chunk))
+                break
+            except (*_TRANSPORT_ERRORS, StreamFailed, TimeoutError) as exc:
+                failure = _stream_failure(exc, migration.stall_timeout_s)
+            await self._upstream.aclose()
+            resumed = await migration.resume(failure, self._on_done)
+            if isinstance(resumed, bytes):  # the request was complete, or cannot be resumed: end the stream
+                await self._forward(send, resumed)
+                break
+            pending, self._upstream, self._chunks, self._on_done = resumed
+        await self._send_piece(send, b"", True)
+        return "ok" if state.done and not migration.gave_up else "stream_error"
+
+    async def _forward(self, send: Send, body: bytes) -> None:
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+
     async def _send_piece(self, send: Send, body: bytes, last: bool) -> bool:
         if last:
             # uvicorn reports the end of the response to receive() as a disconnect: not the client going away.
             self._ending = True
         await send({"type": "http.response.body", "body": body, "more_body": not last})
         return last
+
+
+def _stream_failure(exc: BaseException, stall_timeout_s: float) -> StreamFailed:
+    """Name a mid-stream failure by the migration metric's reasons."""
+    if isinstance(exc, StreamFailed):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return StreamFailed("stall", f"no data for {stall_timeout_s:g} s")
+    return StreamFailed("connection_error", f"{type(exc).__name__}: {exc}")
+
+
+# What a successful continuation hands the relay: its first bytes, upstream, chunk iterator and release callback.
+_Resumed = tuple[bytes, httpx.Response, AsyncIterator[bytes], Callable[[str | None], None]]
+
+
+class Migration:
+    """Resumes one relayed single-choice stream on another worker when its upstream fails (see migration.py)."""
+
+    def __init__(self, service: "RouterService", pool: Pool, request: RoutingRequest, endpoint: str,
+                 body: dict[str, Any], headers: dict[str, str], state: StreamState,
+                 done: Callable[[str, str, str], None]) -> None:
+        self.service = service
+        self.pool = pool
+        self.request = request
+        self.endpoint = endpoint
+        self.body = body
+        self.headers = headers
+        self.state = state
+        self.done = done
+        self.worker: Worker | None = None
+        self.failed: set[str] = set()
+        self.gave_up = False
+        self.stall_timeout_s = service.config.stream_stall_timeout_s
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    async def resume(self, failure: StreamFailed, release: Callable[[str | None], None]) -> _Resumed | bytes:
+        """Continue the request on another worker, or return the bytes that end the stream."""
+        service, state = self.service, self.state
+        worker = self.worker
+        release(None)  # the failed worker no longer holds this request
+        request_id = self.headers["x-request-id"]
+        if worker is not None:
+            self.failed.add(worker.url)
+            service.datastore.mark_failed(worker, f"mid-stream: {failure.detail}")
+        if state.finish_reason is not None:
+            logger.info("request %s: upstream %s failed after the last token (%s); ending the stream",
+                        request_id, worker and worker.url, failure)
+            return closing_events(state, self.include_usage)
+        why = self._cannot_resume()
+        if why is not None:
+            return self._give_up(f"the worker failed mid-stream ({failure.reason}) and {why}")
+        body = continuation_body(self.body, state)
+        if body is None:  # every token was generated: only the finish chunk was missing
+            return state.finish_chunk("length") + closing_events(state, self.include_usage)
+        payload = json.dumps(body).encode()
+        service.metrics.migrations.labels(failure.reason).inc()
+        while True:
+            pick = service.profiles[self.pool].pick(self.request, service.datastore.pool(self.pool), exclude=self.failed)
+            if pick is None:
+                return self._give_up(f"the worker failed mid-stream ({failure.reason}) and no other worker is healthy")
+            target = pick.worker
+            logger.warning("request %s: migrating from %s to %s after %s (%d tokens generated, migration %d of %d)",
+                           request_id, worker and worker.url, target.url, failure, len(state.token_ids),
+                           state.migrations + 1, service.config.max_migrations)
+            resumed = await self._open(target, payload)
+            if resumed is not None:
+                state.begin_continuation()
+                self.worker = target
+                return resumed
+            self.failed.add(target.url)
+
+    def _cannot_resume(self) -> str | None:
+        state = self.state
+        if state.migrations >= self.service.config.max_migrations:
+            return f"--max-migrations={self.service.config.max_migrations} was reached"
+        if state.prompt_token_ids is None:
+            return "its prompt's token ids are unknown"
+        if state.untracked:
+            return "the worker did not return token ids"
+        return None
+
+    def _give_up(self, message: str) -> bytes:
+        self.gave_up = True
+        logger.warning("request %s: %s", self.headers["x-request-id"], message)
+        self.state.done = True
+        return sse_error_event(message, "upstream_stream_error") + DONE
+
+    async def _open(self, worker: Worker, payload: bytes) -> _Resumed | None:
+        relayed = False
+
+        def done_once_relayed(pool: str, url: str, outcome: str) -> None:
+            if relayed:  # a continuation refused outright is not the request's outcome
+                self.done(pool, url, outcome)
+
+        result = await self.service._attempt(self.pool, worker, self.endpoint, payload, True, self.headers,
+                                             done_once_relayed)
+        if isinstance(result, RelayResponse) and result.status_code == 200:
+            relayed = True
+            return result._first_chunk, result._upstream, result._chunks, result._on_done
+        if isinstance(result, Response):
+            logger.warning("request %s: continuation on %s answered %d: %s", self.headers["x-request-id"],
+                           worker.url, result.status_code, bytes(result.body)[:300])
+        return None
 
 
 class RouterService:
@@ -290,6 +442,17 @@ class RouterService:
 
     def routing_request(self, endpoint: str, body: dict[str, Any]) -> RoutingRequest:
         """Validate what routing needs and turn the prompt into block hashes (the engine's own hasher)."""
+        return self._routing_request(body.get("model"), self.prompt_token_ids(endpoint, body))
+
+    def _routing_request(self, model: str, token_ids: list[int] | None) -> RoutingRequest:
+        if token_ids is None:
+            return RoutingRequest(model=model)
+        return RoutingRequest(model=model, block_hashes=hash_block_tokens(token_ids, self.index.block_size),
+                              num_prompt_tokens=len(token_ids))
+
+    def prompt_token_ids(self, endpoint: str, body: dict[str, Any]) -> list[int] | None:
+        """Validate what routing needs; the prompt's token ids as the engine will see them (None without a
+        tokenizer)."""
         model = body.get("model")
         if model != self.config.served_model_name:
             raise RequestError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
@@ -313,10 +476,7 @@ class RouterService:
                     raise RequestError(400, f"malformed messages: {exc}", "messages") from exc
         else:
             token_ids = self._prompt_tokens(body.get("prompt", None))
-        if token_ids is None:
-            return RoutingRequest(model=model)
-        return RoutingRequest(model=model, block_hashes=hash_block_tokens(token_ids, self.index.block_size),
-                              num_prompt_tokens=len(token_ids))
+        return token_ids
 
     def _prompt_tokens(self, prompt: Any) -> list[int] | None:
         # A batch of prompts is routed by its first one: they all go to the same worker.
@@ -362,7 +522,8 @@ class RouterService:
         if not isinstance(stream, bool):
             raise RequestError(400, "'stream' must be a boolean", "stream")
         started = time.perf_counter()
-        request = self.routing_request(endpoint, body)
+        request_token_ids = self.prompt_token_ids(endpoint, body)
+        request = self._routing_request(body.get("model"), request_token_ids)
         decode_pool = self.datastore.pool(Pool.DECODE)
         use_pd = any(w.healthy for w in decode_pool)
         pool = Pool.DECODE if use_pd else Pool.AGGREGATED
@@ -381,6 +542,16 @@ class RouterService:
             upstream_headers["authorization"] = headers["authorization"]
 
         payload = raw_body
+        migration: Migration | None = None
+        upstream_body = body
+        if stream and self.config.max_migrations > 0 and migratable(body):
+            # The engines return the generated token ids on every chunk: the router keeps them to resume the
+            # stream elsewhere if its worker fails, and strips them before the client sees them.
+            state = StreamState(endpoint_is_chat=endpoint == CHAT, client_wants_token_ids=body.get(RETURN_TOKEN_IDS) is True,
+                                prompt_token_ids=request_token_ids)
+            upstream_body = with_token_ids(body)
+            payload = json.dumps(upstream_body).encode()
+            migration = Migration(self, pool, request, endpoint, upstream_body, upstream_headers, state, done)
         if prefill is not None:
             if total_blocks:
                 self.metrics.prefix_hit_ratio.labels(Pool.PREFILL.value).observe(prefill.matched_blocks / total_blocks)
@@ -392,12 +563,12 @@ class RouterService:
                 self.metrics.decisions.labels("prefill_fallback").inc()
             else:
                 self.metrics.decisions.labels("disaggregated").inc()
-                payload = json.dumps({**body, "kv_transfer_params": params}).encode()
+                payload = json.dumps({**upstream_body, "kv_transfer_params": params}).encode()
         else:
             self.metrics.decisions.labels("direct" if use_pd else "aggregated").inc()
             if total_blocks:
                 self.metrics.prefix_hit_ratio.labels(pool.value).observe(final.matched_blocks / total_blocks)
-        return await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done)
+        return await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done, migration)
 
     async def _prefill(self, worker: Worker, endpoint: str, body: dict[str, Any],
                        headers: dict[str, str]) -> dict[str, Any] | Response | None:
@@ -440,7 +611,8 @@ class RouterService:
         return params
 
     async def _serve(self, pool: Pool, request: RoutingRequest, pick: Pick, endpoint: str, payload: bytes,
-                     stream: bool, headers: dict[str, str], done: Callable[[str, str, str], None]) -> Response:
+                     stream: bool, headers: dict[str, str], done: Callable[[str, str, str], None],
+                     migration: Migration | None = None) -> Response:
         """The last hop, retried on other workers of the pool while nothing has reached the client."""
         tried: set[str] = set()
         failures: list[str] = []
@@ -454,7 +626,7 @@ class RouterService:
                 await asyncio.sleep(self.config.retry_backoff_s * 2 ** (attempt - 1))
             worker = current.worker
             tried.add(worker.url)
-            result = await self._attempt(pool, worker, endpoint, payload, stream, headers, done)
+            result = await self._attempt(pool, worker, endpoint, payload, stream, headers, done, migration)
             if isinstance(result, Response):
                 return result
             failures.append(f"{worker.url}: {result.reason}")
@@ -468,7 +640,8 @@ class RouterService:
                            else "no healthy worker serves this model", code="no_healthy_worker")
 
     async def _attempt(self, pool: Pool, worker: Worker, endpoint: str, payload: bytes, stream: bool,
-                       headers: dict[str, str], done: Callable[[str, str, str], None]) -> Response | _Attempt:
+                       headers: dict[str, str], done: Callable[[str, str, str], None],
+                       migration: Migration | None = None) -> Response | _Attempt:
         worker.inflight += 1
         released = False
 
@@ -506,7 +679,9 @@ class RouterService:
             except StopAsyncIteration:
                 first = b""
             worker.consecutive_failures = 0
-            return RelayResponse(first, upstream, chunks, reply_headers, release)
+            if migration is not None:
+                migration.worker = worker
+            return RelayResponse(first, upstream, chunks, reply_headers, release, migration)
         except _TRANSPORT_ERRORS as exc:
             if upstream is not None:
                 await upstream.aclose()
