@@ -24,6 +24,7 @@ from tandem.engine.model_runner import ModelRunner, set_threads
 from tandem.engine.models.llama import PRESETS, LlamaConfig, LlamaForCausalLM, rope_inv_freq
 from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.structured_output import RequestGrammar, StructuredOutputManager
 from tandem.engine.weights import WeightsError, load_config, load_state_dict, prepare
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ class LLMEngine:
                   f"x {layout.block_size} tokens = {layout.num_blocks * layout.block_size} tokens "
                   f"({config.dtype})", file=sys.stderr)
         self.eos_token_id = self._eos_token_id()
+        # Grammars compile on their own thread; xgrammar is loaded on the first structured request.
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                         eos_token_id=self.eos_token_id)
         self._children: dict[str, _Child] = {}
         self._parents: dict[str, list[str]] = {}
         self._detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
@@ -210,7 +214,10 @@ class LLMEngine:
                 f"prompt: {len(prompt_token_ids)} tokens is too long for max_model_len={max_len} "
                 "(at least one token must be left to generate)"
             )
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary [0, {vocab})")
         first = self._handed_in_first_token(params, kv_transfer_params)
+        grammars = self._grammars(params, first)
         children = []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}-{i}"
@@ -226,6 +233,7 @@ class LLMEngine:
                 block_size=self.config.cache.block_size,
                 group_id=None if params.n == 1 or i == 0 else f"{request_id}-0",
                 kv_transfer_params=kv_transfer_params,
+                grammar=grammars[i],
             )
             children.append(req)
         for i, req in enumerate(children):
@@ -244,6 +252,22 @@ class LLMEngine:
             if status is not None:  # e.g. EOS, max_tokens 1, or the context is full: done without a step
                 self.scheduler.finish_requests([req.request_id], status)
         return request_id
+
+    def _grammars(self, params: SamplingParams,
+                  first: tuple[int, dict[int, float] | None] | None) -> list[RequestGrammar | None]:
+        """One grammar state per sample (None without structured output). Raises ValueError naming the field
+        for a schema, regex or grammar that does not parse. A handed-in first token is advanced over as soon
+        as the grammar is compiled; a token the grammar forbids ends the request with an error."""
+        spec = params.structured_output
+        if spec is None:
+            return [None] * params.n
+        grammars: list[RequestGrammar | None] = [self.structured_output.grammar_for(spec) for _ in range(params.n)]
+        # NOTE: most grammars compile in about a millisecond: a short wait saves them a trip through
+        # WAITING_FOR_GRAMMAR; slow ones keep compiling off the step loop.
+        grammars[0].wait(0.005)  # type: ignore[union-attr]
+        if first is not None:
+            grammars[0].advance_when_ready([first[0]], "kv_transfer_params.first_token_id")  # type: ignore[union-attr]
+        return grammars
 
     def _handed_in_first_token(self, params: SamplingParams,
                                kv_transfer_params: dict | None) -> tuple[int, dict[int, float] | None] | None:

@@ -1,4 +1,9 @@
-"""Turning logits into tokens: penalties, temperature, top-k/top-p/min-p, seeds and logprobs.
+"""Turning logits into tokens: grammar masks, logit bias, penalties, temperature, top-k/top-p/min-p, seeds
+and logprobs.
+
+The order is vLLM's: the structured output grammar's mask, then the logprobs (so they are those of the masked
+distribution, before logit bias, penalties and temperature), then logit bias and min_tokens, then
+penalties, then temperature, top-k, min-p and top-p.
 
 NOTE: each seeded request owns a ``torch.Generator`` and draws exactly one exponential vector per
 sampled token, so its output does not depend on what else is in the batch.
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.engine.core.request import Request
+from tandem.engine.structured_output import apply_draft_bitmask, apply_grammar_bitmask
 
 
 @dataclass(slots=True)
@@ -47,24 +53,24 @@ class Sampler:
         """logits: [B, V] (any float dtype, any device), one row per request.
 
         A batch that only takes argmaxes is sampled where its logits are (off a GPU come B token ids, not B x V
-        logits); any random draw moves the batch to the host, where the per-request generators live.
+        logits); any random draw, grammar mask or logit bias moves the batch to the host, where the per-request
+        generators and the grammar matchers live.
         """
-        if logits.device.type != "cpu" and not all(r.sampling_params.greedy for r in requests):
+        if logits.device.type != "cpu" and not all(_argmax_only(r) for r in requests):
             logits = logits.cpu()
         logits = logits[:, : self.vocab_size].float()
+        apply_grammar_bitmask(logits, requests)  # [B, V]: the whole batch in one call, free rows untouched
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
         for row, request in enumerate(requests):
             sp = request.sampling_params
+            if sp.logit_bias:
+                self._apply_logit_bias(logits[row], sp.logit_bias)
+            if request.num_output_tokens < sp.min_tokens:
+                self._ban_stops(logits[row], request)
             if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
                 self._apply_penalties(logits[row], request)
-            if request.num_output_tokens < sp.min_tokens:
-                banned = list(sp.stop_token_ids)
-                if request.eos_token_id is not None and not sp.ignore_eos:
-                    banned.append(request.eos_token_id)
-                if banned:
-                    logits[row, banned] = float("-inf")
 
         greedy = all(r.sampling_params.greedy for r in requests)
         if greedy:
@@ -105,7 +111,13 @@ class Sampler:
         token). The request has no penalties and no pending min_tokens (the scheduler only speculates then).
         """
         logits = logits[:, : self.vocab_size].float()
+        apply_draft_bitmask(logits, request, drafts)  # row i: what the grammar allows after drafts[:i]
+        masked = logits  # logprobs are those of the masked distribution, as in sample()
         sp = request.sampling_params
+        if sp.logit_bias:
+            logits = logits.clone()
+            for row in range(logits.shape[0]):
+                self._apply_logit_bias(logits[row], sp.logit_bias)
         tokens: list[int] = []
         for row, draft in enumerate([*drafts, None]):
             if sp.greedy:
@@ -128,7 +140,7 @@ class Sampler:
         if sp.logprobs is None:
             return SampleResult(tokens, [None] * len(tokens))
         # Row i's distribution chose token i: the same entries as a prompt's logprobs (chosen + top-k).
-        return SampleResult(tokens, list(prompt_logprobs_for(logits[: len(tokens)], tokens, sp.logprobs)))
+        return SampleResult(tokens, list(prompt_logprobs_for(masked[: len(tokens)], tokens, sp.logprobs)))
 
     @staticmethod
     def _probs(row: torch.Tensor, temperature: float, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
@@ -149,6 +161,27 @@ class Sampler:
         return probs / probs.sum()
 
     @staticmethod
+    def _apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+        """Add OpenAI-style biases to one row of logits (a masked -inf stays -inf)."""
+        ids = torch.tensor(list(bias), dtype=torch.long, device=row.device)
+        row.index_add_(0, ids, torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device))
+
+    @staticmethod
+    def _ban_stops(row: torch.Tensor, request: Request) -> None:
+        """min_tokens not reached: EOS and the stop token ids may not be sampled. NOTE: a grammar that allows
+        nothing else (it is complete) wins over min_tokens, so a row is never left without a token."""
+        sp = request.sampling_params
+        banned = list(sp.stop_token_ids)
+        if request.eos_token_id is not None and not sp.ignore_eos:
+            banned.append(request.eos_token_id)
+        if not banned:
+            return
+        saved = row[banned].clone()
+        row[banned] = float("-inf")
+        if request.grammar is not None and not torch.isfinite(row).any():
+            row[banned] = saved
+
+    @staticmethod
     def _apply_penalties(row: torch.Tensor, request: Request) -> None:
         sp = request.sampling_params
         if sp.repetition_penalty != 1.0:
@@ -159,6 +192,12 @@ class Sampler:
             ids, counts = torch.tensor(request.output_token_ids, dtype=torch.long, device=row.device).unique(
                 return_counts=True)
             row[ids] -= sp.frequency_penalty * counts.float() + sp.presence_penalty
+
+
+def _argmax_only(request: Request) -> bool:
+    """Whether the request's token is the argmax of its raw logits (no draw, mask or bias on the host)."""
+    sp = request.sampling_params
+    return sp.greedy and request.grammar is None and not sp.logit_bias
 
 
 def prompt_logprobs_for(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[dict[int, float]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.protocol.structured_output import StructuredOutputSpec
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -31,8 +33,11 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None
+    logit_bias: dict[int, float] | None = None
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +46,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k is not None and self.top_k <= 0:
             self.top_k = None  # vLLM treats -1/0 as "all tokens"
+        self.logit_bias = _parse_logit_bias(self.logit_bias)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise ValueError(f"structured_output: must be a StructuredOutputSpec, got {self.structured_output!r}")
         self._check()
 
     def _check(self) -> None:
@@ -84,5 +92,25 @@ class SamplingParams:
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         values["stop"] = list(self.stop)
         values["stop_token_ids"] = list(self.stop_token_ids)
+        values["logit_bias"] = None if self.logit_bias is None else dict(self.logit_bias)
         values.update(changes)
         return SamplingParams(**values)
+
+
+def _parse_logit_bias(raw: object) -> dict[int, float] | None:
+    """``{token_id: bias}`` with int ids (JSON's string keys such as ``"42"`` accepted) and biases in
+    [-100, 100]; an empty map is None. Raises ValueError naming ``logit_bias``."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"logit_bias: must map token ids to biases, got {raw!r}")
+    limit = SamplingParams.MAX_LOGIT_BIAS
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise ValueError(f"logit_bias: keys must be token ids (integers >= 0), got {key!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -limit <= value <= limit:
+            raise ValueError(f"logit_bias: the bias of token {token} must be a number in [-100, 100], got {value!r}")
+        bias[token] = float(value)
+    return bias or None

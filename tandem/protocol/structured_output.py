@@ -30,7 +30,7 @@ _BACKENDS = ("auto", "xgrammar")
 class StructuredOutputSpec:
     """What the completion must conform to.
 
-    ``value`` by kind: ``json`` a JSON schema (a dict, or its JSON text; stored as canonical JSON text so the
+    ``value`` by kind: ``json`` a JSON schema (a dict, or its JSON text; stored as compact JSON text so the
     spec is hashable and two equal schemas share one compiled grammar), ``json_object`` None, ``regex`` and
     ``grammar`` (EBNF, GBNF-style as xgrammar reads it) a string, ``choice`` the allowed strings (stored as a
     tuple). ``field`` names the request field it came from, for error messages; it is not part of equality.
@@ -64,7 +64,8 @@ def _normalise(kind: str, value: Any, where: str) -> Any:
                 raise ValueError(f"{where}: not valid JSON ({exc.msg} at position {exc.pos})") from None
         if not isinstance(value, dict):
             raise ValueError(f"{where}: a JSON schema must be an object, got {type(value).__name__}")
-        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+        # NOTE: key order is kept: it is the order the properties are generated in.
+        return json.dumps(value, separators=(",", ":"))
     if kind == "json_object":
         if value is not None:
             raise ValueError(f"{where}: json_object takes no value")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tandem.protocol.hashing import hash_block
 from tandem.engine.sampling_params import SamplingParams
@@ -15,6 +16,7 @@ class RequestStatus(enum.IntEnum):
 
     WAITING = enum.auto()
     WAITING_FOR_REMOTE_KVS = enum.auto()
+    WAITING_FOR_GRAMMAR = enum.auto()  # its structured output grammar is still compiling
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     FINISHED_STOPPED = enum.auto()
@@ -39,6 +41,28 @@ _FINISH_REASONS = {
 }
 
 
+class GrammarState(Protocol):
+    """What the core needs of a sequence's structured output grammar (``engine/structured_output``)."""
+
+    @property
+    def ready(self) -> bool:
+        """Compiling is over (successfully, or see ``error``)."""
+
+    @property
+    def error(self) -> str | None:
+        """Why compiling failed, naming the request field."""
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete and accepted its stop token."""
+
+    def accept(self, token_id: int) -> bool:
+        """Advance over a generated token; False if the grammar forbids it."""
+
+    def valid_prefix(self, tokens: list[int]) -> list[int]:
+        """The longest prefix of draft tokens the grammar allows (no net state change)."""
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence. ``num_computed_tokens`` of ``all_token_ids`` have KV in the cache.
@@ -58,6 +82,8 @@ class Request:
     group_id: str | None = None
     # Disaggregation: parameters of the remote prefill (decode side) or the request to export (prefill side).
     kv_transfer_params: dict | None = None
+    # Structured output: this sequence's own grammar state (n > 1 samples each have one), or None.
+    grammar: GrammarState | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -120,6 +120,8 @@ class Scheduler:
                 f"max_model_len={self.config.max_model_len}"
             )
         self.requests[request.request_id] = request
+        if request.grammar is not None and not request.grammar.ready:
+            request.status = RequestStatus.WAITING_FOR_GRAMMAR
         self.waiting.append(request)
 
     @property
@@ -134,8 +136,10 @@ class Scheduler:
         return bool(self.waiting or self.running or self.remote_waiting or self.held or self.aborted_loading)
 
     def has_external_work(self) -> bool:
-        """Blocks held for a remote reader, or requests waiting for remote KV: needs polling."""
-        return bool(self.remote_waiting or self.held or self.aborted_loading)
+        """Blocks held for a remote reader, requests waiting for remote KV or for a grammar being compiled
+        on another thread: needs polling."""
+        return bool(self.remote_waiting or self.held or self.aborted_loading) or any(
+            r.status == RequestStatus.WAITING_FOR_GRAMMAR for r in self.waiting)
 
     def take_failed(self) -> list[tuple[Request, str]]:
         """Requests the scheduler ended with an error since the last call, with the error message."""
@@ -147,6 +151,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self._poll_connector()
+        self._fail_broken_grammars()
 
         # 1. Running requests first (oldest first), preempting the newest when blocks run out.
         scheduled_ids: set[str] = set()
@@ -183,7 +188,7 @@ class Scheduler:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if not self._group_ready(request):
+            if not self._group_ready(request) or not self._grammar_ready(request):
                 skipped.append(self.waiting.popleft())
                 continue
             computed_blocks, num_computed = self.kv.get_computed_blocks(request)
@@ -238,7 +243,29 @@ class Scheduler:
             k = min(k, sp.max_tokens - request.num_output_tokens - 1)
         if k < 1:
             return []
-        return propose_ngram(request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        drafts = propose_ngram(request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if drafts and request.grammar is not None:
+            drafts = request.grammar.valid_prefix(drafts)  # drafts the grammar rejects are cut before verifying
+        return drafts
+
+    @staticmethod
+    def _grammar_ready(request: Request) -> bool:
+        """A structured output request waits (``WAITING_FOR_GRAMMAR``) until its grammar is compiled."""
+        if request.grammar is None:
+            return True
+        if not request.grammar.ready or request.grammar.error:
+            return False  # (a broken one is ended by _fail_broken_grammars on the next step)
+        if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+            request.status = RequestStatus.WAITING
+        return True
+
+    def _fail_broken_grammars(self) -> None:
+        """End waiting requests whose grammar failed to compile, with the compiler's error."""
+        for request in [r for r in self.waiting if r.grammar is not None and r.grammar.ready and r.grammar.error]:
+            self.waiting.remove(request)
+            self.requests.pop(request.request_id, None)
+            request.status = RequestStatus.FINISHED_ERROR
+            self.failed.append((request, request.grammar.error))
 
     def _group_ready(self, request: Request) -> bool:
         """n > 1 siblings wait until the first sibling's prompt is cached, then share its blocks."""
@@ -318,10 +345,10 @@ class Scheduler:
             token = output.sampled.get(request.request_id)
             if token is None:
                 continue  # a prompt chunk that does not reach the end yet
-            request.append_output_token(token)
+            rejected = self.append_token(request, token)
             if request.request_id in output.logprobs:
                 request.output_logprobs.append(output.logprobs[request.request_id])
-            status = self.check_stop(request, token)
+            status = rejected or self.check_stop(request, token)
             params = None
             if status is not None:
                 params = self._finish(request, status)
@@ -341,11 +368,11 @@ class Scheduler:
         status = None
         appended: list[int] = []
         for index, token in enumerate(tokens):
-            request.append_output_token(token)
+            rejected = self.append_token(request, token)
             if logprobs is not None and logprobs[index] is not None:
                 request.output_logprobs.append(logprobs[index])
             appended.append(token)
-            status = self.check_stop(request, token)
+            status = rejected or self.check_stop(request, token)
             if status is not None:
                 break
         # Valid KV now covers the last real token and the accepted drafts, i.e. every token but the newest
@@ -356,9 +383,20 @@ class Scheduler:
         params = self._finish(request, status) if status is not None else None
         return RequestUpdate(request, appended, status is not None, params)
 
+    @staticmethod
+    def append_token(request: Request, token: int) -> RequestStatus | None:
+        """Append a generated token and advance the request's grammar over it. Returns FINISHED_ERROR if the
+        grammar forbids the token (the sampler masks such tokens, so only a bug gets there), else None."""
+        request.append_output_token(token)
+        if request.grammar is not None and not request.grammar.accept(token):
+            return RequestStatus.FINISHED_ERROR
+        return None
+
     def check_stop(self, request: Request, token: int) -> RequestStatus | None:
         sp = request.sampling_params
         n_out = request.num_output_tokens
+        if request.grammar is not None and request.grammar.is_terminated:
+            return RequestStatus.FINISHED_STOPPED  # the structured output is complete (its stop token accepted)
         if n_out >= sp.min_tokens:
             if not sp.ignore_eos and token == request.eos_token_id:
                 return RequestStatus.FINISHED_STOPPED
