@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-stall-timeout", type=float, default=60.0,
                         help="seconds without data after which a stream's worker counts as failed (and it migrates)")
     parser.add_argument("--health-interval", type=float, default=1.0)
+    parser.add_argument("--outlier-base-ejection", type=float, default=5.0,
+                        help="seconds a failing worker is ejected for, times its consecutive ejections")
+    parser.add_argument("--outlier-max-ejection", type=float, default=120.0, help="cap on one ejection, seconds")
+    parser.add_argument("--outlier-consecutive-5xx", type=int, default=3,
+                        help="5xx answers in a row that eject a worker (connection errors eject at once)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -77,6 +82,9 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
         max_migrations=args.max_migrations,
         stream_stall_timeout_s=args.stream_stall_timeout,
         health_interval_s=args.health_interval,
+        outlier_base_ejection_s=args.outlier_base_ejection,
+        outlier_max_ejection_s=args.outlier_max_ejection,
+        outlier_consecutive_5xx=args.outlier_consecutive_5xx,
         policy=args.policy,
         k8s_namespace=args.k8s_namespace,
         k8s_prefill_selector=args.k8s_prefill_selector,

@@ -50,6 +50,10 @@ class RouterConfig:
     max_migrations: int = 2
     # A stream that sends nothing for this long is treated as failed (and migrated).
     stream_stall_timeout_s: float = 60.0
+    # Outlier ejection: the n-th consecutive ejection lasts base x n seconds, capped (see workers.OutlierPolicy).
+    outlier_base_ejection_s: float = 5.0
+    outlier_max_ejection_s: float = 120.0
+    outlier_consecutive_5xx: int = 3
     retry_backoff_s: float = 0.05
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tandem.runtime import register_process_collectors
 
@@ -42,6 +46,12 @@ class RouterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.ejections = Counter(
+            "tandem:router_worker_ejections",
+            "Times a worker was ejected as an outlier (failed requests), by pool and worker",
+            ["pool", "worker"],
+            registry=self.registry,
+        )
         self.decisions = Counter(
             "tandem:router_decisions",
             "How requests were served: disaggregated (prefill then decode), direct (decode alone, "
@@ -61,3 +71,30 @@ class RouterMetrics:
             "tandem:router_healthy_workers", "Workers passing health checks, by pool", ["pool"], registry=self.registry
         )
         self.inflight = Gauge("tandem:router_inflight_requests", "Requests in flight in the router", registry=self.registry)
+
+
+WORKER_STATES = ("healthy", "unhealthy", "ejected", "trial")
+
+
+class WorkerStateCollector(Collector):
+    """``tandem:router_worker_state{pool, worker, state}``: 1 for each worker's current state, read at scrape time
+    (workers come and go under discovery, so the samples are built from the datastore, never left stale)."""
+
+    def __init__(self, workers: Callable[[], Iterable]) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        states = GaugeMetricFamily("tandem:router_worker_state",
+                                   "1 for the worker's current state: healthy, unhealthy (failing health checks), "
+                                   "ejected (outlier) or trial (ejection over, awaiting a successful request)",
+                                   labels=["pool", "worker", "state"])
+        weights = GaugeMetricFamily("tandem:router_worker_weight",
+                                    "Routing weight: below 1 for a worker whose TTFT is far above its peers'",
+                                    labels=["pool", "worker"])
+        for worker in self._workers():
+            current = worker.state
+            for state in WORKER_STATES:
+                states.add_metric([worker.pool.value, worker.url, state], 1.0 if state == current else 0.0)
+            weights.add_metric([worker.pool.value, worker.url], worker.weight)
+        yield states
+        yield weights

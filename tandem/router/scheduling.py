@@ -7,6 +7,7 @@ mainly by prefix hits, decode workers mainly by load).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,7 +36,8 @@ class HealthyFilter:
     """Only workers whose last active or passive health check passed."""
 
     def filter(self, request: RoutingRequest, workers: Sequence[Worker]) -> list[Worker]:
-        return [w for w in workers if w.healthy]
+        now = time.monotonic()
+        return [w for w in workers if w.admits(now)]  # healthy, and not ejected as an outlier
 
 
 class ModelFilter:
@@ -153,6 +155,8 @@ class Profile:
         for scorer, weight in self.scorers:
             for i, value in enumerate(scorer.score(request, candidates)):
                 totals[i] += weight * value
+        for i, worker in enumerate(candidates):
+            totals[i] *= worker.weight  # < 1 for a worker far slower than its peers (outlier down-weighting)
         chosen = self.picker.pick(candidates, totals)
         worker = candidates[chosen]
         return Pick(worker, totals[chosen], self._index.matched_blocks(request.block_hashes, worker.url))

@@ -37,11 +37,11 @@ from tandem.router.migration import (
     migratable,
     with_token_ids,
 )
-from tandem.router.metrics import RouterMetrics
+from tandem.router.metrics import RouterMetrics, WorkerStateCollector
 from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
 from tandem.router.tokenizer import PromptTokenizer, TemplateError
 from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport
-from tandem.router.workers import Datastore, HealthChecker, Pool, Worker
+from tandem.router.workers import Datastore, HealthChecker, OutlierPolicy, Pool, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +339,11 @@ class RouterService:
         self.config = config
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.datastore = Datastore()
+        self.datastore = Datastore(outlier=OutlierPolicy(
+            base_s=config.outlier_base_ejection_s, max_s=config.outlier_max_ejection_s,
+            consecutive_5xx=config.outlier_consecutive_5xx))
+        self.datastore.on_eject = lambda w: metrics.ejections.labels(w.pool.value, w.url).inc()
+        metrics.registry.register(WorkerStateCollector(lambda: list(self.datastore.workers.values())))
         for urls, pool in ((config.prefill_urls, Pool.PREFILL), (config.decode_urls, Pool.DECODE),
                            (config.worker_urls, Pool.AGGREGATED)):
             for url in urls:
@@ -581,6 +585,8 @@ class RouterService:
         if isinstance(payload.get("min_tokens"), int) and payload["min_tokens"] > 1:
             payload["min_tokens"] = 1  # the first token obeys it (no EOS) and the decode worker continues from it
         worker.inflight += 1
+        self.datastore.begin_request(worker)
+        sent = time.perf_counter()
         try:
             response = await self.proxy.send(self._upstream_request(worker, endpoint, headers, json.dumps(payload).encode()))
         except _TRANSPORT_ERRORS as exc:
@@ -591,6 +597,7 @@ class RouterService:
         finally:
             worker.inflight -= 1
         if 400 <= response.status_code < 500:
+            self.datastore.record_success(worker)  # the client's error: the worker is fine
             return Response(response.content, response.status_code, headers={
                 "content-type": response.headers.get("content-type", "application/json"),
                 "x-request-id": headers["x-request-id"]})
@@ -603,10 +610,13 @@ class RouterService:
         if not isinstance(params, dict):
             if response.status_code >= 500:
                 self.datastore.mark_failed(worker, f"status {response.status_code}")
+            else:
+                self.datastore.record_success(worker)  # it answered: a protocol mismatch is not an outage
             self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "failed").inc()
             logger.warning("prefill on %s gave no kv_transfer_params (status %d); serving on the decode worker alone",
                            worker.url, response.status_code)
             return None
+        self.datastore.record_success(worker, time.perf_counter() - sent)
         self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "ok").inc()
         return params
 
@@ -643,6 +653,8 @@ class RouterService:
                        headers: dict[str, str], done: Callable[[str, str, str], None],
                        migration: Migration | None = None) -> Response | _Attempt:
         worker.inflight += 1
+        self.datastore.begin_request(worker)
+        sent = time.perf_counter()
         released = False
 
         def release(outcome: str | None) -> None:
@@ -662,12 +674,16 @@ class RouterService:
                 await upstream.aclose()
                 if upstream.status_code in (502, 503, 504):
                     self.datastore.mark_failed(worker, f"status {upstream.status_code}")
+                else:
+                    self.datastore.record_status(worker, upstream.status_code, f"status {upstream.status_code}")
                 release(None)
                 return _Attempt(f"status {upstream.status_code}", Response(body, upstream.status_code, headers={
                     **reply_headers, "content-type": upstream.headers.get("content-type", "application/json")}))
             if not stream or upstream.status_code != 200:
                 body = await upstream.aread()
                 await upstream.aclose()
+                self.datastore.record_success(worker, time.perf_counter() - sent if upstream.status_code == 200 and not stream
+                                              else None)
                 release("ok" if upstream.status_code == 200 else "client_error")
                 return Response(body, upstream.status_code, headers={
                     **reply_headers, "content-type": upstream.headers.get("content-type", "application/json")})
@@ -678,7 +694,7 @@ class RouterService:
                 first = await anext(chunks)
             except StopAsyncIteration:
                 first = b""
-            worker.consecutive_failures = 0
+            self.datastore.record_success(worker, time.perf_counter() - sent)
             if migration is not None:
                 migration.worker = worker
             return RelayResponse(first, upstream, chunks, reply_headers, release, migration)
@@ -691,5 +707,6 @@ class RouterService:
         except BaseException:
             if upstream is not None:
                 await upstream.aclose()
+            worker.trial_inflight = False  # no verdict (cancelled): the next request is the trial
             release(None)
             raise

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -38,6 +41,51 @@ class Worker:
     # Requests the router itself has at this worker right now (fresher than scraped metrics).
     inflight: int = 0
     consecutive_failures: int = 0
+    # Outlier ejection (Envoy's): out of rotation until ``ejected_until``; then one trial request readmits it.
+    ejected_until: float | None = None
+    ejections: int = 0  # consecutive ejections: the next one lasts base x (ejections + 1), capped
+    readmitted_at: float | None = None
+    trial_inflight: bool = False
+    # Time to first byte, smoothed (seconds); a worker far slower than its peers is down-weighted, not ejected.
+    ttft_ewma_s: float | None = None
+    weight: float = 1.0
+
+    def admits(self, now: float) -> bool:
+        """Whether the picking path may send this worker a request now."""
+        if not self.healthy:
+            return False
+        if self.ejected_until is None:
+            return True
+        return now >= self.ejected_until and not self.trial_inflight
+
+    @property
+    def state(self) -> str:
+        """healthy | unhealthy (failing health checks) | ejected | trial (ejection over, awaiting a success)."""
+        if self.ejected_until is not None:
+            return "ejected" if time.monotonic() < self.ejected_until else "trial"
+        return "healthy" if self.healthy else "unhealthy"
+
+
+@dataclass(slots=True)
+class OutlierPolicy:
+    """When a failing worker is ejected and for how long (Envoy's outlier detection, simplified).
+
+    Connection errors, timeouts and deaths mid-stream eject at once; 5xx answers after ``consecutive_5xx`` in a
+    row. The n-th consecutive ejection lasts ``base_s * n`` capped at ``max_s``; the count resets once a
+    readmitted worker has gone ``max_s`` without being ejected again.
+    """
+
+    base_s: float = 5.0
+    max_s: float = 120.0
+    consecutive_5xx: int = 3
+    ttft_ratio: float = 3.0  # TTFT this many times the peers' median -> down-weighted
+    min_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0 or self.max_s < self.base_s:
+            raise ValueError("outlier ejection: need 0 < base_s <= max_s")
+        if self.consecutive_5xx < 1:
+            raise ValueError("outlier ejection: consecutive_5xx must be >= 1")
 
 
 @dataclass(slots=True)
@@ -45,6 +93,9 @@ class Datastore:
     """All known workers by URL. Discovery adds/removes them; the health checker updates their state."""
 
     workers: dict[str, Worker] = field(default_factory=dict)
+    outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
+    # Called with the worker on every ejection (the router counts them in its metrics).
+    on_eject: Callable[[Worker], None] | None = None
 
     def add(self, url: str, pool: Pool) -> Worker:
         worker = self.workers.get(url)
@@ -60,11 +111,72 @@ class Datastore:
         return [w for w in self.workers.values() if w.pool == pool]
 
     def mark_failed(self, worker: Worker, reason: str) -> None:
-        """Passive health check: a request to ``worker`` failed at the transport level or with a 5xx."""
+        """Passive health check: a request to ``worker`` failed at the transport level or mid-stream (ejected
+        at once), or with a 502/503/504 (unhealthy until its next health check; ejected after
+        ``consecutive_5xx`` in a row)."""
         worker.consecutive_failures += 1
         if worker.healthy:
             logger.warning("worker %s marked unhealthy after a failed request: %s", worker.url, reason)
         worker.healthy = False
+        if (not reason.startswith("status ") or worker.ejected_until is not None
+                or worker.consecutive_failures >= self.outlier.consecutive_5xx):
+            self.eject(worker, reason)
+
+    def record_status(self, worker: Worker, status: int, reason: str) -> None:
+        """Any other 5xx answer: counted towards ejection, without failing the worker's health."""
+        worker.consecutive_failures += 1
+        if worker.ejected_until is not None or worker.consecutive_failures >= self.outlier.consecutive_5xx:
+            # NOTE: a failed trial ejects again at once, for longer.
+            self.eject(worker, f"{reason} ({worker.consecutive_failures} in a row)")
+
+    def eject(self, worker: Worker, reason: str) -> None:
+        """Take ``worker`` out of rotation for a growing interval (a failed trial ejects it again, longer)."""
+        now = time.monotonic()
+        policy = self.outlier
+        worker.trial_inflight = False
+        if worker.ejected_until is not None and now < worker.ejected_until:
+            return  # already out: one incident (e.g. several streams dying at once) is one ejection
+        if worker.readmitted_at is not None and now - worker.readmitted_at > policy.max_s:
+            worker.ejections = 0
+        worker.ejections += 1
+        duration = min(policy.base_s * worker.ejections, policy.max_s)
+        worker.ejected_until = now + duration
+        logger.warning("worker %s ejected for %.1f s (ejection %d): %s", worker.url, duration, worker.ejections, reason)
+        if self.on_eject is not None:
+            self.on_eject(worker)
+
+    def begin_request(self, worker: Worker) -> None:
+        """A request is being sent: to a worker past its ejection, it is the one trial request."""
+        if worker.ejected_until is not None:
+            worker.trial_inflight = True
+
+    def record_success(self, worker: Worker, ttft_s: float | None = None) -> None:
+        """The worker answered (first byte of a stream, or a whole response): readmit it after a trial."""
+        worker.consecutive_failures = 0
+        if worker.ejected_until is not None:
+            logger.info("worker %s readmitted after a successful trial request", worker.url)
+            worker.ejected_until = None
+            worker.trial_inflight = False
+            worker.readmitted_at = time.monotonic()
+        if ttft_s is not None:
+            worker.ttft_ewma_s = ttft_s if worker.ttft_ewma_s is None else 0.8 * worker.ttft_ewma_s + 0.2 * ttft_s
+            self._reweigh(worker.pool)
+
+    def _reweigh(self, pool: Pool) -> None:
+        """Down-weight workers whose smoothed TTFT is far above the median of their pool's other workers."""
+        workers = [w for w in self.pool(pool) if w.ttft_ewma_s is not None]
+        if len(workers) < 2:
+            return
+        for w in workers:
+            # The median of its peers (itself excluded: with two workers, a median including it would be
+            # the mean, which a slow worker can never be three times above).
+            median = statistics.median(o.ttft_ewma_s for o in workers if o is not w)
+            slow = median > 0 and w.ttft_ewma_s > self.outlier.ttft_ratio * median
+            weight = max(self.outlier.min_weight, median / w.ttft_ewma_s) if slow else 1.0
+            if (weight < 1.0) != (w.weight < 1.0):
+                logger.warning("worker %s %s: TTFT %.3f s vs the pool's median %.3f s", w.url,
+                               "down-weighted" if weight < 1.0 else "back to full weight", w.ttft_ewma_s, median)
+            w.weight = weight
 
 
 # Engine gauges the scorers read, by their vLLM names.
@@ -137,8 +249,9 @@ class HealthChecker:
         else:
             reason = f"/health answered {response.status_code}"
         if healthy and not worker.healthy:
+            # NOTE: consecutive failures are reset by a successful request only: a worker that passes its health
+            # checks but fails every request must still reach the ejection threshold.
             logger.info("worker %s (%s) is healthy", worker.url, worker.pool)
-            worker.consecutive_failures = 0
         elif not healthy and worker.healthy:
             logger.warning("worker %s (%s) failed its health check: %s", worker.url, worker.pool, reason)
         worker.healthy = healthy

@@ -82,3 +82,139 @@ def test_protocol_module_imports_neither_torch_nor_xgrammar():
             "print(sorted(m for m in ('torch', 'xgrammar') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---- the engine: real model, grammar-constrained sampling ------------------------------------------
+import json  # noqa: E402
+import re  # noqa: E402
+
+import jsonschema  # noqa: E402
+
+from tandem import LLM, SamplingParams  # noqa: E402
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer"}}, "required": ["name", "age"]}
+ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with a name and an age."}]
+
+
+@pytest.fixture(scope="module")
+def llm(smol_dir):
+    return LLM(model=str(smol_dir), dtype="float32", max_model_len=512, num_blocks=96, num_threads=1,
+               progress=False)
+
+
+def constrained(spec: StructuredOutputSpec, **params) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0, "max_tokens": 40, **params}, structured_output=spec)
+
+
+def chat_text(llm, params: SamplingParams, messages=ASK_PERSON) -> list:
+    return llm.chat(messages, params)[0].outputs
+
+
+@pytest.mark.slow
+def test_json_schema_output_validates(llm):
+    spec = parse_structured_output({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "person", "schema": PERSON, "strict": True}}})
+    (out,) = chat_text(llm, constrained(spec))
+    jsonschema.validate(json.loads(out.text), PERSON)
+    assert out.finish_reason == "stop"  # the grammar completed: the request ended there, not at max_tokens
+    assert out.token_ids[-1] == llm.engine.eos_token_id
+    free = chat_text(llm, SamplingParams(temperature=0, max_tokens=40))[0]
+    with pytest.raises(ValueError):
+        json.loads(free.text)  # the same prompt unconstrained is prose: the grammar made the difference
+
+
+@pytest.mark.slow
+def test_json_object_gives_an_object(llm):
+    (out,) = chat_text(llm, constrained(parse_structured_output({"response_format": {"type": "json_object"}})))
+    assert isinstance(json.loads(out.text), dict) and out.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_regex_choice_and_ebnf_grammar(llm):
+    pattern = r"[0-9]{3}-[a-z]{2,4}"
+    (out,) = chat_text(llm, constrained(StructuredOutputSpec("regex", pattern)))
+    assert re.fullmatch(pattern, out.text) and out.finish_reason == "stop"
+    choices = ["Paris", "London", "Rome"]
+    (out,) = chat_text(llm, constrained(parse_structured_output({"guided_choice": choices})),
+                       [{"role": "user", "content": "What is the capital of Italy?"}])
+    assert out.text in choices and out.finish_reason == "stop"
+    grammar = 'root ::= "The sky is " colour "."\ncolour ::= "blue" | "green" | "red"'
+    (out,) = chat_text(llm, constrained(parse_structured_output({"structured_outputs": {"grammar": grammar}})),
+                       [{"role": "user", "content": "What colour is the sky?"}])
+    assert re.fullmatch(r"The sky is (blue|green|red)\.", out.text), out.text
+
+
+@pytest.mark.slow
+def test_n_samples_each_follow_the_grammar(llm):
+    outs = chat_text(llm, constrained(StructuredOutputSpec("json", PERSON), temperature=1.0, n=3, seed=7,
+                                      max_tokens=48))
+    texts = [o.text for o in outs]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len(set(texts)) > 1  # three matchers, three different samples
+
+
+@pytest.mark.slow
+def test_batch_mixing_grammar_and_free_requests(llm):
+    pattern = r"(yes|no)"
+    free = SamplingParams(temperature=0, max_tokens=12)
+    prompts = [{"prompt_token_ids": llm.engine.apply_chat_template(ASK_PERSON)}] * 3
+    alone = llm.generate(prompts[:1], free)[0].outputs[0]
+    outs = llm.generate(prompts, [constrained(StructuredOutputSpec("regex", pattern)), free,
+                                  constrained(StructuredOutputSpec("json", PERSON))])
+    assert re.fullmatch(pattern, outs[0].outputs[0].text)
+    assert outs[1].outputs[0].token_ids == alone.token_ids  # the masks left the free row alone
+    jsonschema.validate(json.loads(outs[2].outputs[0].text), PERSON)
+
+
+@pytest.mark.slow
+def test_logit_bias_forces_and_bans_tokens(llm):
+    prompt = "The capital of France is"
+    baseline = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].token_ids
+    forced = llm.engine.tokenize(" banana", add_special_tokens=False)[0]
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, logit_bias={forced: 100}))[0].outputs[0]
+    assert out.token_ids == [forced] * 4
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4,
+                                              logit_bias={str(baseline[0]): -100}))[0].outputs[0]
+    assert baseline[0] not in out.token_ids and out.token_ids != baseline
+    # Sampled, not greedy: a banned token is never drawn either.
+    out = llm.generate(prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=8,
+                                              logit_bias={baseline[0]: -100}))[0].outputs[0]
+    assert baseline[0] not in out.token_ids
+
+
+@pytest.mark.slow
+def test_logit_bias_cannot_break_the_grammar(llm):
+    forced = llm.engine.tokenize(" banana", add_special_tokens=False)[0]
+    (out,) = chat_text(llm, constrained(StructuredOutputSpec("choice", ["yes", "no"]), logit_bias={forced: 100}))
+    assert out.text in ("yes", "no")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, field", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objectx"}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": {"properties": {"a": {"$ref": "#/nowhere"}}, "type": "object"}}, "guided_json"),
+    ({"structured_outputs": {"regex": "[0-9"}}, "structured_outputs.regex"),
+    ({"guided_regex": "(a"}, "guided_regex"),
+    ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),
+    ({"guided_grammar": 'root ::= undefined_rule'}, "guided_grammar"),
+])
+def test_invalid_specs_raise_naming_the_field(llm, body, field):
+    spec = parse_structured_output(body)
+    with pytest.raises(ValueError) as info:
+        llm.generate("Hi", SamplingParams(max_tokens=2, structured_output=spec))
+    assert str(info.value).startswith(field + ": "), str(info.value)
+    assert "/project/cpp" not in str(info.value)  # xgrammar's source location is not the client's business
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.slow
+def test_logit_bias_ids_are_checked_against_the_vocab(llm):
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=r"^logit_bias: token id \d+ is not in the vocabulary"):
+        llm.generate("Hi", SamplingParams(max_tokens=2, logit_bias={vocab: 1}))
+    for bad in ({5: 100.5}, {"x": 1}, {-1: 0}):
+        with pytest.raises(ValueError, match="^logit_bias: "):
+            SamplingParams(logit_bias=bad)

@@ -135,7 +135,7 @@ async def test_api_key_and_error_shapes(tokenizer_path, make_client):
 async def test_dead_worker_is_retried_avoided_and_readmitted(tokenizer_path, make_client):
     good, dead = PeerWorker("good"), PeerWorker("dead")
     async with peers(good, dead), running_router(tokenizer_path, worker_urls=(good.url, dead.url),
-                                                  health_interval_s=60) as (service, url):
+                                                  health_interval_s=60, outlier_base_ejection_s=0.3) as (service, url):
         # Active checks are run by hand below (interval 60 s), so only failed requests can reveal the death.
         await dead.stop()  # killed after it was seen healthy: the router learns it from failed requests
         api = make_client(url)
@@ -159,7 +159,10 @@ async def test_dead_worker_is_retried_avoided_and_readmitted(tokenizer_path, mak
         await dead.start()
         await service.health.check_all()
         assert service.datastore.workers[dead.url].healthy
+        # Its outlier ejection runs out (0.3 s here): then a trial request readmits it.
+        await wait_for(lambda: service.datastore.workers[dead.url].state == "trial")
         await asyncio.gather(*(api.completions.create(model="m", prompt=f"again{i}") for i in range(20)))
+        assert service.datastore.workers[dead.url].state == "healthy"
         assert dead.requests, "a recovered worker gets traffic again"
 
 
