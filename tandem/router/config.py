@@ -54,6 +54,9 @@ class RouterConfig:
     outlier_base_ejection_s: float = 5.0
     outlier_max_ejection_s: float = 120.0
     outlier_consecutive_5xx: int = 3
+    # Overload: when every eligible worker has this many requests queued, answer 429 at once (None: no bound).
+    max_queue_per_worker: int | None = None
+    overload_retry_after_s: int = 1
     retry_backoff_s: float = 0.05
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
@@ -80,6 +83,8 @@ class RouterConfig:
             raise ValueError("disagg_threshold must be >= 0")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.max_queue_per_worker is not None and self.max_queue_per_worker < 1:
+            raise ValueError("max_queue_per_worker must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
         if self.stream_stall_timeout_s <= 0:

@@ -507,8 +507,12 @@ class RouterService:
         try:
             response = await self._handle(endpoint, raw_body, headers, done)
         except RequestError as exc:
-            done("none", "none", "rejected" if exc.status < 500 else "unavailable")
-            return exc.response(headers={"x-request-id": headers["x-request-id"]})
+            outcome = "overloaded" if exc.status == 429 else "rejected" if exc.status < 500 else "unavailable"
+            done("none", "none", outcome)
+            reply_headers = {"x-request-id": headers["x-request-id"]}
+            if exc.status == 429:
+                reply_headers["retry-after"] = str(self.config.overload_retry_after_s)
+            return exc.response(headers=reply_headers)
         except BaseException:
             done("none", "none", "router_error")
             raise
@@ -531,6 +535,7 @@ class RouterService:
         decode_pool = self.datastore.pool(Pool.DECODE)
         use_pd = any(w.healthy for w in decode_pool)
         pool = Pool.DECODE if use_pd else Pool.AGGREGATED
+        self._check_overload(request, pool)
         final = self.profiles[pool].pick(request, self.datastore.pool(pool))
         if final is None:
             raise RequestError(503, "no healthy worker serves this model", code="no_healthy_worker")
@@ -573,6 +578,20 @@ class RouterService:
             if total_blocks:
                 self.metrics.prefix_hit_ratio.labels(pool.value).observe(final.matched_blocks / total_blocks)
         return await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done, migration)
+
+    def _check_overload(self, request: RoutingRequest, pool: Pool) -> None:
+        """429 at once when every worker that could serve the request has a queue at the bound: queueing
+        without limit only turns into timeouts (the engine's own --max-waiting-requests 503 stays)."""
+        bound = self.config.max_queue_per_worker
+        if bound is None:
+            return
+        now = time.monotonic()
+        eligible = [w for w in self.datastore.pool(pool)
+                    if w.admits(now) and (w.models is None or request.model in w.models)]
+        # A worker's queue: what it reports waiting, or what the router has sent it beyond what it runs (fresher).
+        if eligible and all(max(w.num_waiting, w.inflight - w.num_running) >= bound for w in eligible):
+            raise RequestError(429, f"every {pool.value} worker has {bound} or more requests queued; retry later",
+                               code="overloaded")
 
     async def _prefill(self, worker: Worker, endpoint: str, body: dict[str, Any],
                        headers: dict[str, str]) -> dict[str, Any] | Response | None:
