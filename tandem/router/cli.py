@@ -24,6 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", action="append", default=[], metavar="URL", help="prefill worker (repeatable)")
     parser.add_argument("--decode", action="append", default=[], metavar="URL", help="decode worker (repeatable)")
     parser.add_argument("--worker", action="append", default=[], metavar="URL", help="aggregated worker (repeatable)")
+    parser.add_argument("--vllm-prefill", action="append", default=[], metavar="URL[,kv-events=tcp://H:P]",
+                        help="vLLM prefill worker, NixlConnector producer (repeatable)")
+    parser.add_argument("--vllm-decode", action="append", default=[], metavar="URL[,kv-events=tcp://H:P]",
+                        help="vLLM decode worker, NixlConnector consumer (repeatable)")
+    parser.add_argument("--vllm-worker", action="append", default=[], metavar="URL[,kv-events=tcp://H:P]",
+                        help="aggregated vLLM worker (repeatable)")
+    parser.add_argument("--vllm-kv-events-port", type=int, default=5557,
+                        help="port of vLLM workers' KV-event ZMQ publisher on their host (default 5557)")
+    parser.add_argument("--vllm-kv-events-topic", default="kv-events", help="topic vLLM publishes KV events on")
     parser.add_argument("--k8s-namespace", default=None)
     parser.add_argument("--k8s-prefill-selector", default=None, metavar="K=V,...")
     parser.add_argument("--k8s-decode-selector", default=None, metavar="K=V,...")
@@ -76,6 +85,11 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
         prefill_urls=tuple(args.prefill),
         decode_urls=tuple(args.decode),
         worker_urls=tuple(args.worker),
+        vllm_prefill_urls=tuple(args.vllm_prefill),
+        vllm_decode_urls=tuple(args.vllm_decode),
+        vllm_worker_urls=tuple(args.vllm_worker),
+        vllm_kv_events_port=args.vllm_kv_events_port,
+        vllm_kv_events_topic=args.vllm_kv_events_topic,
         prefill_weights={**DEFAULT_PREFILL_WEIGHTS, **parse_weights(args.scorer_weights or "")},
         decode_weights={**DEFAULT_DECODE_WEIGHTS, **parse_weights(args.decode_scorer_weights or "")},
         disagg_threshold=args.disagg_threshold,
@@ -110,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         logging.getLogger("tandem.router").error("bad configuration: %s", exc)
         return 2
-    if not (config.prefill_urls or config.decode_urls or config.worker_urls or config.uses_k8s):
-        logging.getLogger("tandem.router").error("no workers: give --prefill/--decode/--worker URLs or --k8s-* selectors")
+    if not (config.has_static_workers or config.uses_k8s):
+        logging.getLogger("tandem.router").error(
+            "no workers: give --prefill/--decode/--worker (or --vllm-*) URLs or --k8s-* selectors")
         return 2
     app = build_app(config)
     # NOTE: everything loaded so far (modules, the tokenizer, the app) lives as long as the process: frozen out

@@ -39,6 +39,12 @@ class RouterConfig:
     prefill_urls: tuple[str, ...] = ()
     decode_urls: tuple[str, ...] = ()
     worker_urls: tuple[str, ...] = ()
+    # vLLM workers (kind "vllm"): "URL" or "URL,kv-events=tcp://HOST:PORT" (default: URL's host, vllm_kv_events_port).
+    vllm_prefill_urls: tuple[str, ...] = ()
+    vllm_decode_urls: tuple[str, ...] = ()
+    vllm_worker_urls: tuple[str, ...] = ()
+    vllm_kv_events_port: int = 5557
+    vllm_kv_events_topic: str = "kv-events"
     prefill_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFILL_WEIGHTS))
     decode_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DECODE_WEIGHTS))
     # Below this many prompt tokens not already cached on the chosen decode worker, the prefill hop
@@ -75,6 +81,11 @@ class RouterConfig:
         self.prefill_urls = tuple(normalize_url(u) for u in self.prefill_urls)
         self.decode_urls = tuple(normalize_url(u) for u in self.decode_urls)
         self.worker_urls = tuple(normalize_url(u) for u in self.worker_urls)
+        for specs in (self.vllm_prefill_urls, self.vllm_decode_urls, self.vllm_worker_urls):
+            for spec in specs:
+                parse_vllm_worker(spec)  # raises ValueError naming the bad spec
+        if not 0 < self.vllm_kv_events_port < 65536:
+            raise ValueError(f"vllm_kv_events_port must be a TCP port, got {self.vllm_kv_events_port}")
         for weights in (self.prefill_weights, self.decode_weights):
             unknown = set(weights) - set(SCORER_NAMES)
             if unknown:
@@ -95,6 +106,11 @@ class RouterConfig:
             raise ValueError(f"unknown policy {self.policy!r}")
 
     @property
+    def has_static_workers(self) -> bool:
+        return any((self.prefill_urls, self.decode_urls, self.worker_urls, self.vllm_prefill_urls,
+                    self.vllm_decode_urls, self.vllm_worker_urls))
+
+    @property
     def uses_k8s(self) -> bool:
         return any((self.k8s_prefill_selector, self.k8s_decode_selector, self.k8s_worker_selector))
 
@@ -105,3 +121,17 @@ def normalize_url(url: str) -> str:
     if not url.startswith(("http://", "https://")):
         url = "http://" + url
     return url
+
+
+def parse_vllm_worker(spec: str) -> tuple[str, str | None]:
+    """``URL`` or ``URL,kv-events=tcp://HOST:PORT`` -> (normalized URL, KV-events endpoint or None)."""
+    url, sep, option = spec.partition(",")
+    endpoint = None
+    if sep:
+        key, eq, value = option.partition("=")
+        if key.strip() != "kv-events" or not eq or not value.strip().startswith("tcp://"):
+            raise ValueError(f"bad vLLM worker {spec!r}: expected URL or URL,kv-events=tcp://HOST:PORT")
+        endpoint = value.strip()
+    if not url.strip():
+        raise ValueError(f"bad vLLM worker {spec!r}: empty URL")
+    return normalize_url(url), endpoint

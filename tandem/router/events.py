@@ -137,7 +137,8 @@ class DirectEventConsumer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _reconcile(self) -> None:
-        urls = set(self._datastore.workers)
+        # vLLM workers have no /kv_events/stream: their events come over ZMQ (vllm_events.py).
+        urls = {url for url, worker in self._datastore.workers.items() if worker.kind == "tandem"}
         for url in urls - set(self._tasks):
             self._tasks[url] = asyncio.create_task(self._follow(url), name=f"kv-events {url}")
         for url in set(self._tasks) - urls:

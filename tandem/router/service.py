@@ -23,9 +23,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tandem.protocol.hashing import hash_block_tokens
-from tandem.router.config import RouterConfig
+from tandem.router.config import RouterConfig, parse_vllm_worker
 from tandem.router.errors import RequestError, sse_error_event
 from tandem.router.events import DirectEventConsumer, RedisEventConsumer, expire_loop
+from tandem.router.vllm_events import VllmEventConsumer
 from tandem.router.index import PrefixIndex
 from tandem.router.migration import (
     DONE,
@@ -348,6 +349,11 @@ class RouterService:
                            (config.worker_urls, Pool.AGGREGATED)):
             for url in urls:
                 self.datastore.add(url, pool)
+        for specs, pool in ((config.vllm_prefill_urls, Pool.PREFILL), (config.vllm_decode_urls, Pool.DECODE),
+                            (config.vllm_worker_urls, Pool.AGGREGATED)):
+            for spec in specs:
+                url, kv_events = parse_vllm_worker(spec)
+                self.datastore.add(url, pool, kind="vllm", kv_events_endpoint=kv_events)
         self.index = PrefixIndex(config.kv_event_ttl_s, config.default_block_size)
         rng = random.Random()
         if config.policy == "round_robin":
@@ -371,6 +377,7 @@ class RouterService:
         self._targets: dict[str, tuple[httpx.URL, bytes]] = {}
         self.health: HealthChecker | None = None
         self.redis_consumer: RedisEventConsumer | None = None
+        self.vllm_consumer: VllmEventConsumer | None = None
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle ----
@@ -395,6 +402,10 @@ class RouterService:
         else:
             self._spawn(DirectEventConsumer(self.datastore, self.index, self.client, cfg.kv_event_ttl_s).run(),
                         "direct-events")
+        # vLLM workers publish over ZMQ whatever carries Tandem workers' events (each router replica subscribes).
+        self.vllm_consumer = VllmEventConsumer(self.datastore, self.index, cfg.vllm_kv_events_port,
+                                               cfg.vllm_kv_events_topic)
+        self._spawn(self.vllm_consumer.run(), "vllm-events")
         if cfg.uses_k8s:
             from tandem.router.k8s import KubernetesDiscovery
 
@@ -543,7 +554,9 @@ class RouterService:
         if use_pd:
             uncached = request.num_prompt_tokens - final.matched_blocks * self.index.block_size
             if uncached >= self.config.disagg_threshold:
-                prefill = self.profiles[Pool.PREFILL].pick(request, self.datastore.pool(Pool.PREFILL))
+                # NOTE: KV moves only between engines of one kind (Tandem's connector or vLLM's NixlConnector).
+                prefill = self.profiles[Pool.PREFILL].pick(
+                    request, [w for w in self.datastore.pool(Pool.PREFILL) if w.kind == final.worker.kind])
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
         total_blocks = len(request.block_hashes)
         upstream_headers = {"content-type": "application/json", "x-request-id": headers["x-request-id"]}
@@ -553,7 +566,8 @@ class RouterService:
         payload = raw_body
         migration: Migration | None = None
         upstream_body = body
-        if stream and self.config.max_migrations > 0 and migratable(body):
+        # vLLM has no continuation request to resume a stream on: its streams are relayed without migration.
+        if stream and final.worker.kind == "tandem" and self.config.max_migrations > 0 and migratable(body):
             # The engines return the generated token ids on every chunk: the router keeps them to resume the
             # stream elsewhere if its worker fails, and strips them before the client sees them.
             state = StreamState(endpoint_is_chat=endpoint == CHAT, client_wants_token_ids=body.get(RETURN_TOKEN_IDS) is True,

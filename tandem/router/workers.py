@@ -26,12 +26,20 @@ class Pool(enum.StrEnum):
     AGGREGATED = "aggregated"
 
 
+# Engines the router drives: Tandem's own workers and vLLM's OpenAI server.
+WORKER_KINDS = ("tandem", "vllm")
+
+
 @dataclass(slots=True)
 class Worker:
     """One engine worker as the router sees it. ``url`` is the worker's advertised identity."""
 
     url: str
     pool: Pool
+    # The engine behind it: "tandem" or "vllm" (vLLM's OpenAI server: KV events over ZMQ, NixlConnector P/D).
+    kind: str = "tandem"
+    # vLLM only: its KV-event publisher when not the worker's host on --vllm-kv-events-port (tandem up).
+    kv_events_endpoint: str | None = None
     healthy: bool = False
     # Served model names from /v1/models; None until the first successful probe.
     models: frozenset[str] | None = None
@@ -97,10 +105,12 @@ class Datastore:
     # Called with the worker on every ejection (the router counts them in its metrics).
     on_eject: Callable[[Worker], None] | None = None
 
-    def add(self, url: str, pool: Pool) -> Worker:
+    def add(self, url: str, pool: Pool, kind: str = "tandem", kv_events_endpoint: str | None = None) -> Worker:
+        if kind not in WORKER_KINDS:
+            raise ValueError(f"unknown worker kind {kind!r}: expected one of {', '.join(WORKER_KINDS)}")
         worker = self.workers.get(url)
-        if worker is None or worker.pool != pool:
-            worker = Worker(url=url, pool=pool)
+        if worker is None or worker.pool != pool or worker.kind != kind:
+            worker = Worker(url=url, pool=pool, kind=kind, kv_events_endpoint=kv_events_endpoint)
             self.workers[url] = worker
         return worker
 
