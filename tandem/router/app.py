@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ from tandem.router.errors import RequestError, error_body
 from tandem.router.metrics import RouterMetrics
 from tandem.router.service import CHAT, COMPLETIONS, RouterService
 from tandem.router.tokenizer import PromptTokenizer
+from tandem.web.auth import UNAUTHORIZED, APIKeys
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ def load_tokenizer(config: RouterConfig) -> PromptTokenizer | None:
     if config.tokenizer_dir:
         return PromptTokenizer(config.tokenizer_dir)
     if config.model:
-        from tandem.engine.model_files import tokenizer_dir
+        from tandem.router.tokenizer import load_model_tokenizer
 
-        return PromptTokenizer(tokenizer_dir(config.model))
+        return load_model_tokenizer(config.model)
     logger.warning("no --model or tokenizer given: routing without prefix awareness")
     return None
 
@@ -74,7 +74,7 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
         tokenizer = load_tokenizer(config)
     metrics = RouterMetrics()
     service = RouterService(config, tokenizer, metrics)
-    api_keys = [k.encode() for k in config.api_keys if k]
+    api_keys = APIKeys(config.api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,27 +88,21 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
     app.state.service = service
     app.state.metrics = metrics
 
-    def check_auth(header: str) -> None:
-        """``header``: the request's Authorization header ("" when absent)."""
-        if not api_keys:
-            return
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode() if scheme.lower() == "bearer" else b""
-        # Compare against every key (no early exit) in constant time per key.
-        matched = False
-        for key in api_keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
-            raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+    def check_auth(authorization: str | None, x_api_key: str | None = None) -> None:
+        """The shared API-key check (``Authorization: Bearer`` or ``x-api-key``); 401 when it fails."""
+        if not api_keys.authorized(authorization, x_api_key):
+            raise RequestError(401, UNAUTHORIZED, code="invalid_api_key")
 
     async def proxy(endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         """One proxied request as a bare ASGI handler: headers straight from the scope, body from ``receive``."""
-        request_id = authorization = None
+        request_id = authorization = x_api_key = None
         for name, value in scope["headers"]:  # lower-cased names (ASGI); the first of repeated ones counts
             if name == b"x-request-id" and request_id is None:
                 request_id = value.decode("latin-1")
             elif name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
+            elif name == b"x-api-key" and x_api_key is None:
+                x_api_key = value.decode("latin-1")
         # NOTE: 32 random hex digits like uuid4().hex, without building a UUID object for every request.
         headers = {"x-request-id": request_id or os.urandom(16).hex()}
         if authorization is not None:
@@ -123,7 +117,7 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
 
         try:
             try:
-                check_auth(authorization or "")
+                check_auth(authorization, x_api_key)
             except RequestError as exc:
                 metrics.requests.labels("none", "none", "unauthorized").inc()
                 response = exc.response(headers={"x-request-id": headers["x-request-id"]})
@@ -156,7 +150,7 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         try:
-            check_auth(request.headers.get("authorization", ""))
+            check_auth(request.headers.get("authorization"), request.headers.get("x-api-key"))
         except RequestError as exc:
             return exc.response()
         return JSONResponse({"object": "list", "data": [{

@@ -1,17 +1,17 @@
-"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with the matching status."""
+"""The router's errors: the API's one error class (``tandem.protocol.errors``) with a Starlette response."""
 
 from __future__ import annotations
 
-import json
+from starlette.responses import JSONResponse
 
-from tandem.engine.server.errors import APIError, error_body
-
-# One error class for the whole API: the engine's server answers with the same shape and types.
-RequestError = APIError
+from tandem.protocol.errors import APIError, error_body
+from tandem.web.errors import error_response, sse_error_event
 
 __all__ = ["RequestError", "error_body", "sse_error_event"]
 
 
-def sse_error_event(message: str, code: str) -> bytes:
-    """A server-sent event that ends a broken stream: the openai client raises on an ``error`` field."""
-    return b"data: " + json.dumps(error_body(message, "server_error", None, code)).encode() + b"\n\n"
+class RequestError(APIError):
+    """An ``APIError`` raised on the router's request path; ``response`` answers it (OpenAI or Anthropic shape)."""
+
+    def response(self, headers: dict | None = None, anthropic: bool = False) -> JSONResponse:
+        return error_response(self, headers, anthropic)

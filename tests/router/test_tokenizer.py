@@ -44,10 +44,12 @@ def test_matches_transformers(tokenizer_path):
     assert [tokenizer.encode_prompt(p) for p in PROMPTS] == expected["prompt"]
 
 
-def test_content_parts_are_flattened(tokenizer_path):
+def test_content_parts_and_developer_role_go_through_the_shared_normaliser(tokenizer_path):
     tokenizer = PromptTokenizer(tokenizer_path)
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
-    assert tokenizer.encode_chat(parts) == tokenizer.encode_chat([{"role": "user", "content": "Hello\nthere"}])
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    assert tokenizer.encode_chat_request(parts) == tokenizer.encode_chat(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nthere"}])
 
 
 def test_template_raise_exception_is_a_template_error(tmp_path, tokenizer_path):
@@ -78,5 +80,25 @@ def test_router_never_imports_torch():
         print("LOADED", bad)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout
+
+
+def test_router_imports_nothing_from_the_engine(tokenizer_path):
+    """The router's modules and a built router app need only tandem.protocol: no tandem.engine, no torch."""
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import tandem.router
+        for mod in pkgutil.iter_modules(tandem.router.__path__):
+            importlib.import_module("tandem.router." + mod.name)
+        from tandem.router.app import build_app
+        from tandem.router.config import RouterConfig
+        from tandem.router.tokenizer import PromptTokenizer
+        build_app(RouterConfig("smol", worker_urls=("http://127.0.0.1:9",)), PromptTokenizer(sys.argv[1]))
+        bad = sorted(m for m in sys.modules if m == "torch" or m == "tandem.engine" or m.startswith("tandem.engine."))
+        print("LOADED", bad)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tokenizer_path)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOADED []" in proc.stdout

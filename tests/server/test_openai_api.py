@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import openai
 import pytest
 
 from tandem import SamplingParams
@@ -112,10 +113,12 @@ def test_extra_body_parameters_are_honoured(client):
                                        extra_body={"min_tokens": 20, "ignore_eos": True})
     assert forced.usage.completion_tokens == 20
     penalised = client.completions.create(model="smol", prompt=PROMPT, max_tokens=24, temperature=0,
-                                          extra_body={"repetition_penalty": 1.8, "min_p": 0.05,
-                                                      "unknown_field": 1})
+                                          extra_body={"repetition_penalty": 1.8, "min_p": 0.05})
     # A strong repetition penalty steers away from the greedy continuation of a list prompt.
     assert penalised.choices[0].text != greedy.choices[0].text
+    # A field nobody defines is refused, not ignored.
+    with pytest.raises(openai.BadRequestError, match="unknown_field"):
+        client.completions.create(model="smol", prompt=PROMPT, max_tokens=2, extra_body={"unknown_field": 1})
 
 
 def test_request_id_is_honoured(server):

@@ -1,0 +1,124 @@
+"""``POST /v1/chat/completions``: messages -> the chat template (through ``tandem.protocol.chat``) -> engine
+request -> an OpenAI chat.completion (or its SSE stream of chat.completion.chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.server.generation import (
+    Collected,
+    GenContext,
+    collect,
+    merge_streams,
+    raise_delta_error,
+    sse_stream,
+    until_disconnect,
+    usage,
+)
+from tandem.engine.server.sampling import sampling_params, structured_output
+from tandem.engine.server.state import ServerState
+from tandem.protocol.chat import chat_template_input
+from tandem.protocol.errors import from_value_error
+from tandem.protocol.openai import ChatCompletionRequest
+from tandem.web.errors import sse_event
+
+
+def render_chat(state: ServerState, messages, tools=None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, chat_template_kwargs=None) -> list[int]:
+    """Messages (and tools) -> prompt token ids, through the one normaliser the router uses too."""
+    inp = chat_template_input(messages, tools, state.template_features(), chat_template_kwargs)
+    return state.llm.apply_chat_template(
+        inp.messages, add_generation_prompt and not continue_final_message,
+        **({"continue_final_message": True} if continue_final_message else {}),
+        **inp.template_kwargs(),
+    )
+
+
+async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: Request):
+    """Validate, submit and answer one chat completions request."""
+    model = state.check_model(body.model)
+    state.check_ready()
+    try:
+        kv_params = body.kv_params()
+        spec = structured_output(body)
+        ids = render_chat(state, body.messages, body.tools, body.add_generation_prompt, body.continue_final_message,
+                          body.chat_template_kwargs)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None,
+                                 max(1, state.max_model_len - len(ids)), state.vocab_size, spec)
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+    state.check_length(len(ids), params, "messages")
+    ctx = GenContext(state, request, model, kv_params, body.request_id)
+    if body.stream:
+        return StreamingResponse(sse_stream(ctx, _stream(ctx, ids, params, body)), media_type="text/event-stream")
+    result = await until_disconnect(request, collect(ctx, [ids], [params]))
+    return _response(ctx, result, ids, params)
+
+
+def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict:
+    """The chat ``logprobs`` object (content: token, logprob, bytes, top_logprobs)."""
+    content = []
+    for tok, lp in zip(token_ids, logprobs):
+        s = state.token_text(tok)
+        ranked = sorted(lp.items(), key=lambda kv: -kv[1])[:k]
+        content.append({
+            "token": s, "logprob": lp.get(tok), "bytes": list(s.encode()),
+            "top_logprobs": [{"token": (t_s := state.token_text(t)), "logprob": v, "bytes": list(t_s.encode())}
+                             for t, v in ranked],
+        })
+    return {"content": content}
+
+
+def _response(ctx: GenContext, result: Collected, ids: list[int], params: SamplingParams) -> dict:
+    choices = []
+    completion_tokens = 0
+    for (_, j), c in sorted(result.choices.items()):
+        completion_tokens += len(c.token_ids)
+        choices.append({
+            "index": j,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(ctx.state, c.token_ids, c.logprobs, params.logprobs or 0)
+            if params.logprobs is not None else None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        })
+    resp = {"id": f"chatcmpl-{ctx.response_id}", "object": "chat.completion", "created": ctx.created,
+            "model": ctx.model, "choices": choices,
+            "usage": usage(len(ids), completion_tokens, result.cached_tokens)}
+    if result.kv_transfer_params is not None:
+        resp["kv_transfer_params"] = result.kv_transfer_params
+    return resp
+
+
+async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, body) -> AsyncIterator[bytes]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    base = {"id": f"chatcmpl-{ctx.response_id}", "object": "chat.completion.chunk", "created": ctx.created,
+            "model": ctx.model}
+    completion_tokens = 0
+    cached = 0
+    for j in range(params.n):
+        yield sse_event({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]})
+    async for _, d in merge_streams(ctx.streams([ids], [params])):
+        ctx.tracker.on_delta(d)
+        raise_delta_error(d)
+        completion_tokens += len(d.new_token_ids)
+        if d.finished:
+            cached = max(cached, d.num_cached_tokens)
+        lp = None
+        if params.logprobs is not None and d.new_token_ids:
+            lp = chat_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, params.logprobs)
+        if not d.new_text and not d.finished and lp is None:
+            continue  # NOTE: text held back (a possible stop string) still sends its tokens' logprobs
+        choice = {"index": d.index, "delta": {"content": d.new_text} if d.new_text else {}, "logprobs": lp,
+                  "finish_reason": d.finish_reason if d.finished else None}
+        if d.finished:
+            choice["stop_reason"] = d.stop_reason
+        yield sse_event({**base, "choices": [choice]})
+    if include_usage:
+        yield sse_event({**base, "choices": [], "usage": usage(len(ids), completion_tokens, cached)})
