@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "up": ("tandem.up", "start router + workers locally on 127.0.0.1"),
     "operator": ("tandem.operator.cli", "run the Kubernetes operator (kopf)"),
     "bench": ("tandem.bench.cli", "benchmark any OpenAI-compatible endpoint"),
+    "download": ("tandem.download", "fetch a model (hf://ORG/NAME) into the Hugging Face cache and exit"),
 }
 
 

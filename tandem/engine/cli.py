@@ -11,7 +11,9 @@ from tandem.engine.model_files import DEFAULT_MODEL
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine flags shared by ``generate``, ``serve``, ``prefill`` and ``decode``."""
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="HF id (bundled: %(default)s), directory or .gguf file")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hf://ORG/NAME[@REVISION] or ORG/NAME (downloaded into HF_HOME), the bundled id "
+                        "(%(default)s), a directory, a .gguf file, file:///PATH or pvc://CLAIM/PATH")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     g.add_argument("--device", default="cpu", help="where the model and KV cache live: cpu, cuda or cuda:N "
                    "(default %(default)s)")
@@ -20,7 +22,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-memory", default=None,
-                   help="KV cache size: bytes ('2GiB', '512MB') or a fraction of RAM (0.1); default 1GiB")
+                   help="KV cache size: bytes ('2GiB', '512MB') or, on CPU, a fraction (0.5) of the container's "
+                        "memory limit (cgroup memory.max), or of the host's RAM where none is set; default 1GiB "
+                        "on CPU, --gpu-memory-utilization's share on CUDA")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: the fraction of the GPU's memory this engine may use; the KV cache gets what is "
+                        "left after the weights and activations (default %(default)s, like vLLM)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--kv-keep-warm-interval", type=float, default=5.0, metavar="SECONDS",
                    help="busy or idle, touch the pages of the next max-model-len of free KV blocks this often, so "
@@ -54,10 +61,25 @@ def speculative_config_from_json(text: str | None):
         raise ValueError(f"--speculative-config: {exc}") from None
 
 
-def engine_config_from_args(args: argparse.Namespace):
-    from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_memory
+def kv_cache_memory_from_args(args: argparse.Namespace) -> int | None:
+    """``--kv-cache-memory`` in bytes (None: the engine's default), saying on stderr how it was sized."""
+    from tandem.engine.config import kv_cache_size
 
-    return EngineConfig(
+    if args.kv_cache_memory is None:
+        return None
+    size = kv_cache_size(args.kv_cache_memory)
+    if args.device != "cpu" and size.fraction is not None:
+        raise ValueError("kv_cache_memory: a fraction is of the CPU's memory limit; on CUDA give a size ('8GiB') "
+                         "or use --gpu-memory-utilization")
+    print(f"tandem: {size.explanation}", file=sys.stderr)
+    return size.num_bytes
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from tandem.download import prefetch_or_exit
+    from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    config = EngineConfig(
         speculative=speculative_config_from_json(args.speculative_config),
         model=args.model,
         dtype=args.dtype,
@@ -66,7 +88,8 @@ def engine_config_from_args(args: argparse.Namespace):
         num_threads=args.threads,
         cache=CacheConfig(
             block_size=args.block_size,
-            kv_cache_memory=None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory),
+            kv_cache_memory=kv_cache_memory_from_args(args),
+            gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching,
             kv_keep_warm_interval_s=args.kv_keep_warm_interval,
         ),
@@ -78,6 +101,8 @@ def engine_config_from_args(args: argparse.Namespace):
             max_model_len=args.max_model_len,
         ),
     )
+    prefetch_or_exit(args.model)  # a Hub model downloads here, once the flags are valid, before any server starts
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

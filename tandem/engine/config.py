@@ -5,13 +5,40 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+GIB = 1 << 30
+# cgroup v1 writes "no limit" as the largest page-aligned signed 64-bit value (9223372036854771712); any limit
+# this large is no limit.
+CGROUP_V1_UNLIMITED = 1 << 62
+DEFAULT_CGROUP_ROOT = Path("/sys/fs/cgroup")
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryLimit:
+    """A memory size and where it was read (for the start-up log)."""
+
+    num_bytes: int
+    source: str  # e.g. "cgroup v2 memory.max", "cgroup v1 memory.limit_in_bytes", "host RAM"
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSize:
+    """The KV cache's size in bytes and the sentence saying how it was chosen (logged at start-up)."""
+
+    num_bytes: int
+    explanation: str
+    fraction: float | None = None  # set when the size is a fraction of a memory limit
 
 
 def parse_memory(value: str | int | float, total_bytes: int | None = None) -> int:
-    """Parse '2GiB', '512MB', '1e9', 0.25 (a fraction of RAM) or a plain byte count into bytes."""
+    """Parse '2GiB', '512MB', '1e9', 0.25 (a fraction of the memory limit, see :func:`memory_limit`) or a
+    plain byte count into bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if 0 < value < 1:
-            return int(value * (total_bytes or _total_ram()))
+            return int(value * (total_bytes or memory_limit().num_bytes))
         return int(value)
     text = str(value).strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "k": 2**10,
@@ -23,6 +50,134 @@ def parse_memory(value: str | int | float, total_bytes: int | None = None) -> in
     return parse_memory(number, total_bytes)
 
 
+def kv_cache_size(value: str | int | float, limit: MemoryLimit | None = None) -> KVCacheSize:
+    """``--kv-cache-memory``: a size, or a fraction of ``limit`` (default: :func:`memory_limit`), explained.
+
+    Raises ValueError naming the flag for anything that is neither.
+    """
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = None
+    if fraction is not None and 0 < fraction < 1:
+        limit = limit or memory_limit()
+        num_bytes = int(fraction * limit.num_bytes)
+        return KVCacheSize(num_bytes, f"KV cache: {fraction:g} x {limit.source} {_gib(limit.num_bytes)} = "
+                                      f"{_gib(num_bytes)}", fraction)
+    try:
+        num_bytes = parse_memory(value)
+    except ValueError:
+        raise ValueError(f"kv_cache_memory: expected a size ('2GiB', '512MB', bytes) or a fraction in (0, 1) of "
+                         f"the memory limit, got {value!r}") from None
+    return KVCacheSize(num_bytes, f"KV cache: {_gib(num_bytes)} (kv_cache_memory)")
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.1f} GiB"
+
+
+def memory_limit(cgroup_root: Path | None = None, proc_self_cgroup: Path = Path("/proc/self/cgroup")) -> MemoryLimit:
+    """The memory this process may use: its container's limit (cgroup v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``), or the host's RAM when no limit is set or the limit exceeds it.
+
+    ``cgroup_root`` defaults to ``TANDEM_CGROUP_ROOT`` or /sys/fs/cgroup (tests point it at a laid-out tree).
+    """
+    root = cgroup_root or Path(os.environ.get("TANDEM_CGROUP_ROOT") or DEFAULT_CGROUP_ROOT)
+    host = MemoryLimit(_total_ram(), "host RAM")
+    limit = cgroup_memory_limit(root, proc_self_cgroup)
+    return limit if limit is not None and limit.num_bytes < host.num_bytes else host
+
+
+def cgroup_memory_limit(root: Path, proc_self_cgroup: Path) -> MemoryLimit | None:
+    """The tightest memory limit on this process's cgroup and its ancestors under ``root``; None when unlimited.
+
+    cgroup v2 (``root/cgroup.controllers`` exists): ``memory.max`` ("max" = none). cgroup v1: the memory
+    controller's ``memory.limit_in_bytes`` under ``root/memory``. The process's own cgroup is read from
+    ``/proc/self/cgroup`` (``0::/path`` in v2, ``N:memory:/path`` in v1); when that path is not visible under
+    the root (a container's private view of its cgroup, mounted as the root), the root's own file is read.
+    """
+    membership = _read(proc_self_cgroup) or ""
+    if (root / "cgroup.controllers").exists():
+        base, filename, version = root, "memory.max", "v2"
+        own = next((line.split(":", 2)[2] for line in membership.splitlines() if line.startswith("0::")), "/")
+    else:
+        base, filename, version = root / "memory", "memory.limit_in_bytes", "v1"
+        own = next((line.split(":", 2)[2] for line in membership.splitlines()
+                    if len(line.split(":", 2)) == 3 and "memory" in line.split(":", 2)[1].split(",")), "/")
+    limits = [value for directory in _cgroup_chain(base, own) if (value := _limit_in(directory / filename))]
+    if not limits:
+        return None
+    return MemoryLimit(min(limits), f"cgroup {version} {filename}")
+
+
+def _cgroup_chain(base: Path, own: str) -> list[Path]:
+    """``base/own`` and its ancestors up to ``base`` (just ``base`` when ``own`` is not visible there)."""
+    directory = base / own.strip("/")
+    if not own.strip("/") or not directory.is_dir():
+        return [base]
+    chain = [directory]
+    while chain[-1] != base:
+        chain.append(chain[-1].parent)
+    return chain
+
+
+def _limit_in(path: Path) -> int | None:
+    """A limit file's value in bytes; None for a missing file, "max", or v1's huge "no limit"."""
+    text = (_read(path) or "").strip()
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return value if 0 < value < CGROUP_V1_UNLIMITED else None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def gpu_kv_cache_size(total_bytes: int, utilization: float, in_use_bytes: int, activation_bytes: int) -> KVCacheSize:
+    """The KV cache on a GPU, as vLLM sizes it: ``utilization`` of the GPU's memory is the engine's, and the KV
+    cache gets what is left of it after what is already in use (weights, CUDA context) and the activations.
+
+    Raises ValueError naming gpu_memory_utilization when nothing is left.
+    """
+    budget = int(utilization * total_bytes)
+    num_bytes = budget - in_use_bytes - activation_bytes
+    if num_bytes <= 0:
+        raise ValueError(
+            f"gpu_memory_utilization: {utilization:g} x {_gib(total_bytes)} = {_gib(budget)} leaves nothing for the "
+            f"KV cache after {_gib(in_use_bytes)} in use and {_gib(activation_bytes)} of activations; raise it "
+            "or give kv_cache_memory"
+        )
+    return KVCacheSize(num_bytes, f"KV cache: {utilization:g} x GPU memory {_gib(total_bytes)} - "
+                                  f"{_gib(in_use_bytes)} in use (weights, CUDA context) - {_gib(activation_bytes)} "
+                                  f"activations = {_gib(num_bytes)}")
+
+
+def activation_bytes_estimate(max_num_batched_tokens: int, max_num_seqs: int, hidden_size: int,
+                              intermediate_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                              vocab_size: int, dtype_bytes: int) -> int:
+    """An upper estimate of one step's activations on a GPU: per scheduled token, the residual stream and its
+    norm, q/k/v and the attention output, the gated MLP's two intermediate tensors and its input and output
+    (one layer at a time: layers reuse that memory); plus float32 logits for every sequence sampled."""
+    per_token = (4 * hidden_size + (num_heads + 2 * num_kv_heads) * head_dim + num_heads * head_dim
+                 + 3 * intermediate_size) * dtype_bytes
+    return max_num_batched_tokens * per_token + max_num_seqs * vocab_size * 4
+
+
+def measure_gpu_kv_cache_size(device, utilization: float, activation_bytes: int) -> KVCacheSize:
+    """:func:`gpu_kv_cache_size` with the GPU's total and in-use memory read now (after the weights loaded).
+
+    NOTE: torch is imported here, not at module level: this module is imported where torch must not be.
+    """
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return gpu_kv_cache_size(total, utilization, total - free, activation_bytes)
+
+
 def _total_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -30,12 +185,15 @@ def _total_ram() -> int:
 @dataclass(slots=True)
 class CacheConfig:
     block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None = a default share of RAM
+    kv_cache_memory: int | None = None  # bytes; None = 1 GiB on CPU, gpu_memory_utilization's share on CUDA
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
     enable_prefix_caching: bool = True
     kv_keep_warm_interval_s: float = 5.0  # 0 = off; see LLMEngine.keep_kv_cache_warm
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: see gpu_kv_cache_size
 
     def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_keep_warm_interval_s < 0:
             raise ValueError(f"kv_keep_warm_interval_s: must be >= 0, got {self.kv_keep_warm_interval_s}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):

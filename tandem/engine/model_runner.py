@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.engine.config import EngineConfig
+from tandem.engine.config import EngineConfig, activation_bytes_estimate, measure_gpu_kv_cache_size
 from tandem.engine.core.kv_layout import KVCacheLayout
 from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tandem.engine.host_memory import allocate_pool, huge_page_bytes
@@ -96,13 +96,26 @@ class ModelRunner:
         if block_ids and self.device.type == "cpu":
             self.kv_buffer.view(-1).view(torch.uint8).index_select(0, self.page_offsets(block_ids)).max()
 
+    def _default_kv_cache_memory(self) -> int:
+        """KV bytes when none were given: on CUDA, what ``gpu_memory_utilization`` leaves after the weights (loaded
+        by now) and an estimate of the activations; on CPU, ``DEFAULT_KV_CACHE_MEMORY``."""
+        if self.device.type != "cuda":
+            return DEFAULT_KV_CACHE_MEMORY
+        mc, sched = self.model_config, self.config.scheduler
+        activations = activation_bytes_estimate(
+            sched.max_num_batched_tokens, sched.max_num_seqs, mc.hidden_size, mc.intermediate_size, mc.num_heads,
+            mc.num_kv_heads, mc.head_dim, mc.vocab_size, torch.empty((), dtype=self.dtype).element_size())
+        size = measure_gpu_kv_cache_size(self.device, self.config.cache.gpu_memory_utilization, activations)
+        logger.info("%s", size.explanation)
+        return size.num_bytes
+
     def _size_kv_cache(self) -> KVCacheLayout:
         cfg, mc = self.config.cache, self.model_config
         probe = KVCacheLayout(mc.num_layers, 1, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.config.dtype)
         if cfg.num_blocks is not None:
             num_blocks = cfg.num_blocks
         else:
-            memory = cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+            memory = cfg.kv_cache_memory or self._default_kv_cache_memory()
             num_blocks = memory // probe.bytes_per_block_all_layers
             if num_blocks < 1:
                 raise ValueError(

@@ -73,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
     keys = list(args.api_key) or [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
     model = args.model
     if model is None and args.tokenizer is None:
-        from tandem.engine.model_files import DEFAULT_MODEL
+        from tandem.protocol.model_source import DEFAULT_MODEL
 
         model = DEFAULT_MODEL
     return RouterConfig(
