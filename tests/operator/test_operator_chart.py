@@ -73,8 +73,17 @@ def test_default_install_renders_valid_least_privilege_operator():
             assert rule["verbs"] == ["get", "list", "watch"]  # reads only, to grant the routers the same
 
 
+# kind -> (API group, resource) of everything render() can produce.
+RENDERED_KINDS = {
+    "ConfigMap": ("", "configmaps"), "Service": ("", "services"), "ServiceAccount": ("", "serviceaccounts"),
+    "PersistentVolumeClaim": ("", "persistentvolumeclaims"), "Deployment": ("apps", "deployments"),
+    "HorizontalPodAutoscaler": ("autoscaling", "horizontalpodautoscalers"),
+    "PodDisruptionBudget": ("policy", "poddisruptionbudgets"), "Role": ("rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+}
+
+
 def test_operator_rbac_covers_every_kind_render_produces():
-    from tandem.operator.kube import KINDS
     from tandem.operator.render import render
 
     role = next(d for d in template() if d["kind"] == "ClusterRole")
@@ -82,11 +91,14 @@ def test_operator_rbac_covers_every_kind_render_produces():
                for r in rule["resources"]}
     obj = {"metadata": {"name": "m", "namespace": "n", "uid": "u"},
            "spec": {"prefill": {"replicas": 1}, "decode": {"autoscaling": {"maxReplicas": 2}},
-                    "redis": {"mode": "Managed"}}}
+                    "redis": {"mode": "Managed"}, "model": {"uri": "hf://o/m", "cache": {"size": "10Gi"}}}}
+    kinds = set()
     for manifest in render(obj):
-        api_version, plural = KINDS[manifest["kind"]]
-        group = api_version.rpartition("/")[0]
-        assert {"get", "list", "watch", "create", "update", "delete"} <= allowed[(group, plural)], manifest["kind"]
+        kinds.add(manifest["kind"])
+        assert manifest["kind"] in RENDERED_KINDS, f"add {manifest['kind']} to RENDERED_KINDS and the chart's RBAC"
+        assert {"get", "list", "watch", "create", "update", "patch", "delete"} <= allowed[
+            RENDERED_KINDS[manifest["kind"]]], manifest["kind"]
+    assert kinds == set(RENDERED_KINDS)  # the spec above exercises every kind
     assert {"patch"} <= allowed[("tandem.dev", "llmdeployments/status")]
 
 
@@ -134,6 +146,8 @@ def test_chart_crds_are_in_sync_with_crds_dir(tmp_path):
     assert result.returncode == 0, f"chart CRDs drifted from crds/; run `make sync-crds`:\n{result.stderr}"
     for source in (ROOT / "crds").glob("*.yaml"):
         assert (CHART / "crds" / source.name).read_bytes() == source.read_bytes()
+        # The operator validates specs against the copy its package (and so its image) carries.
+        assert (ROOT / "tandem" / "operator" / "crds" / source.name).read_bytes() == source.read_bytes()
     # And the check does catch drift (on a scratch copy).
     target = tmp_path / "crds"
     shutil.copytree(CHART / "crds", target)

@@ -46,20 +46,25 @@ def test_defaults_fill_an_empty_spec_like_the_operator_does():
     assert errors == []
     spec = defaulted["spec"]
     parsed = parse_spec({})
-    assert spec["image"] == parsed.image == spec_module.DEFAULT_IMAGE
+    assert spec["image"] == parsed.image == "ghcr.io/tandem-llm/tandem:0.1.0"
     assert spec["model"] == {"uri": "bundled", "dtype": "bfloat16", "maxModelLen": 2048}
-    assert spec["engine"] == {"blockSize": 16, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048,
-                              "enablePrefixCaching": True, "enableChunkedPrefill": True, "kvCacheMemory": "512Mi"}
-    assert spec["decode"] == {"replicas": spec_module.DEFAULT_DECODE_REPLICAS}
-    assert spec["router"]["replicas"] == spec_module.DEFAULT_ROUTER_REPLICAS
-    assert spec["router"]["scorerWeights"] == dict(spec_module.DEFAULT_SCORER_WEIGHTS)
-    assert spec["router"]["disaggThreshold"] == spec_module.DEFAULT_DISAGG_THRESHOLD
-    assert spec["kvTransfer"] == {"backend": "nixl", "ucxTransports": list(spec_module.DEFAULT_UCX_TRANSPORTS),
-                                  "port": spec_module.DEFAULT_KV_PORT, "leaseSeconds": spec_module.DEFAULT_LEASE_SECONDS,
-                                  "loadFailurePolicy": spec_module.DEFAULT_LOAD_FAILURE_POLICY}
-    assert spec["redis"] == {"mode": "Disabled", "image": spec_module.DEFAULT_REDIS_IMAGE}
+    assert spec["engine"] == {"kind": "tandem", "device": "auto", "cudaImage": "ghcr.io/tandem-llm/tandem:0.1.0-cuda",
+                              "gpuMemoryUtilization": 0.9, "blockSize": 16, "maxNumSeqs": 64,
+                              "maxNumBatchedTokens": 2048, "enablePrefixCaching": True, "enableChunkedPrefill": True}
+    assert spec["prefill"] == {"replicas": 0} and spec["decode"] == {"replicas": 1}
+    assert spec["router"]["replicas"] == parsed.router.replicas == 1
+    assert spec["router"]["scorerWeights"] == parsed.router.scorer_weights.model_dump() == {
+        "prefix": 3, "queue": 1, "kv": 1, "inflight": 1}
+    assert spec["router"]["disaggThreshold"] == 256
+    assert spec["kvTransfer"] == {"backend": "nixl", "port": 5600, "leaseSeconds": 30, "loadFailurePolicy": "recompute"}
+    assert spec["redis"] == {"mode": "Disabled", "image": "redis:7.4-alpine"}
     # Defaulted by the server or by the operator, a spec renders the same.
     assert parse_spec(spec) == parsed
+
+
+def test_the_operator_validates_against_the_packaged_copy_of_the_crd():
+    # The operator reads the CRD the image ships (tandem/operator/crds/), a byte-for-byte copy of crds/.
+    assert spec_module.crd() == crd_schema.load_crd()
 
 
 def test_nested_defaults_of_optional_blocks():
@@ -67,10 +72,13 @@ def test_nested_defaults_of_optional_blocks():
                                                "apiKeySecretRef": {"name": "k"}}))
     assert errors == []
     spec = defaulted["spec"]
-    assert spec["prefill"]["replicas"] == spec_module.DEFAULT_PREFILL_REPLICAS
+    assert spec["prefill"]["replicas"] == 0
     assert spec["decode"]["autoscaling"] == {"minReplicas": 1, "maxReplicas": 4, "metric": {
-        "name": spec_module.DEFAULT_AUTOSCALING_METRIC, "targetAverageValue": spec_module.DEFAULT_AUTOSCALING_TARGET}}
-    assert spec["apiKeySecretRef"] == {"name": "k", "key": spec_module.DEFAULT_API_KEY_KEY}
+        "name": "vllm:num_requests_waiting", "targetAverageValue": "4"}}
+    assert spec["apiKeySecretRef"] == {"name": "k", "key": "api-key"}
+    parsed = parse_spec(spec)
+    assert parsed.decode.autoscaling.metric_name == "vllm:num_requests_waiting"
+    assert parsed.api_key.key == "api-key"
 
 
 # (case id, spec, the CRD's error (substring), the operator's error (substring))
@@ -78,12 +86,33 @@ INVALID = [
     ("negative-replicas", {"decode": {"replicas": -1}}, "spec.decode.replicas: -1 is less than the minimum of 0",
      "spec.decode.replicas: must be >= 0"),
     ("unknown-dtype", {"model": {"dtype": "float16"}}, "spec.model.dtype: 'float16' is not one of",
-     "spec.model.dtype: unsupported value"),
+     "spec.model.dtype: unsupported value 'float16' (one of bfloat16, float32)"),
     ("min-above-max", {"decode": {"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}},
-     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", "must not exceed maxReplicas"),
+     "autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+     "spec.decode.autoscaling: minReplicas (3) must not exceed maxReplicas (2)"),
     ("unknown-uri-scheme", {"model": {"uri": "s3://bucket/model"}}, "spec.model.uri: 's3://bucket/model' does not match",
-     "unsupported model uri"),
-    ("hf-uri-without-org", {"model": {"uri": "hf://just-a-name"}}, "spec.model.uri", "unsupported model uri"),
+     "spec.model.uri: invalid value 's3://bucket/model'"),
+    ("hf-uri-without-org", {"model": {"uri": "hf://just-a-name"}}, "spec.model.uri",
+     "spec.model.uri: invalid value 'hf://just-a-name'"),
+    ("unknown-engine-kind", {"engine": {"kind": "sglang"}}, "spec.engine.kind: 'sglang' is not one of",
+     "spec.engine.kind: unsupported value 'sglang' (one of tandem, vllm)"),
+    ("unknown-device", {"engine": {"device": "tpu"}}, "spec.engine.device: 'tpu' is not one of",
+     "spec.engine.device: unsupported value 'tpu'"),
+    ("gpu-utilization-above-one", {"engine": {"gpuMemoryUtilization": 1.5}}, "spec.engine.gpuMemoryUtilization",
+     "spec.engine.gpuMemoryUtilization: must be <= 1, got 1.5"),
+    ("vllm-with-the-bundled-model", {"engine": {"kind": "vllm"}}, "engine.kind vllm needs model.uri",
+     "spec.model.uri: engine.kind vllm needs model.uri"),
+    ("cache-for-a-pvc-model", {"model": {"uri": "pvc://w/m", "cache": {"size": "10Gi"}}},
+     "model.cache is only used for hf:// models", "spec.model.cache: model.cache is only used for hf://"),
+    ("cache-with-claim-and-size", {"model": {"uri": "hf://o/m", "cache": {"size": "10Gi", "claimName": "c"}}},
+     "model.cache needs exactly one of claimName", "model.cache needs exactly one of claimName"),
+    ("empty-cache", {"model": {"uri": "hf://o/m", "cache": {}}},
+     "model.cache needs exactly one of claimName", "model.cache needs exactly one of claimName"),
+    ("storage-class-without-size", {"model": {"uri": "hf://o/m", "cache": {"claimName": "c",
+                                                                            "storageClassName": "nfs"}}},
+     "storageClassName is only used with model.cache.size", "storageClassName is only used with model.cache.size"),
+    ("bad-cache-size", {"model": {"uri": "hf://o/m", "cache": {"size": "lots"}}}, "spec.model.cache.size",
+     "spec.model.cache.size: invalid value 'lots'"),
     ("external-redis-without-url", {"redis": {"mode": "External"}}, "redis.url is required when redis.mode is External",
      "redis.url is required"),
     ("redis-url-without-external", {"redis": {"url": "redis://r:6379"}}, "redis.url is only used",
@@ -94,11 +123,14 @@ INVALID = [
      "a disaggregated deployment needs decode replicas >= 1", "needs decode replicas >= 1"),
     ("batched-below-block", {"engine": {"maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least",
      "maxNumBatchedTokens must be at least"),
-    ("bad-kv-memory", {"engine": {"kvCacheMemory": "2GB"}}, "spec.engine.kvCacheMemory", "kvCacheMemory: invalid"),
+    ("bad-kv-memory", {"engine": {"kvCacheMemory": "2GB"}}, "spec.engine.kvCacheMemory",
+     "spec.engine.kvCacheMemory: invalid value '2GB' (KV cache size of CPU workers: bytes"),
     ("unknown-transport", {"kvTransfer": {"ucxTransports": ["carrier-pigeon"]}}, "spec.kvTransfer.ucxTransports.0",
-     "spec.kvTransfer.ucxTransports: unsupported"),
+     "spec.kvTransfer.ucxTransports.0: unsupported value 'carrier-pigeon'"),
     ("negative-weight", {"router": {"scorerWeights": {"prefix": -1}}}, "spec.router.scorerWeights.prefix",
-     "scorerWeights.prefix: must be a number >= 0"),
+     "spec.router.scorerWeights.prefix: must be >= 0, got -1"),
+    ("wrong-type", {"decode": {"replicas": "two"}}, "spec.decode.replicas", "spec.decode.replicas: must be of type "
+     "integer, got 'two'"),
     ("zero-routers", {"router": {"replicas": 0}}, "spec.router.replicas: 0 is less than the minimum of 1",
      "spec.router.replicas: must be >= 1"),
 ]
@@ -118,6 +150,21 @@ def test_invalid_objects_are_rejected_for_the_right_reason(spec, crd_error, oper
 def test_unknown_fields_are_rejected():
     _, errors = crd_schema.check(llmd({"model": {"uri": "bundled", "quantisation": "int4"}}))
     assert any("quantisation" in e for e in errors), errors
+    with pytest.raises(SpecError) as info:
+        parse_spec({"model": {"uri": "bundled", "quantisation": "int4"}, "engine": {"devcie": "cuda"}})
+    assert info.value.problems == ["spec.engine.devcie: unknown field", "spec.model.quantisation: unknown field"]
+
+
+def test_operator_only_rules():
+    # Rules the CRD cannot state (they depend on the device a role resolves to) are the operator's alone.
+    gpu = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
+    with pytest.raises(SpecError, match="spec.engine.kvCacheMemory: sizes the KV cache of CPU workers only"):
+        parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "8Gi"}})
+    with pytest.raises(SpecError, match="vLLM on CPU takes a size"):
+        parse_spec({"model": {"uri": "hf://o/m"}, "engine": {"kind": "vllm", "kvCacheMemory": "0.5"}})
+    # Both accepted where they make sense.
+    assert parse_spec({"engine": {"kvCacheMemory": "8Gi"}}).engine.kv_cache_memory_arg == str(8 * 2**30)
+    assert parse_spec({"model": {"uri": "hf://o/m"}, "engine": {"kind": "vllm", "kvCacheMemory": "4Gi"}})
 
 
 def test_name_length_rule():

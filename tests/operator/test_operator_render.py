@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import kubernetes_validate
@@ -168,16 +169,36 @@ def test_redis_modes(mode):
     assert (("Service", "m-redis") in objs) == (mode == "Managed")
 
 
+def pod(manifests: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
+    return by_kind(manifests)[("Deployment", deployment)]["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def mounts_of(container: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+
+
 def test_api_key_secret_and_hf_token_reach_every_component():
     spec = {"apiKeySecretRef": {"name": "keys"}, "prefill": {"replicas": 1},
             "model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "hfTokenSecretRef": {"name": "hf", "key": "tok"}}}
     manifests = render(create_llmd(spec))
     assert_valid(manifests)
     for dep in ("m-prefill", "m-decode", "m-router"):
-        env = {e["name"]: e for e in by_kind(manifests)[("Deployment", dep)]["spec"]["template"]["spec"]
-               ["containers"][0]["env"]}
+        pod_spec = pod(manifests, dep)
+        containers = pod_spec["containers"] + pod_spec.get("initContainers", [])
+        assert [c["name"] for c in containers] == [dep.removeprefix("m-"), "download"]
+        env = env_of(pod_spec["containers"][0])
         assert env["TANDEM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
-        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "tok"}
+        # The token is a file (never an env value); huggingface_hub reads the file HF_TOKEN_PATH names.
+        volume = next(v for v in pod_spec["volumes"] if v["name"] == "hf-token")
+        assert volume["secret"] == {"secretName": "hf", "items": [{"key": "tok", "path": "token"}]}
+        for c in containers:
+            assert env_of(c)["HF_TOKEN_PATH"]["value"] == "/var/run/secrets/tandem/hf/token"
+            assert mounts_of(c)["hf-token"] == "/var/run/secrets/tandem/hf"
+            assert "HF_TOKEN" not in env_of(c)
     without = render(create_llmd())
     env_names = [e["name"] for e in by_kind(without)[("Deployment", "m-decode")]["spec"]["template"]["spec"]
                  ["containers"][0]["env"]]
@@ -186,7 +207,8 @@ def test_api_key_secret_and_hf_token_reach_every_component():
 
 @pytest.mark.parametrize("uri, model_arg, served, volume", [
     ("bundled", BUNDLED_MODEL, BUNDLED_MODEL, None),
-    ("hf://org/name", "org/name", "org/name", {"name": "hf-cache", "emptyDir": {}}),
+    ("hf://org/name", "hf://org/name", "org/name", {"name": "hf-cache", "emptyDir": {}}),
+    ("hf://org/name@v1.0", "hf://org/name@v1.0", "org/name", {"name": "hf-cache", "emptyDir": {}}),
     ("pvc://weights/llama/8b", "/models/llama/8b", "8b",
      {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}}),
     ("file:///opt/models/smol", "/opt/models/smol", "smol", None),
@@ -199,6 +221,180 @@ def test_model_uri_mapping(uri, model_arg, served, volume):
         assert flag(cmd, "--model") == model_arg and flag(cmd, "--served-model-name") == served
         volumes = by_kind(manifests)[("Deployment", dep)]["spec"]["template"]["spec"]["volumes"]
         assert [v for v in volumes if v["name"] != "tmp"] == ([volume] if volume else [])
+
+
+GPU = {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+
+
+def test_gpu_resources_render_cuda_workers():
+    spec = {"prefill": {"replicas": 1, "resources": GPU}, "decode": {"replicas": 2, "resources": GPU},
+            "engine": {"gpuMemoryUtilization": 0.8}, "kvTransfer": {"ucxTransports": ["rc", "tcp"]}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    for dep in ("m-prefill", "m-decode"):
+        cmd = command(manifests, dep)
+        assert flag(cmd, "--device") == "cuda" and flag(cmd, "--gpu-memory-utilization") == "0.8"
+        assert "--kv-cache-memory" not in cmd  # on CUDA the pool is what the weights leave of that share
+        # UCX can move GPU memory only through its CUDA transports: added to the user's list.
+        assert flag(cmd, "--ucx-transports") == "rc,tcp,cuda_copy,cuda_ipc"
+        c = pod(manifests, dep)["containers"][0]
+        assert c["image"] == "ghcr.io/tandem-llm/tandem:0.1.0-cuda"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert "runtimeClassName" not in pod(manifests, dep)
+    router = pod(manifests, "m-router")["containers"][0]
+    assert router["image"] == "ghcr.io/tandem-llm/tandem:0.1.0" and "nvidia.com/gpu" not in str(router["resources"])
+
+
+def test_device_is_per_role_and_can_be_forced():
+    # auto: the CPU prefill pool stays on the CPU image and transports while the GPU decode pool runs CUDA.
+    mixed = render(create_llmd({"prefill": {"replicas": 1}, "decode": {"resources": {"limits": {
+        "nvidia.com/gpu": 2}}}}))
+    assert flag(command(mixed, "m-prefill"), "--ucx-transports") == "tcp,sm"
+    assert "--device" not in command(mixed, "m-prefill") and flag(command(mixed, "m-prefill"), "--kv-cache-memory")
+    assert flag(command(mixed, "m-decode"), "--device") == "cuda"
+    assert flag(command(mixed, "m-decode"), "--ucx-transports") == "tcp,sm,cuda_copy,cuda_ipc"
+    assert pod(mixed, "m-decode")["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    # device: cuda without a GPU request still gets one GPU (and the runtime class, where one is named).
+    forced = render(create_llmd({"engine": {"device": "cuda", "runtimeClassName": "nvidia",
+                                            "cudaImage": "registry.example/tandem:cuda"}}))
+    assert_valid(forced)
+    decode = pod(forced, "m-decode")
+    assert decode["runtimeClassName"] == "nvidia" and "runtimeClassName" not in pod(forced, "m-router")
+    assert decode["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert decode["containers"][0]["image"] == "registry.example/tandem:cuda"
+    # device: cpu keeps a GPU-requesting role on the CPU (the request itself is the user's to keep).
+    cpu = render(create_llmd({"engine": {"device": "cpu"}, "decode": {"resources": GPU}}))
+    assert "--device" not in command(cpu, "m-decode")
+
+
+def test_cpu_kv_cache_memory_fraction_stays_a_fraction():
+    # The engine reads a fraction against the container's cgroup memory limit; render passes it unchanged.
+    cmd = command(render(create_llmd({"engine": {"kvCacheMemory": "0.5"}, "decode": {"resources": {
+        "limits": {"memory": "4Gi"}}}})), "m-decode")
+    assert flag(cmd, "--kv-cache-memory") == "0.5" and "--device" not in cmd
+
+
+@pytest.mark.parametrize("cache, volume", [
+    (None, {"emptyDir": {}}),
+    ({"claimName": "shared-hf"}, {"persistentVolumeClaim": {"claimName": "shared-hf"}}),
+    ({"size": "50Gi", "storageClassName": "nfs"}, {"persistentVolumeClaim": {"claimName": "m-model-cache"}}),
+], ids=["emptyDir", "existing-claim", "created-claim"])
+def test_hub_models_download_in_an_init_container_into_the_cache(cache, volume):
+    model = {"uri": "hf://Qwen/Qwen3-0.6B@main"} | ({"cache": cache} if cache else {})
+    manifests = render(create_llmd({"model": model, "prefill": {"replicas": 1}, "decode": {"replicas": 3}}))
+    assert_valid(manifests)
+    for dep in ("m-prefill", "m-decode"):
+        pod_spec = pod(manifests, dep)
+        (init,), (main,) = pod_spec["initContainers"], pod_spec["containers"]
+        assert init["command"] == ["tandem", "download", "--model", "hf://Qwen/Qwen3-0.6B@main"]
+        assert init["image"] == "ghcr.io/tandem-llm/tandem:0.1.0"
+        # Both see the cache at HF_HOME (from the ConfigMap); the engine never reaches the Hub.
+        assert mounts_of(init)["hf-cache"] == mounts_of(main)["hf-cache"] == "/cache/huggingface"
+        assert "HF_HUB_OFFLINE" not in env_of(init) and env_of(main)["HF_HUB_OFFLINE"]["value"] == "1"
+        assert {"name": "hf-cache", **volume} in pod_spec["volumes"]
+        assert flag(main["command"], "--model") == "hf://Qwen/Qwen3-0.6B@main"
+    config = by_kind(manifests)[("ConfigMap", "m-config")]["data"]
+    assert config["HF_HOME"] == "/cache/huggingface" and "HF_HUB_OFFLINE" not in config
+    # The router fetches only the tokenizer, into its own emptyDir, and then runs offline too.
+    router = pod(manifests, "m-router")
+    assert router["initContainers"][0]["command"][-1] == "--tokenizer-only"
+    assert {"name": "hf-cache", "emptyDir": {}} in router["volumes"]
+    assert env_of(router["containers"][0])["HF_HUB_OFFLINE"]["value"] == "1"
+    claims = [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    if cache and "size" in cache:
+        (claim,) = claims
+        assert claim["metadata"]["name"] == "m-model-cache" and claim["metadata"]["ownerReferences"]
+        assert claim["spec"] == {"accessModes": ["ReadWriteMany"], "volumeMode": "Filesystem",
+                                 "resources": {"requests": {"storage": "50Gi"}}, "storageClassName": "nfs"}
+    else:
+        assert claims == []
+
+
+def test_models_outside_the_hub_need_no_download():
+    for uri in ("bundled", "pvc://weights/llama", "file:///opt/m"):
+        manifests = render(create_llmd({"model": {"uri": uri}}))
+        for dep in ("m-decode", "m-router"):
+            assert "initContainers" not in pod(manifests, dep)
+            assert env_of(pod(manifests, dep)["containers"][0])["HF_HUB_OFFLINE"]["value"] == "1"
+
+
+def test_worker_pods_carry_their_engine_kind():
+    manifests = render(create_llmd({"prefill": {"replicas": 1}}))
+    for dep in ("m-prefill", "m-decode"):
+        d = by_kind(manifests)[("Deployment", dep)]
+        assert d["spec"]["template"]["metadata"]["labels"]["tandem.dev/engine-kind"] == "tandem"
+        assert d["metadata"]["labels"]["tandem.dev/engine-kind"] == "tandem"
+        # The kind is not part of the (immutable) selector, so switching engines is a rolling update.
+        assert "tandem.dev/engine-kind" not in d["spec"]["selector"]["matchLabels"]
+    assert "tandem.dev/engine-kind" not in pod_labels(manifests, "m-router")
+
+
+def pod_labels(manifests: list[dict[str, Any]], deployment: str) -> dict[str, str]:
+    return by_kind(manifests)[("Deployment", deployment)]["spec"]["template"]["metadata"]["labels"]
+
+
+VLLM_EVENTS = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "kv-events"}
+
+
+def test_vllm_aggregated_on_cpu():
+    spec = {"engine": {"kind": "vllm", "kvCacheMemory": "4Gi", "enablePrefixCaching": True},
+            "model": {"uri": "hf://Qwen/Qwen3-0.6B@abc123", "servedName": "qwen", "dtype": "float32",
+                      "maxModelLen": 4096}, "apiKeySecretRef": {"name": "keys"}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    cmd = command(manifests, "m-decode")
+    assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen3-0.6B"]
+    assert flag(cmd, "--revision") == "abc123" and flag(cmd, "--served-model-name") == "qwen"
+    assert flag(cmd, "--port") == "8000" and flag(cmd, "--dtype") == "float32"
+    assert flag(cmd, "--max-model-len") == "4096" and flag(cmd, "--kv-cache-memory-bytes") == str(4 * 2**30)
+    assert "--enable-prefix-caching" in cmd and "--gpu-memory-utilization" not in cmd
+    assert json.loads(flag(cmd, "--kv-events-config")) == VLLM_EVENTS
+    assert "--kv-transfer-config" not in cmd
+    pod_spec = pod(manifests, "m-decode")
+    c = pod_spec["containers"][0]
+    assert c["image"] == "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
+    assert pod_labels(manifests, "m-decode")["tandem.dev/engine-kind"] == "vllm"
+    assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in c["ports"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert env_of(c)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
+    assert mounts_of(c)["dshm"] == "/dev/shm" and mounts_of(c)["hf-cache"] == "/cache/huggingface"
+    # The Tandem image downloads the weights; vLLM reads them from the same cache, offline.
+    assert pod_spec["initContainers"][0]["image"] == "ghcr.io/tandem-llm/tandem:0.1.0"
+    assert env_of(c)["HF_HUB_OFFLINE"]["value"] == "1"
+    # The router stays ours.
+    assert command(manifests, "m-router")[:2] == ["tandem", "router"]
+
+
+def test_vllm_prefill_decode_on_gpus():
+    spec = {"engine": {"kind": "vllm", "gpuMemoryUtilization": 0.85, "enableChunkedPrefill": False},
+            "model": {"uri": "pvc://weights/llama-3.1-8b"}, "prefill": {"replicas": 1, "resources": GPU},
+            "decode": {"replicas": 2, "resources": GPU, "extraArgs": ["--enforce-eager"]},
+            "kvTransfer": {"port": 5601}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    for dep in ("m-prefill", "m-decode"):
+        cmd = command(manifests, dep)
+        assert cmd[:3] == ["vllm", "serve", "/models/llama-3.1-8b"]
+        assert flag(cmd, "--gpu-memory-utilization") == "0.85" and "--no-enable-chunked-prefill" in cmd
+        assert json.loads(flag(cmd, "--kv-transfer-config")) == {"kv_connector": "NixlConnector",
+                                                                 "kv_role": "kv_both"}
+        assert json.loads(flag(cmd, "--kv-events-config")) == VLLM_EVENTS
+        assert ("--enforce-eager" in cmd) == (dep == "m-decode")
+        c = pod(manifests, dep)["containers"][0]
+        assert c["image"] == "vllm/vllm-openai:v0.32.0"
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        env = env_of(c)
+        assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"] == "5601"
+        assert env["UCX_TLS"]["value"] == "tcp,sm,cuda_copy,cuda_ipc"
+        assert "initContainers" not in pod(manifests, dep)
+    router = command(manifests, "m-router")
+    assert flag(router, "--k8s-prefill-selector") == "tandem.dev/deployment=m,tandem.dev/role=prefill"
+    # A vLLM image of one's own replaces the default; a CPU P/D pair keeps its KV buffer in host memory.
+    own = render(create_llmd(spec | {"engine": {"kind": "vllm", "image": "registry.example/vllm:dev",
+                                                "device": "cpu"}}))
+    assert pod(own, "m-decode")["containers"][0]["image"] == "registry.example/vllm:dev"
+    assert json.loads(flag(command(own, "m-decode"), "--kv-transfer-config"))["kv_buffer_device"] == "cpu"
 
 
 def test_scheduling_fields_pass_through():
@@ -218,8 +414,10 @@ def test_scheduling_fields_pass_through():
     assert pod["affinity"] == role["affinity"] and pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["serviceAccountName"] == "workers"
     c = pod["containers"][0]
-    assert c["resources"] == role["resources"] and {"name": "NIXL_LOG", "value": "debug"} in c["env"]
-    assert c["image"] == "registry.example/tandem:dev" and c["imagePullPolicy"] == "Always"
+    # A GPU request is a CUDA worker: the limit is added (Kubernetes requires it for extended resources).
+    assert c["resources"] == {"requests": {"cpu": "8", "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": "1"}}
+    assert {"name": "NIXL_LOG", "value": "debug"} in c["env"]
+    assert c["image"] == "ghcr.io/tandem-llm/tandem:0.1.0-cuda" and c["imagePullPolicy"] == "Always"
     router_pod = by_kind(manifests)[("Deployment", "m-router")]["spec"]["template"]["spec"]
     assert router_pod["serviceAccountName"] == "m-router"  # the router's own account may watch pods
 
@@ -245,12 +443,15 @@ def test_render_is_deterministic_and_config_changes_roll_pods():
     ({"decode": {"replicas": -1}}, "spec.decode.replicas: must be >= 0"),
     ({"model": {"dtype": "float16"}}, "spec.model.dtype: unsupported value 'float16'"),
     ({"decode": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas (5) must not exceed"),
-    ({"model": {"uri": "s3://bucket/model"}}, "unsupported model uri 's3://bucket/model'"),
+    ({"model": {"uri": "s3://bucket/model"}}, "spec.model.uri: invalid value 's3://bucket/model'"),
     ({"redis": {"mode": "External"}}, "redis.url is required"),
     ({"redis": {"url": "redis://x:6379"}}, "redis.url is only used"),
     ({"prefill": {"replicas": 0, "autoscaling": {"maxReplicas": 2}}}, "prefill.autoscaling needs"),
     ({"prefill": {"replicas": 1}, "decode": {"replicas": 0}}, "needs decode replicas >= 1"),
     ({"engine": {"kvCacheMemory": "lots"}}, "spec.engine.kvCacheMemory: invalid value"),
+    ({"engine": {"kind": "vllm"}}, "spec.model.uri: engine.kind vllm needs"),
+    ({"engine": {"kvCacheMemory": "1Gi"}, "decode": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
+     "kvCacheMemory: sizes the KV cache of CPU workers only"),
     ({"engine": {"blockSize": 16, "maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least blockSize"),
 ])
 def test_invalid_specs_raise_clear_errors(spec, message):
@@ -277,13 +478,25 @@ def test_examples_render_to_valid_objects(example):
     {},
     {"prefill": {"replicas": 1}, "redis": {"mode": "Managed"}, "apiKeySecretRef": {"name": "k"},
      "engine": {"enablePrefixCaching": False, "enableChunkedPrefill": False, "kvCacheMemory": "0.9"}},
-], ids=["aggregated", "disaggregated"])
+    {"prefill": {"replicas": 1, "resources": GPU}, "decode": {"resources": GPU},
+     "model": {"uri": "hf://Qwen/Qwen3-0.6B@main", "hfTokenSecretRef": {"name": "hf"}}},
+], ids=["aggregated", "disaggregated", "gpu-hub"])
 def test_rendered_commands_parse_with_the_real_component_clis(spec):
     # The contract with the other components: every flag render() writes is one their CLI accepts.
     from tandem.cli import build_parser
 
+    parsed = []
     for m in render(create_llmd(spec)):
         if m["kind"] == "Deployment" and m["metadata"]["name"] != "m-redis":
-            cmd = m["spec"]["template"]["spec"]["containers"][0]["command"]
-            assert cmd[0] == "tandem"
-            build_parser(cmd[1]).parse_args(cmd[1:])
+            pod_spec = m["spec"]["template"]["spec"]
+            for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+                cmd = c["command"]
+                assert cmd[0] == "tandem"
+                args = build_parser(cmd[1]).parse_args(cmd[1:])
+                parsed.append((cmd[1], args))
+    if "model" in spec:  # the GPU + Hub case: the flags land where the engine and `tandem download` read them
+        engines = [a for name, a in parsed if name in ("prefill", "decode")]
+        assert engines and all(a.device == "cuda" and a.gpu_memory_utilization == 0.9 for a in engines)
+        downloads = [a for name, a in parsed if name == "download"]
+        assert len(downloads) == 3 and all(a.model == "hf://Qwen/Qwen3-0.6B@main" for a in downloads)
+        assert sum(a.tokenizer_only for a in downloads) == 1  # the router's
