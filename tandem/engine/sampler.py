@@ -99,7 +99,8 @@ class Sampler:
             if k:
                 vals, idx = raw_logprobs[row].topk(k)
                 for t, v in zip(idx.tolist(), vals.tolist()):
-                    entry.setdefault(t, v)
+                    if v != float("-inf"):  # a token the grammar masks out is not a candidate
+                        entry.setdefault(t, v)
             out_logprobs.append(entry)
         return SampleResult(chosen, out_logprobs)
 
@@ -209,6 +210,7 @@ def prompt_logprobs_for(logits: torch.Tensor, next_tokens: list[int], k: int) ->
         if k:
             vals, idx = lp[row].topk(k)
             for t, v in zip(idx.tolist(), vals.tolist()):
-                entry.setdefault(t, v)
+                if v != float("-inf"):  # masked out by a grammar (speculative verify rows)
+                    entry.setdefault(t, v)
         out.append(entry)
     return out

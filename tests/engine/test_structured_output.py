@@ -86,6 +86,7 @@ def test_protocol_module_imports_neither_torch_nor_xgrammar():
 
 # ---- the engine: real model, grammar-constrained sampling ------------------------------------------
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 
 import jsonschema  # noqa: E402
@@ -218,3 +219,117 @@ def test_logit_bias_ids_are_checked_against_the_vocab(llm):
     for bad in ({5: 100.5}, {"x": 1}, {-1: 0}):
         with pytest.raises(ValueError, match="^logit_bias: "):
             SamplingParams(logit_bias=bad)
+
+
+@pytest.mark.slow
+def test_stop_string_ends_a_structured_output(llm):
+    spec = StructuredOutputSpec("json", PERSON)
+    full = chat_text(llm, constrained(spec))[0].text
+    cut = chat_text(llm, constrained(spec, stop=['"age"']))[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == '"age"'
+    assert full.startswith(cut.text) and full[len(cut.text):].startswith('"age"')  # what came before is intact
+
+
+@pytest.mark.slow
+def test_logprobs_are_those_of_the_masked_distribution(llm):
+    word = "absolutely"
+    (out,) = chat_text(llm, constrained(StructuredOutputSpec("choice", [word]), logprobs=20))
+    assert out.text == word and out.token_ids[-1] == llm.engine.eos_token_id
+    decode = llm.tokenizer.decode
+    done = ""
+    for token, entry in zip(out.token_ids[:-1], out.logprobs):
+        # Only tokens that continue the one allowed string are listed, and they share all the probability.
+        assert all(word[len(done):].startswith(decode([t])) for t in entry), entry
+        assert sum(math.exp(v) for v in entry.values()) <= 1 + 1e-4
+        done += decode([token])
+    # Once the string is complete, EOS is the only token the grammar allows: probability 1.
+    assert out.logprobs[-1] == {llm.engine.eos_token_id: pytest.approx(0.0, abs=1e-5)}
+
+
+# ---- speculative decoding ------------------------------------------------------------------------
+COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 6, "maxItems": 6}
+ASK_COLOURS = [{"role": "user", "content": 'Repeat this list exactly: ["red", "green", "blue", "red", "green", '
+                                           '"blue"]'}]
+
+
+def test_grammar_cuts_drafts_it_rejects(smol_tokenizer):
+    from tandem.engine.structured_output import StructuredOutputManager
+
+    manager = StructuredOutputManager(smol_tokenizer, 49152, eos_token_id=smol_tokenizer.eos_token_id)
+    grammar = manager.grammar_for(StructuredOutputSpec("json", COLOURS))
+    assert grammar.wait(30)
+    good = smol_tokenizer.encode('["red", "green"', add_special_tokens=False)
+    bad = smol_tokenizer.encode(', "purple"', add_special_tokens=False)
+    drafts = good + bad
+    kept = grammar.valid_prefix(drafts)
+    assert len(good) < len(kept) < len(drafts) and kept == drafts[: len(kept)]
+    # Cut at the first token that leaves the grammar: the start of "purple" (the '"' before it is allowed).
+    assert smol_tokenizer.decode([drafts[len(kept)]]).startswith("p")
+    assert grammar.valid_prefix(good) == good  # ... and the state did not move: the same drafts fit again
+    manager.shutdown()
+
+
+@pytest.mark.slow
+def test_speculative_decoding_with_a_grammar_matches_plain_decoding(llm, smol_dir):
+    spec_llm = LLM(model=str(smol_dir), dtype="float32", max_model_len=512, num_blocks=64, num_threads=1,
+                   progress=False, speculative_config={"num_speculative_tokens": 4, "prompt_lookup_min": 1})
+    params = constrained(StructuredOutputSpec("json", COLOURS), max_tokens=48)
+    (plain,) = chat_text(llm, params, ASK_COLOURS)
+    (fast,) = chat_text(spec_llm, params, ASK_COLOURS)
+    items = json.loads(fast.text)
+    jsonschema.validate(items, COLOURS)
+    assert fast.token_ids == plain.token_ids  # masked verify rows: the same greedy tokens as plain decoding
+    stats = spec_llm.engine.stats()
+    assert stats.spec_num_drafts > 0 and stats.spec_num_accepted_tokens > 0
+    sampled = chat_text(spec_llm, constrained(StructuredOutputSpec("json", COLOURS), temperature=0.8, seed=5,
+                                              max_tokens=48), ASK_COLOURS)[0]
+    jsonschema.validate(json.loads(sampled.text), COLOURS)
+
+
+# ---- compiling off the step loop -----------------------------------------------------------------
+def _pending_grammar(smol_tokenizer, regex: str):
+    """A grammar whose compile the test finishes (or fails) when it chooses, and the finished compile."""
+    from concurrent.futures import Future
+
+    import xgrammar as xgr
+
+    from tandem.engine.structured_output import RequestGrammar
+
+    info = xgr.TokenizerInfo.from_huggingface(smol_tokenizer, vocab_size=49152)
+    compiled = xgr.GrammarCompiler(info, max_threads=1).compile_regex(regex)
+    future: Future = Future()
+    return RequestGrammar(StructuredOutputSpec("regex", regex, field="guided_regex"), future, xgr.GrammarMatcher), \
+        future, compiled
+
+
+def test_request_waits_for_its_grammar(smol_tokenizer):
+    from helpers import create_request
+
+    from tandem.engine.config import SchedulerConfig
+    from tandem.engine.core.kv_cache_manager import KVCacheManager
+    from tandem.engine.core.request import RequestStatus
+    from tandem.engine.core.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64), KVCacheManager(16, 4, True))
+    grammar, future, compiled = _pending_grammar(smol_tokenizer, "[0-9]+")
+    waiting = create_request("g", [1, 2, 3], block_size=4)
+    waiting.grammar = grammar
+    free = create_request("f", [4, 5, 6], block_size=4)
+    sched.add_request(waiting)
+    sched.add_request(free)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["f"]  # the free request does not wait behind it
+    assert waiting.status == RequestStatus.WAITING_FOR_GRAMMAR and sched.has_external_work()
+    future.set_result(compiled)
+    out = sched.schedule()
+    assert "g" in [s.request.request_id for s in out.scheduled] and waiting.status == RequestStatus.RUNNING
+
+    broken, future, _ = _pending_grammar(smol_tokenizer, "[0-9]+")
+    failing = create_request("b", [7, 8, 9], block_size=4)
+    failing.grammar = broken
+    sched.add_request(failing)
+    future.set_exception(RuntimeError("[10:00:00] /project/cpp/compiler.cc:1: out of memory"))
+    assert all(s.request is not failing for s in sched.schedule().scheduled)
+    ((request, error),) = sched.take_failed()
+    assert request is failing and request.status == RequestStatus.FINISHED_ERROR
+    assert error == "guided_regex: out of memory"

@@ -261,11 +261,9 @@ class Scheduler:
 
     def _fail_broken_grammars(self) -> None:
         """End waiting requests whose grammar failed to compile, with the compiler's error."""
-        for request in [r for r in self.waiting if r.grammar is not None and r.grammar.ready and r.grammar.error]:
-            self.waiting.remove(request)
-            self.requests.pop(request.request_id, None)
-            request.status = RequestStatus.FINISHED_ERROR
-            self.failed.append((request, request.grammar.error))
+        broken = [r for r in self.waiting if r.grammar is not None and r.grammar.ready and r.grammar.error]
+        for request in self.finish_requests([r.request_id for r in broken], RequestStatus.FINISHED_ERROR):
+            self.failed.append((request, request.grammar.error))  # type: ignore[union-attr]
 
     def _group_ready(self, request: Request) -> bool:
         """n > 1 siblings wait until the first sibling's prompt is cached, then share its blocks."""

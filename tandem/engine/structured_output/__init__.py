@@ -128,7 +128,8 @@ class RequestGrammar:
 
     def draft_bitmask(self, drafts: list[int], vocab_size: int) -> torch.Tensor:
         """Masks for a verify chunk: row ``i`` ([len(drafts) + 1, ceil(V / 32)]) holds the tokens allowed after
-        ``drafts[:i]``. Drafts are accepted only to compute the rows and rolled back after."""
+        ``drafts[:i]`` (rows past a rejected draft or the stop token stay all-allowed: they are never used).
+        Drafts are accepted only to compute the rows and rolled back after."""
         import xgrammar as xgr
 
         bitmask = xgr.allocate_token_bitmask(len(drafts) + 1, vocab_size)
@@ -138,6 +139,8 @@ class RequestGrammar:
             if row == len(drafts) or not self._matcher.accept_token(drafts[row]):
                 break  # later rows cannot be reached: their drafts are rejected by this row's mask
             accepted += 1
+            if self._matcher.is_terminated():
+                break  # a draft was the stop token: the request ends there, later rows are never used
         if accepted:
             self._matcher.rollback(accepted)
         return bitmask
