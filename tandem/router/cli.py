@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outlier-base-ejection", type=float, default=5.0,
                         help="seconds a failing worker is ejected for, times its consecutive ejections")
     parser.add_argument("--outlier-max-ejection", type=float, default=120.0, help="cap on one ejection, seconds")
+    parser.add_argument("--tenants-file", default=None,
+                        help="YAML/JSON mapping API keys to tenants and their per-minute limits (watched for changes)")
+    parser.add_argument("--ratelimit-redis-url", default=None,
+                        help="Redis sharing tenant limits across router replicas (default: --redis-url)")
     parser.add_argument("--max-queue-per-worker", type=int, default=None,
                         help="answer 429 + Retry-After when every eligible worker has this many requests queued")
     parser.add_argument("--outlier-consecutive-5xx", type=int, default=3,
@@ -102,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
         outlier_max_ejection_s=args.outlier_max_ejection,
         outlier_consecutive_5xx=args.outlier_consecutive_5xx,
         max_queue_per_worker=args.max_queue_per_worker,
+        tenants_file=args.tenants_file,
+        ratelimit_redis_url=args.ratelimit_redis_url,
         policy=args.policy,
         k8s_namespace=args.k8s_namespace,
         k8s_prefill_selector=args.k8s_prefill_selector,

@@ -63,6 +63,10 @@ class RouterConfig:
     # Overload: when every eligible worker has this many requests queued, answer 429 at once (None: no bound).
     max_queue_per_worker: int | None = None
     overload_retry_after_s: int = 1
+    # Tenants (API key -> tenant and limits), a file the router watches; limits shared through this Redis
+    # (default: redis_url), else per replica.
+    tenants_file: str | None = None
+    ratelimit_redis_url: str | None = None
     retry_backoff_s: float = 0.05
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
@@ -94,6 +98,8 @@ class RouterConfig:
             raise ValueError("disagg_threshold must be >= 0")
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        if self.tenants_file and self.api_keys:
+            raise ValueError("api_keys and tenants_file exclude each other: give every key a tenant in the file")
         if self.max_queue_per_worker is not None and self.max_queue_per_worker < 1:
             raise ValueError("max_queue_per_worker must be >= 1")
         if self.max_migrations < 0:

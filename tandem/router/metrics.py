@@ -52,6 +52,16 @@ class RouterMetrics:
             ["pool", "worker"],
             registry=self.registry,
         )
+        self.tenant_requests = Counter(
+            "tandem:tenant_requests", "Requests by tenant and outcome (admitted, rate_limited)", ["tenant", "outcome"],
+            registry=self.registry)
+        self.tenant_tokens = Counter(
+            "tandem:tenant_tokens", "Tokens counted against each tenant's limit (prompt, then completion)", ["tenant"],
+            registry=self.registry)
+        self.ratelimit_shared = Gauge(
+            "tandem:router_ratelimit_shared",
+            "1 when tenant limits are counted in Redis across replicas, 0 when each replica counts on its own",
+            registry=self.registry)
         self.decisions = Counter(
             "tandem:router_decisions",
             "How requests were served: disaggregated (prefill then decode), direct (decode alone, "

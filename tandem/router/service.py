@@ -39,7 +39,9 @@ from tandem.router.migration import (
     with_token_ids,
 )
 from tandem.router.metrics import RouterMetrics, WorkerStateCollector
+from tandem.router.ratelimit import RateLimiter
 from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
+from tandem.router.tenants import Tenant, TenantWatcher
 from tandem.router.tokenizer import PromptTokenizer, chat_token_ids
 from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport
 from tandem.router.workers import Datastore, HealthChecker, OutlierPolicy, Pool, Worker
@@ -139,6 +141,8 @@ class RelayResponse(Response):
                 self._watch.cancel()
             await self._upstream.aclose()
             self._on_done(outcome)
+            if self._migration is not None and self._migration.on_finish is not None:
+                self._migration.on_finish()
 
     def _watch_disconnect(self, receive: Receive) -> None:
         """Start the disconnect watcher (called from the relay, in the request's task)."""
@@ -229,6 +233,15 @@ class RelayResponse(Response):
         return last
 
 
+class _Refused(Exception):
+    """A request refused before routing, with its ready response and its outcome label."""
+
+    def __init__(self, response: Response, outcome: str) -> None:
+        super().__init__(outcome)
+        self.response = response
+        self.outcome = outcome
+
+
 def _stream_failure(exc: BaseException, stall_timeout_s: float) -> StreamFailed:
     """Name a mid-stream failure by the migration metric's reasons."""
     if isinstance(exc, StreamFailed):
@@ -257,6 +270,7 @@ class Migration:
         self.state = state
         self.done = done
         self.worker: Worker | None = None
+        self.on_finish: Callable[[], None] | None = None  # called once the relay ends (tenant token accounting)
         self.failed: set[str] = set()
         self.gave_up = False
         self.stall_timeout_s = service.config.stream_stall_timeout_s
@@ -379,6 +393,12 @@ class RouterService:
         self.redis_consumer: RedisEventConsumer | None = None
         self.vllm_consumer: VllmEventConsumer | None = None
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Future] = set()
+        self.tenants = TenantWatcher(config.tenants_file) if config.tenants_file else None
+        self.ratelimiter: RateLimiter | None = None
+        if self.tenants is not None:
+            self.ratelimiter = RateLimiter(config.ratelimit_redis_url or config.redis_url,
+                                           lambda shared: metrics.ratelimit_shared.set(1 if shared else 0))
 
     # ---- lifecycle ----
 
@@ -406,6 +426,8 @@ class RouterService:
         self.vllm_consumer = VllmEventConsumer(self.datastore, self.index, cfg.vllm_kv_events_port,
                                                cfg.vllm_kv_events_topic)
         self._spawn(self.vllm_consumer.run(), "vllm-events")
+        if self.tenants is not None:
+            self._spawn(self.tenants.run(), "tenants-watch")
         if cfg.uses_k8s:
             from tandem.router.k8s import KubernetesDiscovery
 
@@ -426,6 +448,8 @@ class RouterService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.ratelimiter is not None:
+            await self.ratelimiter.close()
         for client in (self.proxy, self.client):
             if client is not None:
                 await client.aclose()
@@ -506,6 +530,9 @@ class RouterService:
 
         try:
             response = await self._handle(endpoint, raw_body, headers, done)
+        except _Refused as refused:
+            done("none", "none", refused.outcome)
+            return refused.response
         except RequestError as exc:
             outcome = "overloaded" if exc.status == 429 else "rejected" if exc.status < 500 else "unavailable"
             done("none", "none", outcome)
@@ -535,6 +562,7 @@ class RouterService:
         decode_pool = self.datastore.pool(Pool.DECODE)
         use_pd = any(w.healthy for w in decode_pool)
         pool = Pool.DECODE if use_pd else Pool.AGGREGATED
+        tenant = await self._admit_tenant(headers, request.num_prompt_tokens)
         self._check_overload(request, pool)
         final = self.profiles[pool].pick(request, self.datastore.pool(pool))
         if final is None:
@@ -580,7 +608,58 @@ class RouterService:
             self.metrics.decisions.labels("direct" if use_pd else "aggregated").inc()
             if total_blocks:
                 self.metrics.prefix_hit_ratio.labels(pool.value).observe(final.matched_blocks / total_blocks)
-        return await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done, migration)
+        response = await self._serve(pool, request, final, endpoint, payload, stream, upstream_headers, done, migration)
+        if tenant is not None:
+            self._charge_completion(tenant, response, migration)
+        return response
+
+    # ---- tenants ----
+
+    async def _admit_tenant(self, headers: dict[str, str], prompt_tokens: int) -> Tenant | None:
+        """The request's tenant, admitted under its limits (None when no tenants are configured); refuses with
+        401 (unknown key) or 429 (over a limit, with Retry-After and x-ratelimit-* headers)."""
+        if self.tenants is None:
+            return None
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        tenant = self.tenants.table.tenant_for(key.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+        decision = await self.ratelimiter.admit(tenant, prompt_tokens)
+        request_id = headers["x-request-id"]
+        if not decision.admitted:
+            self.metrics.tenant_requests.labels(tenant.name, "rate_limited").inc()
+            # NOTE: the tenant is named in the log, never in the response (which only its own caller sees anyway).
+            logger.info("request %s of tenant %s refused: over its %s-per-minute limit (retry after %d s)",
+                        request_id, tenant.name, decision.limit, decision.retry_after_s)
+            error = RequestError(429, f"Rate limit reached for {decision.limit} per minute; retry after "
+                                      f"{decision.retry_after_s} s.", code="rate_limit_exceeded")
+            raise _Refused(error.response(headers={"x-request-id": request_id, "retry-after": str(decision.retry_after_s),
+                                                   **decision.headers}), "rate_limited")
+        self.metrics.tenant_requests.labels(tenant.name, "admitted").inc()
+        self.metrics.tenant_tokens.labels(tenant.name).inc(prompt_tokens)
+        return tenant
+
+    def _charge_completion(self, tenant: Tenant, response: Response, migration: Migration | None) -> None:
+        """Count the completion's tokens against the tenant once they are known."""
+        def charge(tokens: int) -> None:
+            if tokens > 0:
+                self.metrics.tenant_tokens.labels(tenant.name).inc(tokens)
+                self._spawn_once(self.ratelimiter.charge(tenant, tokens))
+
+        if isinstance(response, RelayResponse):
+            if migration is not None:  # streams whose token ids the router follows
+                migration.on_finish = lambda: charge(len(migration.state.token_ids))
+            return
+        try:
+            usage = json.loads(bytes(response.body)).get("usage") or {}
+            charge(int(usage.get("completion_tokens") or 0))
+        except (ValueError, TypeError, AttributeError):
+            return
+
+    def _spawn_once(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _check_overload(self, request: RoutingRequest, pool: Pool) -> None:
         """429 at once when every worker that could serve the request has a queue at the bound: queueing
