@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import logging
 
+from tandem.kube import KubeConfigError, KubeConnection, connect
 from tandem.operator.handlers import OperatorOptions, build_registry, make_client
-from tandem.operator.kube import Credentials
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.reconcile import Reconciler
 
@@ -33,26 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def _credentials(args: argparse.Namespace) -> Credentials:
-    if args.server:
-        return Credentials(server=args.server)
-    if args.kubeconfig or args.context:
-        return Credentials.from_kubeconfig(args.kubeconfig, args.context)
-    return Credentials.discover()
+async def _connect(args: argparse.Namespace) -> KubeConnection:
+    return await connect(server=args.server, kubeconfig=args.kubeconfig, context=args.context)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     from prometheus_client import start_http_server
     import kopf
 
-    credentials = _credentials(args)
+    connection = await _connect(args)
     metrics = OperatorMetrics()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
-    client = make_client(credentials)
+    client = make_client(connection)
     try:
         reconciler = Reconciler(client, metrics)
-        registry = build_registry(credentials, reconciler, OperatorOptions(resync_seconds=args.resync_seconds))
+        registry = build_registry(lambda: _connect(args), reconciler,
+                                  OperatorOptions(resync_seconds=args.resync_seconds))
         liveness = f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
         await kopf.operator(
             registry=registry,
@@ -71,5 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.resync_seconds <= 0:
         raise SystemExit("--resync-seconds must be positive")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(args))
+    try:
+        asyncio.run(_serve(args))
+    except KubeConfigError as e:
+        raise SystemExit(f"tandem operator: {e}") from None
     return 0

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
-from tandem.operator.kube import KINDS, Credentials, KubeClient
+from tandem.kube import KubeConnection
+from tandem.operator.kube import KINDS, KubeClient
 from tandem.operator.reconcile import PRUNABLE_KINDS, EventSink, Reconciler
 from tandem.operator.render import MANAGED_BY
 from tandem.operator.spec import GROUP, KIND, PLURAL, VERSION
@@ -41,23 +42,34 @@ def event_sink(body: Mapping[str, Any]) -> EventSink:
     return post
 
 
-def build_registry(credentials: Credentials, reconciler: Reconciler,
+def connection_info(connection: KubeConnection) -> kopf.ConnectionInfo:
+    """kopf's login for the API server and credentials the operator's own client uses."""
+    configuration = connection.configuration
+    scheme, _, token = str(configuration.api_key.get("BearerToken") or "").partition(" ")
+    return kopf.ConnectionInfo(
+        server=connection.server,
+        scheme=scheme or None,
+        token=token or None,
+        ca_path=configuration.ssl_ca_cert,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        insecure=not configuration.verify_ssl,
+        default_namespace=connection.default_namespace,
+    )
+
+
+def build_registry(connect: Callable[[], Awaitable[KubeConnection]], reconciler: Reconciler,
                    options: OperatorOptions = OperatorOptions()) -> kopf.OperatorRegistry:
-    """A kopf registry with every handler of the operator, bound to ``reconciler``."""
+    """A kopf registry with every handler of the operator, bound to ``reconciler``.
+
+    ``connect`` is called at every kopf login: kopf logs in again when the API server answers 401, and a
+    fresh connection re-runs a kubeconfig's exec plugin or re-reads a rotated service-account token.
+    """
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(
-            server=credentials.server,
-            token=credentials.token,
-            scheme="Bearer" if credentials.token else None,
-            ca_path=credentials.ca_path,
-            certificate_path=credentials.client_cert_path,
-            private_key_path=credentials.client_key_path,
-            insecure=credentials.insecure,
-            default_namespace=credentials.default_namespace,
-        )
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(await connect())
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -135,6 +147,6 @@ def build_registry(credentials: Credentials, reconciler: Reconciler,
     return registry
 
 
-def make_client(credentials: Credentials) -> KubeClient:
-    """The operator's REST client for the same API server kopf logs into."""
-    return KubeClient(credentials)
+def make_client(connection: KubeConnection) -> KubeClient:
+    """The operator's client for the same API server kopf logs into."""
+    return KubeClient(connection)

@@ -1,13 +1,14 @@
 """One idempotent reconcile of an ``LLMDeployment``: apply what ``render`` returns, prune, roll status up.
 
-Every step compares desired with live state and changes only what differs, so running it again (from a
-timer, a child's event, a spec update or an operator restart) is always safe.
+Children are written with server-side apply under one field manager: the API server merges our fields,
+keeps fields other managers own (an HPA's replicas, another controller's annotations), takes back fields a
+hand edit changed, and answers an unchanged apply without a new ``resourceVersion``. So running a reconcile
+again (from a timer, a child's event, a spec update or an operator restart) is always safe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import datetime
 import logging
 import time
@@ -15,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.operator.kube import KINDS, ApiError, Conflict, KubeClient
+from tandem.operator.kube import KINDS, ApiError, KubeClient
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.render import LABEL_DEPLOYMENT, MANAGED_BY, child_name, endpoint_url, render, selector_string
 from tandem.operator.spec import API_VERSION, KIND, SpecError, parse_spec
@@ -26,48 +27,13 @@ logger = logging.getLogger(__name__)
 PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap",
                   "ServiceAccount", "Role", "RoleBinding")
 ROLES = ("prefill", "decode", "router")
-MAX_CONFLICT_RETRIES = 5
 
 # (type "Normal"/"Warning", reason, message) -> posted on the LLMDeployment.
 EventSink = Callable[[str, str, str], Awaitable[None] | None]
 
 
-def is_subset(desired: Any, live: Any) -> bool:
-    """Whether every field of ``desired`` has the same value in ``live``.
-
-    NOTE: a subset, not equality: the API server adds defaults (``terminationMessagePath``, ``clusterIP``,
-    ``status``...) that must not count as drift. Lists compare position by position with equal length.
-    """
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
-    if isinstance(desired, list):
-        return (isinstance(live, list) and len(desired) == len(live)
-                and all(is_subset(d, item) for d, item in zip(desired, live)))
-    return bool(desired == live)
-
-
 def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj.get("metadata", {}).get("ownerReferences") or [])
-
-
-def _replacement(desired: Mapping[str, Any], live: Mapping[str, Any]) -> dict[str, Any]:
-    """The body for a PUT: desired fields, plus what others own on the live object."""
-    body = copy.deepcopy(dict(desired))
-    meta, live_meta = body["metadata"], live.get("metadata", {})
-    meta["resourceVersion"] = live_meta.get("resourceVersion")
-    # Other controllers annotate our children (the deployment controller's revision): keep theirs.
-    meta["labels"] = {**(live_meta.get("labels") or {}), **(meta.get("labels") or {})}
-    meta["annotations"] = {**(live_meta.get("annotations") or {}), **(meta.get("annotations") or {})}
-    if live_meta.get("finalizers"):
-        meta["finalizers"] = list(live_meta["finalizers"])
-    spec, live_spec = body.get("spec"), live.get("spec") or {}
-    if body["kind"] == "Deployment" and "replicas" not in spec and "replicas" in live_spec:
-        spec["replicas"] = live_spec["replicas"]  # the HPA's choice
-    if body["kind"] == "Service":
-        for key in ("clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"):
-            if key in live_spec and key not in spec:
-                spec[key] = copy.deepcopy(live_spec[key])  # immutable once allocated
-    return body
 
 
 @dataclass
@@ -225,31 +191,24 @@ class Reconciler:
         )
 
     async def _apply(self, desired: Mapping[str, Any], uid: str) -> str:
-        """Create or replace one child; returns created/updated/unchanged/conflict."""
+        """Server-side apply one child; returns created/updated/unchanged/conflict.
+
+        NOTE: an object of the same name that this LLMDeployment does not own is left alone ("conflict"):
+        a forced apply would take it over. The apply then only merges; whether it changed anything shows in
+        the ``resourceVersion`` (an apply that changes nothing keeps it).
+        """
         meta = desired["metadata"]
-        for _ in range(MAX_CONFLICT_RETRIES):
-            live = await self.client.get(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
-            if live is None:
-                try:
-                    await self.client.create(desired)
-                    return "created"
-                except Conflict:  # created by someone else between our get and post: look again
-                    self.metrics.conflicts.inc()
-                    continue
+        live = await self.client.get(desired["apiVersion"], desired["kind"], meta["namespace"], meta["name"])
+        if live is not None:
             if not _owned_by(live, uid):
                 return "conflict"
             if live["metadata"].get("deletionTimestamp"):
                 return "unchanged"  # being deleted; the next reconcile recreates it
-            if is_subset(desired, live):
-                return "unchanged"
-            try:
-                await self.client.replace(_replacement(desired, live))
-                return "updated"
-            except Conflict:  # stale resourceVersion: someone wrote in between; re-read and retry
-                self.metrics.conflicts.inc()
-                continue
-        raise ApiError(409, "Conflict", f"{desired['kind']} {meta['name']}: still conflicting after "
-                                        f"{MAX_CONFLICT_RETRIES} attempts")
+        applied = await self.client.apply(desired, force=True)
+        if live is None:
+            return "created"
+        before = live["metadata"].get("resourceVersion")
+        return "unchanged" if applied["metadata"].get("resourceVersion") == before else "updated"
 
     async def _prune(self, name: str, namespace: str, uid: str, manifests: list[dict[str, Any]],
                      events: EventSink) -> bool:

@@ -1,160 +1,177 @@
 """Worker discovery in Kubernetes: list + watch pods by label selector, keep the ready ones in the datastore.
 
-Plain httpx against the API server with the pod's service-account token and CA (no client library): one
-list to get the current pods and a resourceVersion, then a watch from it; a watch that ends is resumed from the
-last version seen, a 410 Gone (history compacted) or any error leads to a fresh list after a backoff.
+On ``kubernetes_asyncio`` (connected through :mod:`tandem.kube`: in-cluster service account, else the
+kubeconfig): one list gives the current pods and a resourceVersion, then a watch from it; a watch that ends
+is resumed from the last version seen (bookmarks included); a 410 Gone (history compacted) or any error
+leads to a fresh list after a backoff. A pod's engine kind comes from its ``tandem.dev/engine-kind`` label.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import httpx
+from kubernetes_asyncio.client import CoreV1Api, V1Pod
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.watch import Watch
 
+from tandem.kube import KubeConfigError, KubeConnection, connect
 from tandem.router.config import RouterConfig
-from tandem.router.workers import Datastore, Pool
+from tandem.router.workers import WORKER_KINDS, Datastore, Pool
 
 logger = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+ENGINE_KIND_LABEL = "tandem.dev/engine-kind"
+DEFAULT_ENGINE_KIND = "tandem"
 
 
 class WatchExpired(Exception):
     """The API server no longer has the history to resume a watch (HTTP 410 / an ERROR event with code 410)."""
 
 
-def pod_url(pod: dict[str, Any], port: int) -> str | None:
+def pod_url(pod: V1Pod, port: int) -> str | None:
     """``http://<podIP>:<port>`` for a running, ready pod that is not being deleted; otherwise None."""
-    metadata, status = pod.get("metadata", {}), pod.get("status", {})
-    if metadata.get("deletionTimestamp") or status.get("phase") != "Running" or not status.get("podIP"):
+    status = pod.status
+    if pod.metadata.deletion_timestamp or status is None or status.phase != "Running" or not status.pod_ip:
         return None
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or ())
-    return f"http://{status['podIP']}:{port}" if ready else None
+    ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or ())
+    return f"http://{status.pod_ip}:{port}" if ready else None
+
+
+def pod_kind(pod: V1Pod) -> str | None:
+    """The engine a pod runs, from its ``tandem.dev/engine-kind`` label ("tandem" when absent); None (and a
+    warning) for a kind the router cannot drive."""
+    kind = (pod.metadata.labels or {}).get(ENGINE_KIND_LABEL, DEFAULT_ENGINE_KIND)
+    if kind not in WORKER_KINDS:
+        logger.warning("discovery: pod %s has %s=%r; expected one of %s; not routing to it",
+                       pod.metadata.name, ENGINE_KIND_LABEL, kind, ", ".join(WORKER_KINDS))
+        return None
+    return kind
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """What a pod contributes to the datastore."""
+
+    url: str
+    kind: str
 
 
 @dataclass(slots=True)
 class PoolWatch:
-    """One pool's label selector and the pods (name -> URL) it currently contributes."""
+    """One pool's label selector and the pods (name -> member) it currently contributes."""
 
     pool: Pool
     selector: str
-    pods: dict[str, str]
+    pods: dict[str, Member]
 
 
 class KubernetesDiscovery:
-    """Keeps the datastore's members equal to the ready pods matching each pool's selector."""
+    """Keeps the datastore's members equal to the ready pods matching each pool's selector.
 
-    def __init__(self, datastore: Datastore, api_url: str, namespace: str, selectors: dict[Pool, str], port: int,
-                 token: str | None = None, verify: ssl.SSLContext | bool = True, backoff_s: float = 1.0) -> None:
+    ``namespace`` None means the connection's own (the pod's namespace in a cluster), else "default".
+    """
+
+    def __init__(self, datastore: Datastore, selectors: dict[Pool, str], port: int, *,
+                 namespace: str | None = None,
+                 connect: Callable[[], Awaitable[KubeConnection]] = connect,
+                 backoff_s: float = 1.0, watch_timeout_s: int = 300) -> None:
         self._datastore = datastore
         self._namespace = namespace
         self._port = port
+        self._connect = connect
         self._backoff_s = backoff_s
+        self._watch_timeout_s = watch_timeout_s
         self._watches = [PoolWatch(pool, selector, {}) for pool, selector in selectors.items() if selector]
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(base_url=api_url, headers=headers, verify=verify,
-                                         timeout=httpx.Timeout(10.0, read=330.0))
 
     @classmethod
     def from_config(cls, config: RouterConfig, datastore: Datastore) -> "KubernetesDiscovery":
-        """In-cluster settings: the API server from the service env, the service-account token and CA.
-        ``TANDEM_K8S_API_URL`` overrides the API server (used with a local API emulator)."""
-        api_url = os.environ.get("TANDEM_K8S_API_URL")
-        token_file = SERVICE_ACCOUNT / "token"
-        token = token_file.read_text().strip() if token_file.exists() else None
-        verify: ssl.SSLContext | bool = True
-        if api_url is None:
-            host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            api_url = f"https://{host}:{port}"
-            ca = SERVICE_ACCOUNT / "ca.crt"
-            if ca.exists():
-                verify = ssl.create_default_context(cafile=str(ca))
+        """The router's ``--k8s-*`` flags; the API server is found when :meth:`run` starts."""
         selectors = {Pool.PREFILL: config.k8s_prefill_selector, Pool.DECODE: config.k8s_decode_selector,
                      Pool.AGGREGATED: config.k8s_worker_selector}
-        namespace = config.k8s_namespace
-        if namespace is None:
-            namespace_file = SERVICE_ACCOUNT / "namespace"
-            namespace = namespace_file.read_text().strip() if namespace_file.exists() else "default"
-        return cls(datastore, api_url, namespace,
-                   {p: s for p, s in selectors.items() if s}, config.k8s_port, token, verify)
+        return cls(datastore, {p: s for p, s in selectors.items() if s}, config.k8s_port,
+                   namespace=config.k8s_namespace)
 
     async def run(self) -> None:
+        """Connect, then follow every pool's pods until cancelled."""
         try:
-            await asyncio.gather(*(self._follow(w) for w in self._watches))
-        finally:
-            await self._client.aclose()
+            connection = await self._connect()
+        except KubeConfigError as e:
+            logger.error("Kubernetes discovery cannot start: %s", e)
+            raise
+        namespace = self._namespace or connection.default_namespace or "default"
+        async with connection.api_client("tandem-router") as api_client:
+            core = CoreV1Api(api_client)
+            await asyncio.gather(*(self._follow(core, namespace, w) for w in self._watches))
 
-    async def _follow(self, watch: PoolWatch) -> None:
-        path = f"/api/v1/namespaces/{self._namespace}/pods"
+    async def _follow(self, core: CoreV1Api, namespace: str, watch: PoolWatch) -> None:
         while True:
             try:
-                version = await self._list(path, watch)
+                version = await self._list(core, namespace, watch)
                 while True:
-                    version = await self._watch(path, watch, version)
+                    version = await self._watch(core, namespace, watch, version)
             except WatchExpired:
                 logger.info("pod watch for %s expired; listing again", watch.selector)
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+            # NOTE: anything else too: the library raises bare Exceptions for malformed watch lines and KeyError
+            # for ERROR events missing a field, and discovery must outlive a bad answer.
+            except Exception as exc:  # noqa: BLE001
                 logger.warning("Kubernetes discovery for %s failed (%s); retrying", watch.selector, exc)
                 await asyncio.sleep(self._backoff_s)
 
-    async def _list(self, path: str, watch: PoolWatch) -> str:
-        response = await self._client.get(path, params={"labelSelector": watch.selector})
-        response.raise_for_status()
-        body = response.json()
+    async def _list(self, core: CoreV1Api, namespace: str, watch: PoolWatch) -> str:
+        listing = await core.list_namespaced_pod(namespace, label_selector=watch.selector, _request_timeout=30)
         pods = {}
-        for pod in body.get("items", ()):
-            url = pod_url(pod, self._port)
-            if url is not None:
-                pods[pod["metadata"]["name"]] = url
+        for pod in listing.items:
+            member = self._member(pod)
+            if member is not None:
+                pods[pod.metadata.name] = member
         for name in set(watch.pods) - set(pods):
             self._set(watch, name, None)
-        for name, url in pods.items():
-            self._set(watch, name, url)
-        return body["metadata"]["resourceVersion"]
+        for name, member in pods.items():
+            self._set(watch, name, member)
+        return str(listing.metadata.resource_version)
 
-    async def _watch(self, path: str, watch: PoolWatch, version: str) -> str:
-        params = {"labelSelector": watch.selector, "watch": "1", "resourceVersion": version,
-                  "allowWatchBookmarks": "true", "timeoutSeconds": "300"}
-        async with self._client.stream("GET", path, params=params) as response:
-            if response.status_code == 410:
-                raise WatchExpired()
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, pod = event.get("type"), event.get("object", {})
-                if kind == "ERROR":
-                    if pod.get("code") == 410:
-                        raise WatchExpired()
-                    raise ValueError(f"watch error: {pod.get('message')}")
-                version = pod.get("metadata", {}).get("resourceVersion", version)
-                if kind == "BOOKMARK":
-                    continue
-                name = pod["metadata"]["name"]
-                self._set(watch, name, None if kind == "DELETED" else pod_url(pod, self._port))
-        return version
+    async def _watch(self, core: CoreV1Api, namespace: str, watch: PoolWatch, version: str) -> str:
+        """Follow one watch request to its end; returns the resourceVersion to resume from."""
+        async with Watch() as stream:
+            try:
+                async for event in stream.stream(core.list_namespaced_pod, namespace, label_selector=watch.selector,
+                                                 resource_version=version, allow_watch_bookmarks=True,
+                                                 timeout_seconds=self._watch_timeout_s,
+                                                 _request_timeout=self._watch_timeout_s + 30):
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    pod: V1Pod = event["object"]
+                    member = None if event["type"] == "DELETED" else self._member(pod)
+                    self._set(watch, pod.metadata.name, member)
+            except ApiException as e:
+                if e.status == 410:
+                    raise WatchExpired() from None
+                raise
+            return str(stream.resource_version or version)
 
-    def _set(self, watch: PoolWatch, name: str, url: str | None) -> None:
+    def _member(self, pod: V1Pod) -> Member | None:
+        url = pod_url(pod, self._port)
+        if url is None:
+            return None
+        kind = pod_kind(pod)
+        return Member(url, kind) if kind is not None else None
+
+    def _set(self, watch: PoolWatch, name: str, member: Member | None) -> None:
         old = watch.pods.get(name)
-        if old == url:
+        if old == member:
             return
         if old is not None:
             del watch.pods[name]
-            if old not in self._urls_in_use():
-                self._datastore.remove(old)
-            logger.info("discovery: %s pod %s (%s) left", watch.pool, name, old)
-        if url is not None:
-            watch.pods[name] = url
-            self._datastore.add(url, watch.pool)
-            logger.info("discovery: %s pod %s ready at %s", watch.pool, name, url)
+            if old.url not in self._urls_in_use():
+                self._datastore.remove(old.url)
+            logger.info("discovery: %s pod %s (%s) left", watch.pool, name, old.url)
+        if member is not None:
+            watch.pods[name] = member
+            self._datastore.add(member.url, watch.pool, kind=member.kind)
+            logger.info("discovery: %s %s pod %s ready at %s", watch.pool, member.kind, name, member.url)
 
     def _urls_in_use(self) -> set[str]:
-        return {url for w in self._watches for url in w.pods.values()}
+        return {m.url for w in self._watches for m in w.pods.values()}

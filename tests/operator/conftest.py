@@ -10,7 +10,8 @@ import pytest
 import crd_schema
 from k8s_emulator import ApiServerEmulator
 from operator_support import Cluster, RunningOperator, running_operator
-from tandem.operator.kube import Credentials, KubeClient
+from tandem.kube import plain
+from tandem.operator.kube import KubeClient
 
 
 @pytest.fixture
@@ -18,7 +19,7 @@ async def cluster() -> AsyncIterator[Cluster]:
     async with ApiServerEmulator() as api, kmock.Server(api) as server:
         api.add_crd(crd_schema.load_crd())
         url = str(server.url).rstrip("/")
-        user = KubeClient(Credentials(server=url))
+        user = KubeClient(plain(url), field_manager="kubectl")  # a user's own writes
         try:
             yield Cluster(api=api, url=url, user=user)
         finally:

@@ -12,6 +12,9 @@ that behaves like the API server as far as an operator can tell:
 - status subresource isolation (the main resource ignores ``status``; ``/status`` changes only ``status``);
 - 409 on a stale ``resourceVersion`` (PUT or patch) and on creating an existing name;
 - JSON merge patch (``null`` deletes) and PUT replace; no-op writes bump nothing;
+- server-side apply (``PATCH`` with ``application/apply-patch+yaml``, ``fieldManager``, ``force``): create if
+  absent, merge, ``managedFields`` per manager, 409 on another manager's field (see ``managed_fields``);
+  every other write records its manager's changed fields (``fieldManager``, else the User-Agent's product);
 - equality- and set-based label selectors on list and watch;
 - finalizers (``deletionTimestamp`` first), owner-reference garbage collection (background cascade);
 - the scale subresource of custom resources;
@@ -34,8 +37,10 @@ from typing import Any
 import attrs
 import jsonpatch
 import kmock
+import yaml
 from kmock._internal import parsing, rendering
 
+import managed_fields
 from crd_schema import apply_defaults
 
 # The resources every test server knows: (group, version, plural, kind, namespaced, subresources).
@@ -75,6 +80,21 @@ def _parse_path(path: str, _kmock_parse=parsing.parse_path) -> parsing.ParsedPat
 parsing.parse_path = _parse_path  # rendering.Request._parse looks it up at every request
 
 
+def _guess_k8s(path: parsing.ParsedPath | None, method: Any, query: Mapping[str, str],
+               _kmock_guess=parsing.guess_k8s) -> Any:
+    """kmock's action guess, reading ``watch`` as the API server parses booleans (Go's ``ParseBool``).
+
+    NOTE: kmock takes only ``watch=true`` for a watch; kubernetes_asyncio sends ``watch=True``, which a
+    real API server watches on, and kmock would answer it with a list.
+    """
+    if query.get("watch") in ("1", "t", "T", "TRUE", "True"):
+        query = {**query, "watch": "true"}
+    return _kmock_guess(path, method, query)
+
+
+parsing.guess_k8s = _guess_k8s  # likewise looked up at every request
+
+
 @dataclass(frozen=True)
 class ScaleSpec:
     """Where a custom resource's scale subresource reads and writes (dotted paths as in the CRD)."""
@@ -104,6 +124,15 @@ class ResourceType:
 
 def _error(status: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=status, reason=reason, message=message, details={})
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _manager(request: rendering.Request) -> str:
+    """Who writes: ``?fieldManager=``, else the User-Agent's product (``kubectl/v1.31`` -> ``kubectl``)."""
+    return request.params.get("fieldManager") or (request.headers.get("User-Agent") or "unknown").split("/")[0]
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -368,25 +397,41 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             key = (rtype.group, rtype.plural, namespace, meta["name"])
             if key in self._store:
                 raise _error(409, "AlreadyExists", f"{rtype.plural} {meta['name']!r} already exists")
-            if rtype.namespaced:
-                meta["namespace"] = namespace
-            meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), generation=1,
-                        creationTimestamp=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-            for stale in ("deletionTimestamp", "deletionGracePeriodSeconds"):
-                meta.pop(stale, None)
-            obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
-            if "status" in rtype.subresources:
-                obj.pop("status", None)  # status is written through /status only
-            if rtype.schema is not None:
-                obj = apply_defaults(rtype.schema, obj)
-            self._store[key] = obj
-            await self._record(rtype, "ADDED", obj)
-        return rendering.Response(status=201, payload=copy.deepcopy(obj))
+            obj["apiVersion"] = rtype.api_version
+            meta["managedFields"] = managed_fields.after_update(None, obj, _manager(request), _now())
+            created = await self._insert(rtype, key, obj)
+        return rendering.Response(status=201, payload=created)
+
+    async def _insert(self, rtype: ResourceType, key: tuple[str, str, str | None, str],
+                      obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a new object with its system fields (the caller holds the lock and checked the name)."""
+        meta = obj["metadata"]
+        if rtype.namespaced:
+            meta["namespace"] = key[2]
+        meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), generation=1, creationTimestamp=_now())
+        for stale in ("deletionTimestamp", "deletionGracePeriodSeconds"):
+            meta.pop(stale, None)
+        obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+        if "status" in rtype.subresources:
+            obj.pop("status", None)  # status is written through /status only
+        if rtype.schema is not None:
+            obj = apply_defaults(rtype.schema, obj)
+        self._store[key] = obj
+        await self._record(rtype, "ADDED", obj)
+        return copy.deepcopy(obj)
 
     async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        result = await self._patch(request)
+        # NOTE: kmock keeps the status of a returned Response on the (shared) fallback reaction, so once an
+        # apply answered 201 Created every later PATCH would too: every PATCH answer names its status.
+        return result if isinstance(result, rendering.Response) else rendering.Response(status=200, payload=result)
+
+    async def _patch(self, request: rendering.Request) -> rendering.Payload:
         rtype = self._type(request)
         patch = request.data
         content_type = request.headers.get("Content-Type", "")
+        if "application/apply-patch+yaml" in content_type:
+            return await self._serve_apply(rtype, request)
         if "application/json-patch+json" in content_type:
             if not isinstance(patch, list):
                 raise _error(400, "BadRequest", "a JSON patch must be a list of operations")
@@ -406,6 +451,46 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             raise _error(400, "BadRequest", "a merge patch must be a JSON object")
         return await self._write(rtype, request, lambda live: merge_patch(live, patch), patch)
 
+    async def _serve_apply(self, rtype: ResourceType, request: rendering.Request) -> rendering.Payload:
+        """Server-side apply of the main resource (see ``managed_fields``)."""
+        try:
+            body = yaml.safe_load(request.text or "")
+        except yaml.YAMLError as e:
+            raise _error(400, "BadRequest", f"the apply body is not YAML: {e}") from None
+        if not isinstance(body, Mapping):
+            raise _error(400, "BadRequest", "the apply body must be an object")
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise _error(400, "BadRequest", "fieldManager is required for apply requests")
+        force = request.params.get("force", "false").lower() in ("true", "1")
+        if request.subresource is not None:
+            raise _error(405, "MethodNotAllowed", f"this server applies {rtype.plural} only, not /{request.subresource}")
+        if (body.get("apiVersion"), body.get("kind")) != (rtype.api_version, rtype.kind):
+            raise _error(400, "BadRequest", f"apiVersion and kind must be {rtype.api_version} and {rtype.kind}, "
+                                            f"got {body.get('apiVersion')} and {body.get('kind')}")
+        meta = body.get("metadata") or {}
+        if meta.get("name") != request.name:
+            raise _error(400, "BadRequest", "metadata.name must match the name in the URL")
+        if rtype.namespaced and meta.get("namespace") not in (None, request.namespace):
+            raise _error(400, "BadRequest", "metadata.namespace must match the namespace in the URL")
+        if meta.get("managedFields") is not None:
+            raise _error(400, "BadRequest", "metadata.managedFields must be nil in an apply")
+        key = (rtype.group, rtype.plural, request.namespace if rtype.namespaced else None, request.name)
+
+        def change(live: dict[str, Any] | None) -> dict[str, Any]:
+            new, conflicts = managed_fields.apply(live, body, manager, force, _now())
+            if conflicts:
+                raise _error(409, "Conflict", f"Apply failed with {len(conflicts)} conflict"
+                                              f"{'s' if len(conflicts) > 1 else ''}: "
+                                              + "; ".join(c.describe() for c in conflicts))
+            return new
+
+        async with self._lock_():
+            live = self._store.get(key)
+            if live is None:
+                return rendering.Response(status=201, payload=await self._insert(rtype, key, change(None)))
+            return await self._update(rtype, request, key, live, change, body, operation="Apply")
+
     async def _serve_replace(self, request: rendering.Request) -> rendering.Payload:
         if request.resource is None or request.name is None:
             raise kmock.KubernetesEndpointNotFoundError()
@@ -424,53 +509,61 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             live = self._store.get(key)
             if live is None:
                 raise kmock.KubernetesObjectNotFoundError(message=f"{rtype.plural} {request.name!r} not found")
-            wanted_rv = (incoming.get("metadata") or {}).get("resourceVersion")
-            if wanted_rv is not None and wanted_rv != live["metadata"]["resourceVersion"]:
-                raise _error(409, "Conflict", f"Operation cannot be fulfilled on {rtype.plural} {request.name!r}: "
-                                              "the object has been modified; please apply your changes to the "
-                                              "latest version and try again")
-            if request.subresource == "scale":
-                return await self._write_scale(rtype, key, live, change)
-            if request.subresource not in (None, "status"):
-                raise kmock.KubernetesNotFoundError()
-            candidate = change(copy.deepcopy(live))
-            new = copy.deepcopy(live)
-            if request.subresource == "status":
-                # The status subresource changes status and nothing else.
-                new["status"] = candidate.get("status")
-                if new["status"] is None:
-                    new.pop("status")
-            else:
-                for k in [k for k in new if k not in ("metadata", "status")]:
-                    new.pop(k)
-                new.update({k: v for k, v in candidate.items() if k not in ("metadata", "status")})
-                if "status" not in rtype.subresources:
-                    if "status" in candidate:
-                        new["status"] = candidate["status"]
-                    else:
-                        new.pop("status", None)
-                meta = candidate.get("metadata") or {}
-                # System fields keep their values whatever the client sends.
-                system = {k: live["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace",
-                                                            "name", "deletionTimestamp") if k in live["metadata"]}
-                new["metadata"] = {**{k: v for k, v in meta.items() if k != "resourceVersion"}, **system}
-                added = set(new["metadata"].get("finalizers") or []) - set(live["metadata"].get("finalizers") or [])
-                if live["metadata"].get("deletionTimestamp") and added:
-                    raise _error(422, "Invalid", "no new finalizers can be added if the object is being deleted")
-            new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
-            new["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-            if rtype.schema is not None:
-                new = apply_defaults(rtype.schema, new)
-            if new == live:
-                return copy.deepcopy(live)  # a no-op write changes nothing, not even resourceVersion
-            if self._content(new) != self._content(live):
-                new["metadata"]["generation"] = int(live["metadata"].get("generation", 1)) + 1
-            new["metadata"]["resourceVersion"] = self._next_rv()
-            self._store[key] = new
-            await self._record(rtype, "MODIFIED", new)
-            if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
-                await self._remove(rtype, key)
-            return copy.deepcopy(new)
+            return await self._update(rtype, request, key, live, change, incoming)
+
+    async def _update(self, rtype: ResourceType, request: rendering.Request, key: tuple[str, str, str | None, str],
+                      live: dict[str, Any], change: Any, incoming: Mapping[str, Any],
+                      operation: str = "Update") -> rendering.Payload:
+        """Write a change to a stored object (the caller holds the lock)."""
+        wanted_rv = (incoming.get("metadata") or {}).get("resourceVersion")
+        if wanted_rv is not None and wanted_rv != live["metadata"]["resourceVersion"]:
+            raise _error(409, "Conflict", f"Operation cannot be fulfilled on {rtype.plural} {request.name!r}: "
+                                          "the object has been modified; please apply your changes to the "
+                                          "latest version and try again")
+        if request.subresource == "scale":
+            return await self._write_scale(rtype, key, live, change, _manager(request))
+        if request.subresource not in (None, "status"):
+            raise kmock.KubernetesNotFoundError()
+        candidate = change(copy.deepcopy(live))
+        new = copy.deepcopy(live)
+        if request.subresource == "status":
+            # The status subresource changes status and nothing else.
+            new["status"] = candidate.get("status")
+            if new["status"] is None:
+                new.pop("status")
+        else:
+            for k in [k for k in new if k not in ("metadata", "status")]:
+                new.pop(k)
+            new.update({k: v for k, v in candidate.items() if k not in ("metadata", "status")})
+            if "status" not in rtype.subresources:
+                if "status" in candidate:
+                    new["status"] = candidate["status"]
+                else:
+                    new.pop("status", None)
+            meta = candidate.get("metadata") or {}
+            # System fields keep their values whatever the client sends.
+            system = {k: live["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace",
+                                                        "name", "deletionTimestamp") if k in live["metadata"]}
+            new["metadata"] = {**{k: v for k, v in meta.items() if k != "resourceVersion"}, **system}
+            if operation == "Update":  # an apply's change already set the appliers' fields
+                new["metadata"]["managedFields"] = managed_fields.after_update(live, new, _manager(request), _now())
+            added = set(new["metadata"].get("finalizers") or []) - set(live["metadata"].get("finalizers") or [])
+            if live["metadata"].get("deletionTimestamp") and added:
+                raise _error(422, "Invalid", "no new finalizers can be added if the object is being deleted")
+        new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
+        new["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+        if rtype.schema is not None:
+            new = apply_defaults(rtype.schema, new)
+        if new == live:
+            return copy.deepcopy(live)  # a no-op write changes nothing, not even resourceVersion
+        if self._content(new) != self._content(live):
+            new["metadata"]["generation"] = int(live["metadata"].get("generation", 1)) + 1
+        new["metadata"]["resourceVersion"] = self._next_rv()
+        self._store[key] = new
+        await self._record(rtype, "MODIFIED", new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            await self._remove(rtype, key)
+        return copy.deepcopy(new)
 
     def _scale_of(self, rtype: ResourceType, obj: Mapping[str, Any]) -> dict[str, Any]:
         if rtype.scale is None:
@@ -487,7 +580,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                 "spec": {"replicas": _get_path(obj, rtype.scale.spec_replicas_path) or 0}, "status": status}
 
     async def _write_scale(self, rtype: ResourceType, key: tuple[str, str, str | None, str],
-                           live: dict[str, Any], change: Any) -> rendering.Payload:
+                           live: dict[str, Any], change: Any, manager: str) -> rendering.Payload:
         scale = change(self._scale_of(rtype, live))
         replicas = (scale.get("spec") or {}).get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -496,6 +589,7 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
         new = copy.deepcopy(live)
         _set_path(new, rtype.scale.spec_replicas_path, replicas)
         if new != live:
+            new["metadata"]["managedFields"] = managed_fields.after_update(live, new, manager, _now())
             new["metadata"]["generation"] = int(live["metadata"].get("generation", 1)) + 1
             new["metadata"]["resourceVersion"] = self._next_rv()
             self._store[key] = new

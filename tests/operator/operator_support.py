@@ -7,15 +7,16 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from k8s_emulator import ApiServerEmulator
+from tandem.kube import KubeConnection, plain
 from tandem.operator.handlers import OperatorOptions, build_registry
-from tandem.operator.kube import Credentials, KubeClient
+from tandem.operator.kube import KubeClient
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.reconcile import Reconciler
 
@@ -78,23 +79,29 @@ def _fast(settings: kopf.OperatorSettings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(cluster: Cluster, namespaces: list[str] | None = None) -> AsyncIterator[RunningOperator]:
+async def running_operator(cluster: Cluster, namespaces: list[str] | None = None,
+                           connect: Callable[[], Awaitable[KubeConnection]] | None = None,
+                           ) -> AsyncIterator[RunningOperator]:
     """The real kopf operator in its own thread and event loop, as ``kopf.testing.KopfRunner`` runs it: over
-    the whole cluster, or over ``namespaces`` only (``tandem operator --namespace``).
+    the whole cluster, or over ``namespaces`` only (``tandem operator --namespace``); connected as
+    ``connect`` says (default: the emulator's URL, no credentials), for kopf and for its own client.
 
     NOTE: a thread, not a task: on exit kopf cancels every task of its loop it did not start, which in the
     test's loop would include pytest-asyncio's teardown itself.
     """
-    credentials = Credentials(server=cluster.url)
+    async def plain_connection() -> KubeConnection:
+        return plain(cluster.url)
+
+    connect = connect or plain_connection
     metrics = OperatorMetrics()
     stop, ready = threading.Event(), threading.Event()
     started: dict[str, Any] = {}
 
     async def main() -> None:
-        client = KubeClient(credentials)
+        client = KubeClient(await connect())
         reconciler = Reconciler(client, metrics)
         started["reconciler"] = reconciler
-        registry = build_registry(credentials, reconciler,
+        registry = build_registry(connect, reconciler,
                                   OperatorOptions(resync_seconds=0.5, retry_delay=0.2, configure=_fast))
         try:
             await kopf.operator(registry=registry, clusterwide=not namespaces, namespaces=namespaces or (),

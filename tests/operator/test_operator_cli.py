@@ -61,33 +61,3 @@ async def test_operator_process_reconciles_and_serves_health_and_metrics(cluster
             raise
     output = (await proc.stdout.read()).decode()
     assert proc.returncode == 0, output
-
-
-def test_kubeconfig_credentials(tmp_path):
-    import base64
-
-    import yaml
-
-    from tandem.operator.kube import Credentials
-
-    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    config = {
-        "current-context": "dev",
-        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u", "namespace": "team"}},
-                     {"name": "other", "context": {"cluster": "c2"}}],
-        "clusters": [{"name": "c", "cluster": {"server": "https://10.0.0.1:6443",
-                                               "certificate-authority-data": base64.b64encode(pem).decode()}},
-                     {"name": "c2", "cluster": {"server": "https://other:6443", "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "u", "user": {"token": "s3cret"}}],
-    }
-    path = tmp_path / "config"
-    path.write_text(yaml.safe_dump(config))
-    creds = Credentials.from_kubeconfig(path)
-    assert (creds.server, creds.token, creds.default_namespace) == ("https://10.0.0.1:6443", "s3cret", "team")
-    assert open(creds.ca_path, "rb").read() == pem
-    other = Credentials.from_kubeconfig(path, context="other")
-    assert other.server == "https://other:6443" and other.insecure and other.token is None
-    with pytest.raises(ValueError, match="no context named 'missing'"):
-        Credentials.from_kubeconfig(path, context="missing")
-    with pytest.raises(FileNotFoundError):
-        Credentials.from_kubeconfig(tmp_path / "nope")

@@ -1,4 +1,5 @@
-"""The API server emulator behaves like an API server where the operator can tell; the reconciler retries 409s."""
+"""The API server emulator behaves like an API server where the operator can tell (server-side apply included);
+the reconciler applies children under its own field manager."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 from operator_support import NAMESPACE, Cluster
 from k8s_emulator import labels_match, parse_label_selector
+from managed_fields import decode, path_string
+from tandem.kube import plain
 from tandem.operator.kube import Conflict, KubeClient
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.reconcile import Reconciler
@@ -115,46 +118,123 @@ async def test_scale_subresource(cluster: Cluster):
     assert cluster.llmd("m")["spec"]["decode"]["replicas"] == 2
 
 
-class RacingClient(KubeClient):
-    """A client whose first replace loses a race: someone else writes the object just before it."""
-
-    def __init__(self, *args: Any, rival: KubeClient, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.rival = rival
-        self.raced = False
-
-    async def replace(self, obj):
-        if not self.raced:
-            self.raced = True
-            live = await self.rival.get(obj["apiVersion"], obj["kind"], obj["metadata"]["namespace"],
-                                        obj["metadata"]["name"])
-            live["metadata"].setdefault("annotations", {})["someone/else"] = "was here"
-            await self.rival.replace(live)
-        return await super().replace(obj)
+def owners(obj: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(manager, operation) -> the fields it owns, as dotted paths."""
+    return {(e["manager"], e["operation"]): {path_string(p) for p in decode(e["fieldsV1"])}
+            for e in obj["metadata"].get("managedFields") or []}
 
 
-async def test_reconciler_retries_a_409_and_keeps_others_annotations(cluster: Cluster):
+async def test_server_side_apply_creates_merges_and_tracks_field_managers(cluster: Cluster):
+    operator = KubeClient(plain(cluster.url))  # field manager "tandem-operator"
+    try:
+        desired = configmap("s", {"app": "x"})
+        desired["data"] = {"a": "1", "b": "2"}
+        created = await operator.apply(desired)  # absent: created
+        assert created["metadata"]["uid"] and created["data"] == {"a": "1", "b": "2"}
+        assert owners(created) == {("tandem-operator", "Apply"): {".data.a", ".data.b", ".metadata.labels.app"}}
+
+        # Someone edits: takes .data.a and adds an annotation of their own (both theirs now).
+        edited = cluster.obj("v1", "configmaps", "s")
+        edited["data"]["a"] = "hand"
+        edited["metadata"]["annotations"] = {"someone/else": "was here"}
+        await cluster.user.replace(edited)
+        assert owners(cluster.obj("v1", "configmaps", "s"))[("kubectl", "Update")] == {
+            ".data.a", ".metadata.annotations.someone/else"}
+
+        # Without force, an apply that would change their field is a 409 naming the manager and the field.
+        with pytest.raises(Conflict, match='conflict with "kubectl": .data.a'):
+            await operator.apply(desired, force=False)
+        assert cluster.obj("v1", "configmaps", "s")["data"]["a"] == "hand"
+
+        # Forced, as the operator applies: the field comes back, their annotation stays theirs.
+        repaired = await operator.apply(desired)
+        assert repaired["data"] == {"a": "1", "b": "2"}
+        assert repaired["metadata"]["annotations"] == {"someone/else": "was here"}
+        assert owners(repaired) == {("tandem-operator", "Apply"): {".data.a", ".data.b", ".metadata.labels.app"},
+                                    ("kubectl", "Update"): {".metadata.annotations.someone/else"}}
+
+        # Applying the same again changes nothing, not even resourceVersion.
+        again = await operator.apply(desired)
+        assert again["metadata"]["resourceVersion"] == repaired["metadata"]["resourceVersion"]
+
+        # A field no longer applied, and owned by nobody else, is removed.
+        del desired["data"]["b"]
+        shrunk = await operator.apply(desired)
+        assert shrunk["data"] == {"a": "1"} and shrunk["metadata"]["annotations"] == {"someone/else": "was here"}
+    finally:
+        await operator.aclose()
+
+
+async def test_server_side_apply_merges_lists_keyed_by_name(cluster: Cluster):
+    operator = KubeClient(plain(cluster.url))
+
+    def deployment(containers: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "k", "namespace": NAMESPACE},
+                "spec": {"selector": {"matchLabels": {"app": "k"}}, "template": {
+                    "metadata": {"labels": {"app": "k"}}, "spec": {"containers": containers}}}}
+
+    try:
+        await operator.apply(deployment([{"name": "a", "image": "a:1", "args": ["x"]}, {"name": "b", "image": "b:1"}]))
+        # Another manager adds a sidecar; our next apply drops "b" and changes "a"'s args (an atomic list).
+        live = cluster.obj("apps/v1", "deployments", "k")
+        live["spec"]["template"]["spec"]["containers"].append({"name": "sidecar", "image": "s:1"})
+        await cluster.user.replace(live)
+        applied = await operator.apply(deployment([{"name": "a", "image": "a:1", "args": ["y", "z"]}]))
+        containers = applied["spec"]["template"]["spec"]["containers"]
+        assert containers == [{"name": "a", "image": "a:1", "args": ["y", "z"]}, {"name": "sidecar", "image": "s:1"}]
+        mine = owners(applied)[("tandem-operator", "Apply")]
+        assert '.spec.template.spec.containers[name="a"].args' in mine
+        assert not any('[name="b"]' in path for path in mine)
+    finally:
+        await operator.aclose()
+
+
+async def test_server_side_apply_refuses_what_a_server_refuses(cluster: Cluster):
+    url = f"{cluster.url}{CM_PATH}/z"
+    body = json.dumps(configmap("z"))
+    async with httpx.AsyncClient() as http:
+        no_manager = await http.patch(url, content=body, headers={"Content-Type": "application/apply-patch+yaml"})
+        assert no_manager.status_code == 400 and "fieldManager is required" in no_manager.json()["message"]
+        wrong_kind = await http.patch(url, params={"fieldManager": "me"},
+                                      content=json.dumps({**configmap("z"), "kind": "Secret"}),
+                                      headers={"Content-Type": "application/apply-patch+yaml"})
+        assert wrong_kind.status_code == 400 and "kind must be" in wrong_kind.json()["message"]
+        yaml_body = await http.patch(url, params={"fieldManager": "me"},
+                                     content="apiVersion: v1\nkind: ConfigMap\nmetadata: {name: z}\ndata: {k: v}\n",
+                                     headers={"Content-Type": "application/apply-patch+yaml"})
+        assert yaml_body.status_code == 201, yaml_body.text  # YAML, the apply's own media type
+    assert cluster.obj("v1", "configmaps", "z")["data"] == {"k": "v"}
+
+
+async def test_reconciler_takes_back_hand_edits_and_keeps_other_managers_fields(cluster: Cluster):
     llmd = await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
                                       "metadata": {"name": "r", "namespace": NAMESPACE}, "spec": {}})
     metrics = OperatorMetrics()
-    client = RacingClient(cluster.user.credentials, rival=cluster.user)
+    client = KubeClient(plain(cluster.url))
+    posted: list[tuple[str, str, str]] = []
+    events_for = lambda body: lambda t, reason, msg: posted.append((t, reason, msg))  # noqa: E731
     try:
         reconciler = Reconciler(client, metrics)
-        posted: list[tuple[str, str, str]] = []
-        events_for = lambda body: lambda t, reason, msg: posted.append((t, reason, msg))  # noqa: E731
         await reconciler.reconcile(NAMESPACE, "r", trigger="test", events_for=events_for)
-        # Drift on the decode Deployment, then reconcile again: the repair meets a 409 first.
+        assert ("Normal", "Created", "Deployment r-decode") in posted
+        # A hand edit: replicas (the operator's field) and an annotation (nobody's until now).
         dep = cluster.obj("apps/v1", "deployments", "r-decode")
         dep["spec"]["replicas"] = 9
+        dep["metadata"].setdefault("annotations", {})["someone/else"] = "was here"
         await cluster.user.replace(dep)
+        posted.clear()
         await reconciler.reconcile(NAMESPACE, "r", trigger="test", events_for=events_for)
+        assert [p for p in posted if p[1] == "Updated"] == [("Normal", "Updated", "Deployment r-decode")]
+        posted.clear()
+        await reconciler.reconcile(NAMESPACE, "r", trigger="test", events_for=events_for)
+        assert not [p for p in posted if p[1] in ("Created", "Updated")]  # nothing left to change
     finally:
         await client.aclose()
     dep = cluster.obj("apps/v1", "deployments", "r-decode")
-    assert client.raced and metrics.value("tandem:operator_conflicts_total") == 1
     assert dep["spec"]["replicas"] == 1
     assert dep["metadata"]["annotations"]["someone/else"] == "was here"
-    assert ("Normal", "Updated", "Deployment r-decode") in posted
+    assert ".spec.replicas" in owners(dep)[("tandem-operator", "Apply")]
+    assert owners(dep)[("kubectl", "Update")] == {".metadata.annotations.someone/else"}
     assert cluster.llmd("r")["status"]["observedGeneration"] == llmd["metadata"]["generation"]
 
 
@@ -162,7 +242,7 @@ async def test_concurrent_triggers_coalesce(cluster: Cluster):
     await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
                                "metadata": {"name": "q", "namespace": NAMESPACE}, "spec": {}})
     metrics = OperatorMetrics()
-    client = KubeClient(cluster.user.credentials)
+    client = KubeClient(plain(cluster.url))
     try:
         reconciler = Reconciler(client, metrics)
         results = await asyncio.gather(*[reconciler.reconcile(NAMESPACE, "q", trigger="burst",

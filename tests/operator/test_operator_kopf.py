@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from operator_support import LLMD_API, NAMESPACE, Cluster, RunningOperator, eventually, running_operator
@@ -120,10 +121,14 @@ async def test_scale_subresource_scales_the_decode_pool(cluster: Cluster, operat
     await make_ready(cluster, "s", ["decode", "router"])
     await eventually(lambda: cluster.llmd("s")["status"]["phase"] == "Ready")
 
-    scale = await cluster.user._call("GET", f"/apis/{LLMD_API}/namespaces/{NAMESPACE}/llmdeployments/s/scale")
-    assert scale["spec"]["replicas"] == 1 and scale["status"]["selector"] == "tandem.dev/deployment=s,tandem.dev/role=decode"
-    await cluster.user._call("PATCH", f"/apis/{LLMD_API}/namespaces/{NAMESPACE}/llmdeployments/s/scale",
-                             body={"spec": {"replicas": 3}}, content_type="application/merge-patch+json")
+    # What `kubectl scale` (and an HPA on the LLMDeployment) does.
+    scale_url = f"{cluster.url}/apis/{LLMD_API}/namespaces/{NAMESPACE}/llmdeployments/s/scale"
+    async with httpx.AsyncClient() as http:
+        scale = (await http.get(scale_url)).json()
+        assert scale["spec"]["replicas"] == 1 and scale["status"]["selector"] == "tandem.dev/deployment=s,tandem.dev/role=decode"
+        scaled = await http.patch(scale_url, json={"spec": {"replicas": 3}},
+                                  headers={"Content-Type": "application/merge-patch+json"})
+        assert scaled.status_code == 200, scaled.text
     await eventually(lambda: cluster.obj("apps/v1", "deployments", "s-decode")["spec"]["replicas"] == 3)
     status = (await eventually(lambda: cluster.llmd("s")["status"].get("observedGeneration") == 2
                                and cluster.llmd("s")))["status"]
@@ -244,8 +249,7 @@ async def test_an_operator_scoped_to_one_namespace_leaves_the_others_alone(clust
     """``tandem operator --namespace team`` (the chart's ``operator.watchNamespaces``; globs allowed): an
     LLMDeployment in another namespace gets no children and no status, while the watched one is reconciled."""
     for namespace in (NAMESPACE, "other"):  # kopf serves the watched namespaces it sees listed
-        await cluster.user._call("POST", "/api/v1/namespaces",  # noqa: SLF001 - the operator's client is namespaced
-                                 body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        await cluster.user.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     elsewhere = {**new_llmd("x", {}), "metadata": {"name": "x", "namespace": "other"}}
     async with running_operator(cluster, namespaces=[watch]):
         await cluster.user.create(elsewhere)

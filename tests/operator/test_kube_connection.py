@@ -1,0 +1,190 @@
+"""How the operator and the router reach the API server (``tandem.kube``): kubeconfig contexts, an ``exec``
+credential plugin, and the in-cluster service account over TLS, each against the API emulator, which must
+see the bearer token."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp.test_utils
+import kmock
+import pytest
+import yaml
+
+import crd_schema
+from k8s_emulator import ApiServerEmulator
+from operator_support import NAMESPACE, Cluster, eventually, running_operator
+from tandem.kube import KubeConfigError, connect, from_kubeconfig
+from tandem.operator.handlers import connection_info
+from tandem.operator.kube import KubeClient
+from tandem.router.k8s import KubernetesDiscovery
+from tandem.router.workers import Datastore, Pool
+
+EXEC_PLUGIN = """\
+import json, pathlib, sys
+calls = pathlib.Path(sys.argv[1])
+calls.write_text(str(int(calls.read_text() or 0) + 1) if calls.exists() else "1")
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
+                  "status": {"token": "exec-t0k"}}))
+"""
+
+
+def authorizations(api: ApiServerEmulator) -> dict[str, set[str]]:
+    """User-Agent product -> the Authorization headers it sent."""
+    seen: dict[str, set[str]] = {}
+    for request in list(api):
+        agent = (request.headers.get("User-Agent") or "").split("/")[0]
+        seen.setdefault(agent, set()).add(request.headers.get("Authorization") or "")
+    return seen
+
+
+def write_kubeconfig(path: Path, clusters: list[dict[str, Any]], users: list[dict[str, Any]],
+                     contexts: list[dict[str, Any]], current: str) -> Path:
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": current,
+                                    "clusters": clusters, "users": users, "contexts": contexts}))
+    return path
+
+
+async def test_kubeconfig_contexts_tokens_and_clear_errors(tmp_path: Path):
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    path = write_kubeconfig(
+        tmp_path / "config",
+        clusters=[{"name": "c", "cluster": {"server": "https://10.0.0.1:6443",
+                                            "certificate-authority-data": base64.b64encode(pem).decode()}},
+                  {"name": "c2", "cluster": {"server": "https://other:6443", "insecure-skip-tls-verify": True}}],
+        users=[{"name": "u", "user": {"token": "s3cret"}},
+               {"name": "u2", "user": {"username": "admin", "password": "pw"}}],
+        contexts=[{"name": "dev", "context": {"cluster": "c", "user": "u", "namespace": "team"}},
+                  {"name": "other", "context": {"cluster": "c2", "user": "u2"}}],
+        current="dev")
+    dev = await from_kubeconfig(path)
+    assert (dev.server, dev.bearer_token(), dev.default_namespace) == ("https://10.0.0.1:6443", "s3cret", "team")
+    assert Path(dev.configuration.ssl_ca_cert).read_bytes() == pem
+    other = await from_kubeconfig(path, context="other")
+    assert other.server == "https://other:6443" and not other.configuration.verify_ssl
+    assert other.bearer_token() is None and other.default_namespace is None
+    info = connection_info(other)
+    assert (info.scheme, base64.b64decode(info.token or "")) == ("Basic", b"admin:pw") and info.insecure
+    with pytest.raises(KubeConfigError, match="missing"):
+        await from_kubeconfig(path, context="missing")
+    with pytest.raises(KubeConfigError, match="no kubeconfig at"):
+        await from_kubeconfig(tmp_path / "nope")
+    with pytest.raises(KubeConfigError, match="not running in a cluster"):
+        await connect(environ={"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, service_account_dir=tmp_path / "none")
+
+
+async def test_exec_plugin_token_reaches_the_api_server_from_kopf_and_the_operator(cluster: Cluster,
+                                                                                   tmp_path: Path):
+    plugin, calls = tmp_path / "plugin.py", tmp_path / "calls"
+    plugin.write_text(EXEC_PLUGIN)
+    path = write_kubeconfig(
+        tmp_path / "config",
+        clusters=[{"name": "emulator", "cluster": {"server": cluster.url}}],
+        users=[{"name": "dev", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1",
+                                                 "command": sys.executable, "args": [str(plugin), str(calls)],
+                                                 "interactiveMode": "Never"}}}],
+        contexts=[{"name": "dev", "context": {"cluster": "emulator", "user": "dev", "namespace": NAMESPACE}}],
+        current="dev")
+    connection = await connect(kubeconfig=path)
+    assert connection.bearer_token() == "exec-t0k" and calls.read_text() == "1"
+
+    before = len(list(cluster.api))
+    async with running_operator(cluster, connect=lambda: from_kubeconfig(path)):
+        await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
+                                   "metadata": {"name": "e", "namespace": NAMESPACE}, "spec": {}})
+        await eventually(lambda: cluster.obj("apps/v1", "deployments", "e-decode"))
+        await eventually(lambda: cluster.llmd("e").get("status", {}).get("phase") == "Progressing")
+    seen: dict[str, set[str]] = {}
+    for request in list(cluster.api)[before:]:
+        agent = (request.headers.get("User-Agent") or "").split("/")[0]
+        seen.setdefault(agent, set()).add(request.headers.get("Authorization") or "")
+    # Both kopf's watches and the operator's own client sent the plugin's token (the test's user, as
+    # "kubectl", has no credentials).
+    assert seen == {"kopf": {"Bearer exec-t0k"}, "tandem-operator": {"Bearer exec-t0k"}, "kubectl": {""}}
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as a cluster's CA would issue the API server's."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=kubernetes", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def tls_server(cert: Path, key: Path) -> type[aiohttp.test_utils.RawTestServer]:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    class TLSServer(aiohttp.test_utils.RawTestServer):
+        async def start_server(self, **kwargs: Any) -> None:
+            await super().start_server(ssl=context, **kwargs)
+
+    return TLSServer
+
+
+@pytest.fixture
+async def tls_api(tmp_path: Path) -> AsyncIterator[tuple[ApiServerEmulator, int, Path]]:
+    """The emulator behind TLS, as a pod meets the API server: (emulator, port, the CA that signed it)."""
+    cert, key = self_signed_certificate(tmp_path)
+    async with ApiServerEmulator() as api, kmock.Server(api, server_cls=tls_server(cert, key)) as server:
+        api.add_crd(crd_schema.load_crd())
+        yield api, server.port, cert
+
+
+async def test_in_cluster_service_account_for_the_operator_and_router_discovery(tls_api, tmp_path: Path):
+    api, port, ca = tls_api
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("sa-t0k")  # projected tokens end without a newline
+    (account / "ca.crt").write_bytes(ca.read_bytes())
+    (account / "namespace").write_text(NAMESPACE)
+    environ = {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(port)}
+
+    async def in_pod():
+        return await connect(service_account_dir=account, environ=environ)
+
+    connection = await in_pod()
+    assert connection.server == f"https://127.0.0.1:{port}" and connection.default_namespace == NAMESPACE
+    client = KubeClient(connection)
+    try:
+        await client.apply({"apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": "w0", "namespace": NAMESPACE,
+                                         "labels": {"tandem.dev/role": "decode", "tandem.dev/engine-kind": "vllm"}},
+                            "spec": {"containers": [{"name": "engine", "image": "vllm/vllm-openai"}]}})
+    finally:
+        await client.aclose()
+    await api.set_status("v1", "pods", NAMESPACE, "w0", {
+        "phase": "Running", "podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]})
+
+    # The router in the same pod: namespace from the service account, pods by label, kind from the label.
+    datastore = Datastore()
+    discovery = KubernetesDiscovery(datastore, {Pool.DECODE: "tandem.dev/role=decode"}, 8000, connect=in_pod,
+                                    backoff_s=0.05)
+    running = asyncio.create_task(discovery.run())
+    try:
+        worker = await eventually(lambda: datastore.workers.get("http://10.1.2.3:8000"))
+        assert (worker.pool, worker.kind) == (Pool.DECODE, "vllm")
+        await api.set_status("v1", "pods", NAMESPACE, "w0", {"conditions": [{"type": "Ready", "status": "False"}]})
+        await eventually(lambda: "http://10.1.2.3:8000" not in datastore.workers)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert authorizations(api) == {"tandem-operator": {"Bearer sa-t0k"}, "tandem-router": {"Bearer sa-t0k"}}
+
+
+def test_operator_without_a_cluster_exits_with_one_clear_line(tmp_path: Path):
+    from tandem.cli import build_parser
+    from tandem.operator.cli import run
+
+    args = build_parser("operator").parse_args(["operator", "--kubeconfig", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match=r"^tandem operator: no kubeconfig at .*missing and not running in a cluster$"):
+        run(args)
