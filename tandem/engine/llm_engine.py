@@ -21,7 +21,7 @@ from tandem.engine.core.scheduler import KVConnectorSchedulerSide, Scheduler
 from tandem.engine.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop
 from tandem.engine.model_files import ModelNotFoundError
 from tandem.engine.model_runner import ModelRunner, set_threads
-from tandem.engine.models.llama import PRESETS, LlamaConfig, LlamaForCausalLM, rope_inv_freq
+from tandem.engine.models.registry import PRESETS, build_model, config_from_hf
 from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.structured_output import RequestGrammar, StructuredOutputManager
@@ -71,21 +71,20 @@ def load_model(config: EngineConfig, progress: bool = True):
         preset = PRESETS.get(name.split(":", 1)[1])
         if preset is None:
             raise ModelLoadError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-        mc = LlamaConfig.from_hf(preset)
+        mc = config_from_hf(preset)
         torch.manual_seed(config.seed)
-        model = LlamaForCausalLM(mc)
+        model = build_model(mc)
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.05)
         return mc, model, None, name
     try:
         resolved, weights_dir = prepare(name)
-        mc = LlamaConfig.from_hf(load_config(weights_dir))
+        mc = config_from_hf(load_config(weights_dir))
         t0 = time.monotonic()
-        state = load_state_dict(weights_dir)
         with torch.device("meta"):
-            model = LlamaForCausalLM(mc)
+            model = build_model(mc)
         model = model.to_empty(device="cpu")
-        model.inv_freq = rope_inv_freq(mc)  # buffers built on "meta" hold no values
+        state = load_state_dict(weights_dir, keep=model.wants_tensor)
         model.load_hf_state_dict(state)
         del state
         tokenizer = _load_tokenizer(weights_dir)

@@ -18,15 +18,16 @@ from tandem.engine.config import EngineConfig, activation_bytes_estimate, measur
 from tandem.engine.core.kv_layout import KVCacheLayout
 from tandem.engine.core.scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tandem.engine.host_memory import allocate_pool, huge_page_bytes
-from tandem.engine.models.llama import (
+from tandem.engine.attention import (
     AttentionMetadata,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PrefillSeq,
+    PagedKVIndexer,
+    PagedReads,
     VerifyGroup,
-    can_pack_linears,
     fresh_prefill_batch,
+    select_backend,
 )
+from tandem.engine.models.common import DecoderLM, can_pack_linears
+from tandem.engine.models.config import ModelConfig
 from tandem.engine.sampler import Sampler, prompt_logprobs_for
 
 logger = logging.getLogger(__name__)
@@ -49,19 +50,20 @@ class PreparedBatch:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: LlamaConfig, model: LlamaForCausalLM) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: DecoderLM) -> None:
         self.config = config
         self.model_config = model_config
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.inv_freq = self.model.inv_freq.float()
+        self.model.init_rope(self.device)  # the cast above would leave them in the model's dtype
+        self.model.attention_backend = select_backend(self.device)
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears()
         self.block_size = config.cache.block_size
         self.layout = self._size_kv_cache()
         # NOTE: one contiguous block-major buffer (kvtransfer registers it once and moves a run of blocks as one
-        # region); attention addresses it by row and token indices built once per step (see _rows/_token_slots).
+        # region); attention addresses it by row and token indices built once per step (see attention/paged.py).
         # NOTE: filled with a non-zero constant, not zeros. On the VMs this runs on, idle all-zero pages are slow
         # to write again (1.2-2.7 GB/s after 45 s idle, vs 5.5-9.8 GB/s for idle non-zero pages, measured here):
         # the host appears to reclaim them. Unused blocks are never attended to (masked, or sliced off), and any
@@ -76,15 +78,9 @@ class ModelRunner:
                         "?" if backed is None else f"{backed / 2**20:.0f}")
         else:
             self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
-        # Row of (layer, K/V, head) in block 0, [L, 2, kvh]: + block * rows_per_block gives any block's row.
-        lay = self.layout
-        self._layer_rows = torch.tensor(
-            [[[lay.row_index(0, layer, kind, head) for head in range(lay.num_kv_heads)] for kind in (0, 1)]
-             for layer in range(lay.num_layers)],
-            dtype=torch.long,
-        )
+        self.indexer = PagedKVIndexer(self.layout)
         self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
-        self._page_offsets = torch.arange(0, lay.bytes_per_block_all_layers, PAGE_BYTES)  # of every page in a block
+        self._page_offsets = torch.arange(0, self.layout.bytes_per_block_all_layers, PAGE_BYTES)  # of every page in a block
 
     def page_offsets(self, block_ids: list[int]) -> torch.Tensor:
         """Byte offset, in ``kv_buffer``, of the start of every ``PAGE_BYTES`` page of these blocks."""
@@ -129,17 +125,6 @@ class ModelRunner:
             )
         return KVCacheLayout(mc.num_layers, num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim, self.config.dtype)
 
-    def _rows(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Cache rows of ``block_ids`` for every layer: ``[L, 2 * kv_heads * len(block_ids)]``, (K/V, head, block)."""
-        rows = block_ids * self.layout.rows_per_block + self._layer_rows.unsqueeze(-1)
-        return rows.view(self.layout.num_layers, -1)
-
-    def _token_slots(self, slots: torch.Tensor) -> torch.Tensor:
-        """Token-vector index of each flat slot for every layer: ``[L, 2 * kv_heads * T]``, (K/V, head, token)."""
-        bs = self.block_size
-        base = (slots // bs) * (self.layout.rows_per_block * bs) + slots % bs
-        return (base + self._layer_rows.unsqueeze(-1) * bs).view(self.layout.num_layers, -1)
-
     # ---- prepare_inputs -> forward -> sample ---------------------------------------------------
     def prepare_inputs(self, sched: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -151,7 +136,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sample_items: list[ScheduledRequest] = []
-        prefill_seqs: list[PrefillSeq] = []
+        prefill_items: list[tuple[ScheduledRequest, int]] = []
         spec_rows: list[tuple[ScheduledRequest, int]] = []
         verify_items: list[tuple[ScheduledRequest, int]] = []
         for item in order:
@@ -171,21 +156,17 @@ class ModelRunner:
             if item.spec_token_ids:
                 verify_items.append((item, q_start))
             elif n > 1:
-                ctx = start + n
-                rows = None if start == 0 else self._rows(torch.tensor(ids[: -(-ctx // bs)], dtype=torch.long))
-                prefill_seqs.append(PrefillSeq(q_start, n, ctx, rows))
+                prefill_items.append((item, q_start))
         meta = AttentionMetadata(
-            write_index=self._token_slots(torch.tensor(slots, dtype=torch.long)),
+            write_index=self.indexer.token_slots(torch.tensor(slots, dtype=torch.long)),
             num_decode=len(decodes),
-            verify=self._verify_groups(verify_items),
-            prefills=prefill_seqs,
+            reads={w: self._reads(w, decodes, verify_items, prefill_items) for w in self.model_config.windows},
         )
-        if decodes:
-            meta.decode_gather_rows, meta.decode_mask = self._paged_batch(decodes, 1)
         input_ids_t = torch.tensor(input_ids, dtype=torch.long)
         positions_t = torch.tensor(positions, dtype=torch.long)
         if self.device.type != "cpu":
-            meta.fresh_batch = fresh_prefill_batch(prefill_seqs)
+            for reads in meta.reads.values():
+                reads.fresh_batch = fresh_prefill_batch(reads.prefills, reads.window)
             meta.map_tensors(self._to_device)
             input_ids_t, positions_t = self._to_device(input_ids_t), self._to_device(positions_t)
         return PreparedBatch(
@@ -198,36 +179,35 @@ class ModelRunner:
             spec_rows=spec_rows,
         )
 
-    def _verify_groups(self, items: list[tuple[ScheduledRequest, int]]) -> list[VerifyGroup]:
+    def _reads(self, window: int | None, decodes: list[ScheduledRequest],
+               verify_items: list[tuple[ScheduledRequest, int]],
+               prefill_items: list[tuple[ScheduledRequest, int]]) -> PagedReads:
+        """What layers with ``window`` read this step: block tables start at the window's first block."""
+        reads = PagedReads(window=window, verify=self._verify_groups(verify_items, window))
+        if decodes:
+            reads.decode_gather_rows, reads.decode_mask = self._paged_batch(decodes, 1, window)
+        for item, q_start in prefill_items:
+            ctx = item.request.num_computed_tokens + item.num_tokens
+            reads.prefills.append(self.indexer.prefill_seq(q_start, item.block_ids, ctx, item.num_tokens, window))
+        return reads
+
+    def _verify_groups(self, items: list[tuple[ScheduledRequest, int]], window: int | None) -> list[VerifyGroup]:
         """Speculative chunks (at flat offset ``q_start``), grouped by length for batched attention."""
         by_len: dict[int, list[tuple[ScheduledRequest, int]]] = {}
         for item, q_start in items:
             by_len.setdefault(item.num_tokens, []).append((item, q_start))
         groups = []
         for q_len, members in by_len.items():
-            rows, mask = self._paged_batch([item for item, _ in members], q_len)
+            rows, mask = self._paged_batch([item for item, _ in members], q_len, window)
             token_index = torch.tensor([q0 + i for _, q0 in members for i in range(q_len)], dtype=torch.long)
             groups.append(VerifyGroup(token_index, rows, mask, len(members), q_len))
         return groups
 
-    def _paged_batch(self, items: list[ScheduledRequest], q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather rows and causal mask for ``items`` each computing its next ``q_len`` tokens over its cached
-        context, attended as one batch (decodes: ``q_len`` 1; verify chunks: the last token and its drafts).
-
-        Returns ``[num_layers, 2 * kv_heads * B * max_blocks]`` rows (a sequence's unused table slots gather block
-        0, masked out) and a ``[1, B, 1, q_len, max_blocks * block_size]`` mask: query i of a sequence sits at
-        position ``ctx - q_len + i`` and sees the keys up to it.
-        """
-        bs = self.block_size
-        ctx = torch.tensor([it.request.num_computed_tokens + q_len for it in items], dtype=torch.long)
-        max_blocks = -(-int(ctx.max()) // bs)
-        table = torch.zeros(len(items), max_blocks, dtype=torch.long)
-        for row, it in enumerate(items):
-            nblk = -(-int(ctx[row]) // bs)
-            table[row, :nblk] = torch.tensor(it.block_ids[:nblk], dtype=torch.long)
-        query_pos = ctx.unsqueeze(1) - q_len + torch.arange(q_len).unsqueeze(0)  # [B, Q]
-        mask = torch.arange(max_blocks * bs).view(1, 1, -1) <= query_pos.unsqueeze(2)  # [B, Q, L]
-        return self._rows(table.flatten()), mask.view(1, len(items), 1, q_len, -1)
+    def _paged_batch(self, items: list[ScheduledRequest], q_len: int,
+                     window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows and mask for ``items`` each computing its next ``q_len`` tokens (see ``PagedKVIndexer.paged_batch``)."""
+        seqs = [(it.block_ids, it.request.num_computed_tokens + q_len) for it in items]
+        return self.indexer.paged_batch(seqs, q_len, window)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A step's index tensor, built on the host, on the model's device (pinned, so the copy is asynchronous)."""

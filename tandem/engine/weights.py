@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,10 +84,10 @@ def load_config(weights_dir: Path) -> dict:
         raise WeightsError(f"cannot read {weights_dir / 'config.json'}: {exc}") from exc
 
 
-def load_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of every safetensors shard in ``weights_dir`` (names as in the HF checkpoint)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_state_dict(weights_dir: Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of every safetensors shard in ``weights_dir`` (names as in the HF checkpoint); with ``keep``,
+    only those it accepts (a multimodal checkpoint's vision tower is never read for a text model)."""
+    from safetensors import SafetensorError, safe_open
 
     files = sorted(weights_dir.glob("*.safetensors"))
     if not files:
@@ -94,7 +95,10 @@ def load_state_dict(weights_dir: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    if keep is None or keep(name):
+                        state[name] = handle.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise WeightsError(f"corrupt weights file {f}: {exc}") from exc
     return state

@@ -31,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peering", default=None,
                         help="kopf peering name for several operator replicas (default: standalone)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # Without an action the operator runs; `render` is a dry run that needs no cluster.
+    from tandem.operator import render_cli
+
+    actions = parser.add_subparsers(dest="operator_action", metavar="ACTION")
+    render_cli.add_arguments(actions.add_parser(
+        "render", help="print the objects the operator would apply for an LLMDeployment file (no cluster)",
+        description="Validate an LLMDeployment file against the CRD and print, as a YAML stream, exactly the "
+                    "objects the operator would apply for it."))
 
 
 async def _connect(args: argparse.Namespace) -> KubeConnection:
@@ -64,7 +72,11 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the operator until interrupted; returns the exit code."""
+    """Run the operator until interrupted (or, for ``render``, print its objects); returns the exit code."""
+    if getattr(args, "operator_action", None) == "render":
+        from tandem.operator import render_cli
+
+        return render_cli.run(args)
     if args.resync_seconds <= 0:
         raise SystemExit("--resync-seconds must be positive")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -87,7 +87,7 @@ def test_small_chunks_and_staggered_arrivals(smol_dir, references):
 def test_tiny_random_models_match_transformers(tmp_path, preset):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tandem.engine.models.llama import PRESETS
+    from tandem.engine.models.registry import PRESETS
 
     torch.manual_seed(0)
     hf_config = AutoConfig.for_model(**{k: v for k, v in PRESETS[preset].items() if k != "architectures"})

@@ -8,13 +8,8 @@ from torch import nn
 
 from helpers import assert_engine_idle
 from tandem import LLM, SamplingParams
-from tandem.engine.models.llama import (
-    PackedLinear,
-    PrefillSeq,
-    attend_fresh_batch,
-    can_pack_linears,
-    fresh_prefill_batch,
-)
+from tandem.engine.attention import PrefillSeq, attend_fresh_batch, fresh_prefill_batch
+from tandem.engine.models.common import PackedLinear, can_pack_linears
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,289 @@
+"""Building blocks every model family uses: norms, RoPE, packed linears, the paged self-attention layer, the gated
+MLP and the decoder-only language model around them (embedding, layers, final norm, LM head, weight loading).
+
+Tokens of a step are packed into one flat sequence ``[T]``: first one token per decoding request, then
+speculative verify chunks and prefill chunks. The linear layers run once over all ``T`` tokens; attention goes
+through the backend the runner chose (``tandem.engine.attention``) with the step's ``AttentionMetadata``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.engine.attention import AttentionBackend, AttentionMetadata, LayerAttention, TorchReferenceBackend
+from tandem.engine.models.config import ModelConfig
+
+GLOBAL_ROPE = "global"
+LOCAL_ROPE = "local"
+
+
+class PackedLinear(nn.Module):
+    """A bf16 CPU linear whose weight is pre-packed once for oneDNN (what inductor's freezing does).
+
+    NOTE: aten's bf16 linear re-lays the weight out on every call; for the small matrices of a 135M
+    model at decode batch sizes that costs more than the multiply itself.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN's pre-packed bf16 linear works here (bf16 on a CPU with mkldnn)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        probe = PackedLinear(nn.Linear(8, 4, bias=False).to(dtype).requires_grad_(False))
+        out = probe(torch.ones(2, 8, dtype=dtype))
+        return out.shape == (2, 4) and bool(torch.isfinite(out).all())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in fp32, cast back, then scale by ``weight``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is an offset from one, ``x * (1 + w)``, applied in fp32 before the cast."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim / 2]`` (fp32) for base ``theta`` with optional linear/llama3 scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, 1, D/2] in x's dtype (rotate-half convention, as HF computes it)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def as_linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` sharing ``weight`` (e.g. the tied embedding as the LM head)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
+
+
+class SelfAttention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k norm, RoPE, paged attention through the backend, output
+    projection. ``norm`` builds the q/k norms (``cfg.qk_norm``) in the family's flavour."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, norm: type[nn.Module] = RMSNorm) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        scale = cfg.head_dim**-0.5 if cfg.attn_scale is None else cfg.attn_scale
+        self.spec = LayerAttention(layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale, cfg.window(layer),
+                                   cfg.attn_logit_softcapping)
+        self.rope_key = LOCAL_ROPE if self.spec.window is not None and cfg.local_rope_theta is not None else GLOBAL_ROPE
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [T, 1, D/2]
+        kv_rows: torch.Tensor,  # the whole KV buffer as [rows, block_size * D] (block-major, see kv_layout.py)
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        D = self.head_dim
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = q.view(T, self.num_heads, D), k.view(T, self.num_kv_heads, D), v.view(T, self.num_kv_heads, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = backend.forward(q, k, v, kv_rows, self.spec, meta)
+        return self.o_proj(out.view(T, self.q_size))
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.hidden_act == "gelu_tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
+
+
+# Our fused parameters and the checkpoint tensors they are made of.
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only language model over the paged KV cache; families subclass it and build their layers.
+
+    A family's layer takes ``(h, rope, kv_rows, meta, backend)`` and returns the new hidden states ``[T, hidden]``.
+    Parameter names mirror the Hugging Face checkpoint's (under one of ``cfg.weight_prefixes``), except the fused
+    ``qkv_proj`` and ``gate_up_proj``, which loading builds from their parts.
+    """
+
+    norm_class: type[nn.Module] = RMSNorm
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = self.norm_class(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_lm_head: PackedLinear | None = None
+        self.embed_scale: float | None = None  # multiplies the embeddings (Gemma: sqrt(hidden_size))
+        self.attention_backend: AttentionBackend = TorchReferenceBackend()
+        self.rope_inv_freq: dict[str, torch.Tensor] = {}
+        self.init_rope(torch.device("cpu"))
+
+    def make_layer(self, cfg: ModelConfig, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    def init_rope(self, device: torch.device) -> None:
+        """(Re)build the RoPE frequency tables in fp32 on ``device`` (after a move or a dtype cast)."""
+        cfg = self.config
+        tables = {GLOBAL_ROPE: rope_inv_freq(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling, device)}
+        if cfg.local_rope_theta is not None:
+            tables[LOCAL_ROPE] = rope_inv_freq(cfg.local_rope_theta, cfg.head_dim, cfg.local_rope_scaling, device)
+        self.rope_inv_freq = tables
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_buffer: torch.Tensor,  # the whole block-major KV cache (see kv_layout.py)
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden] (normalised); logits are computed separately."""
+        h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        ropes = {}
+        for key, inv_freq in self.rope_inv_freq.items():
+            freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
+            ropes[key] = (freqs.cos().to(h.dtype).unsqueeze(1), freqs.sin().to(h.dtype).unsqueeze(1))
+        kv_rows = kv_buffer.view(-1, kv_buffer.shape[-2] * kv_buffer.shape[-1])
+        for layer in self.layers:
+            h = layer(h, ropes[layer.self_attn.rope_key], kv_rows, meta, self.attention_backend)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_lm_head is not None:
+            logits = self.packed_lm_head(hidden)
+        else:
+            weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(hidden, weight)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    @torch.no_grad()
+    def pack_linears(self) -> None:
+        """Swap every projection (and the LM head) for a pre-packed oneDNN linear (bf16 CPU only)."""
+        for module in list(self.layers.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, PackedLinear(child))
+        head = self.lm_head if self.lm_head is not None else as_linear(self.embed_tokens.weight)
+        self.packed_lm_head = PackedLinear(head)
+
+    def checkpoint_prefix(self, names: Collection[str]) -> str:
+        """The first of ``cfg.weight_prefixes`` under which the checkpoint holds the embedding."""
+        for prefix in self.config.weight_prefixes:
+            if prefix + "embed_tokens.weight" in names:
+                return prefix
+        return self.config.weight_prefixes[0]
+
+    def wants_tensor(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this model (a multimodal file's vision tower does not)."""
+        return name.startswith(self.config.weight_prefixes) or name in self.config.lm_head_names
+
+    def checkpoint_names(self, name: str, prefix: str) -> list[str]:
+        """The checkpoint tensors our parameter ``name`` is made of (concatenated along dim 0 when several)."""
+        match = _LAYER_PARAM.fullmatch(name)
+        if match:
+            index, module, kind = match.groups()
+            parts = _FUSED.get(module, (module,))
+            return [f"{prefix}layers.{index}.{part}.{kind}" for part in parts]
+        return [prefix + name]
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise ValueError."""
+        prefix = self.checkpoint_prefix(state.keys())
+        for name, param in self.named_parameters():
+            if name == "lm_head.weight":
+                # An untied head missing from the file is the embedding, as transformers ties it.
+                heads = [n for n in self.config.lm_head_names if n in state]
+                sources = heads[:1] or [prefix + "embed_tokens.weight"]
+            else:
+                sources = self.checkpoint_names(name, prefix)
+            missing = [s for s in sources if s not in state]
+            if missing:
+                raise ValueError(f"weights are missing tensor {missing[0]!r}")
+            value = state[sources[0]] if len(sources) == 1 else torch.cat([state[s] for s in sources], dim=0)
+            if param.shape != value.shape:
+                raise ValueError(f"tensor {sources[0]!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}")
+            param.copy_(value)
