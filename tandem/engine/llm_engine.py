@@ -237,7 +237,13 @@ class LLMEngine:
             children.append(req)
         for i, req in enumerate(children):
             self.scheduler.add_request(req)
-            self._children[req.request_id] = _Child(request_id, i, req)
+            self._children[req.request_id] = child = _Child(request_id, i, req)
+            if params.prior_output_tokens and self._detokenizer is not None:
+                # A resumed stream: its earlier output is the text so far (a character split across the seam
+                # decodes whole; stop strings are found across it). NOTE: none of it counts as emitted: the
+                # server drops what its client already has (tandem_continuation.num_output_chars).
+                self._detokenizer.skip_special_tokens = params.skip_special_tokens
+                self._detokenizer.add(child.detok, list(prompt_token_ids[-params.prior_output_tokens:]))
         self._parents[request_id] = [r.request_id for r in children]
         if first is not None:  # (appended after add_request: a prompt of max_model_len - 1 is still valid)
             token, logprobs = first
@@ -256,7 +262,9 @@ class LLMEngine:
                   first: tuple[int, dict[int, float] | None] | None) -> list[RequestGrammar | None]:
         """One grammar state per sample (None without structured output). Raises ValueError naming the field
         for a schema, regex or grammar that does not parse. A handed-in first token is advanced over as soon
-        as the grammar is compiled; a token the grammar forbids ends the request with an error."""
+        as the grammar is compiled; a token the grammar forbids is a ValueError naming
+        ``kv_transfer_params.first_token_id`` (or, when the compile finishes only later, ends the request with
+        that error)."""
         spec = params.structured_output
         if spec is None:
             return [None] * params.n
@@ -266,6 +274,8 @@ class LLMEngine:
         grammars[0].wait(0.005)  # type: ignore[union-attr]
         if first is not None:
             grammars[0].advance_when_ready([first[0]], "kv_transfer_params.first_token_id")  # type: ignore[union-attr]
+            if grammars[0].error is not None:  # type: ignore[union-attr]
+                raise ValueError(grammars[0].error)  # type: ignore[union-attr]
         return grammars
 
     def _handed_in_first_token(self, params: SamplingParams,
@@ -302,6 +312,8 @@ class LLMEngine:
             req = child.request
             if req.request_id not in self._children:
                 continue  # aborted before it was reported
+            if req.grammar is not None and req.grammar.ready and req.grammar.error:
+                continue  # a first token its grammar forbids: the request ends with that error instead
             self.prompt_tokens_total += req.num_prompt_tokens
             self.generation_tokens_total += 1
             deltas.append(self._process(child, req.output_token_ids[:1], req.is_finished, None))

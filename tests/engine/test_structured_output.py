@@ -333,3 +333,79 @@ def test_request_waits_for_its_grammar(smol_tokenizer):
     ((request, error),) = sched.take_failed()
     assert request is failing and request.status == RequestStatus.FINISHED_ERROR
     assert error == "guided_regex: out of memory"
+
+
+# ---- disaggregated prefill/decode (two engines in this process, KV pulled over NIXL) ----------------
+@pytest.fixture(scope="module")
+def pd_pair(smol_dir):
+    from tandem.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tandem.engine.llm_engine import LLMEngine
+    from tandem.kvtransfer.connector import KVConnectorConfig, NixlConnector
+
+    pair = {}
+    for role in ("prefill", "decode"):
+        # "fail": a READ that fails ends the request with an error instead of quietly recomputing the prompt.
+        connector = NixlConnector(KVConnectorConfig(role=role, load_failure_policy="fail"))
+        engine = LLMEngine(EngineConfig(model=str(smol_dir), dtype="float32", num_threads=1,
+                                        cache=CacheConfig(num_blocks=48), scheduler=SchedulerConfig(max_model_len=512)),
+                           connector=connector, progress=False)
+        connector.attach(engine.runner.kv_buffer, engine.runner.layout, engine.model_name)
+        connector.start_side_channel()
+        pair[role] = (engine, connector)
+    yield pair
+    for _, connector in pair.values():
+        connector.close()
+
+
+def run_pd(pair, role: str, request_id: str, prompt: list[int], params: SamplingParams, kv_params: dict) -> list:
+    """Add a request to one engine and step both (the prefill side serves the READ) until it finishes."""
+    import time
+
+    engine = pair[role][0]
+    engine.add_request(request_id, prompt, params, kv_params)
+    deltas = []
+    deadline = time.monotonic() + 60
+    while not (deltas and deltas[-1].finished):
+        assert time.monotonic() < deadline, "request did not finish"
+        for each, connector in pair.values():
+            out = each.step()
+            connector.housekeeping()
+            if each is engine:
+                deltas += out
+    return deltas
+
+
+@pytest.mark.slow
+def test_pd_first_token_respects_the_grammar_and_decode_continues_from_it(pd_pair):
+    prefill = pd_pair["prefill"][0]
+    prompt = prefill.apply_chat_template(ASK_PERSON)
+    spec = StructuredOutputSpec("json", PERSON)
+    free = run_pd(pd_pair, "prefill", "free", prompt, SamplingParams(temperature=0, max_tokens=1),
+                  {"do_remote_decode": True})
+    first = run_pd(pd_pair, "prefill", "p1", prompt, SamplingParams(temperature=0, max_tokens=1, structured_output=spec),
+                   {"do_remote_decode": True})
+    kv_params = first[-1].kv_transfer_params
+    assert prefill.tokenizer.decode([kv_params["first_token_id"]]).startswith("{")  # masked on the prefill side
+    assert free[-1].new_token_ids != [kv_params["first_token_id"]]  # ... where the free answer starts otherwise
+    deltas = run_pd(pd_pair, "decode", "d1", prompt, SamplingParams(temperature=0, max_tokens=40, structured_output=spec),
+                    kv_params)
+    assert deltas[0].new_token_ids == [kv_params["first_token_id"]]  # streamed as handed in, not sampled again
+    # The decode side's matcher advanced over that token: the whole text (first token included) is valid.
+    jsonschema.validate(json.loads("".join(d.new_text for d in deltas)), PERSON)
+    assert deltas[-1].finish_reason == "stop"  # (not "error": the prompt's KV was pulled from the prefill side)
+    assert deltas[-1].num_prompt_tokens == len(prompt)
+
+
+@pytest.mark.slow
+def test_pd_handed_in_token_the_grammar_forbids_is_rejected(pd_pair):
+    prefill = pd_pair["prefill"][0]
+    prompt = prefill.apply_chat_template(ASK_PERSON)
+    spec = StructuredOutputSpec("json", PERSON)
+    first = run_pd(pd_pair, "prefill", "p2", prompt, SamplingParams(temperature=0, max_tokens=1, structured_output=spec),
+                   {"do_remote_decode": True})
+    forbidden = prefill.tokenize("Hello", add_special_tokens=False)[0]
+    kv_params = {**first[-1].kv_transfer_params, "first_token_id": forbidden}
+    decode = pd_pair["decode"][0]
+    with pytest.raises(ValueError, match=rf"^kv_transfer_params.first_token_id: token {forbidden} is not allowed"):
+        decode.add_request("d2", prompt, SamplingParams(max_tokens=8, structured_output=spec), kv_params)
+    assert not decode.has_unfinished_requests()
