@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from tandem.runtime import freeze_startup_heap
@@ -16,7 +17,9 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--model", default=None, help="model id/dir/GGUF whose tokenizer the router uses")
+    parser.add_argument("--model", default=None,
+                        help="the model whose tokenizer the router uses, named as for the engines "
+                             "(hf://ORG/NAME fetches its tokenizer files only)")
     parser.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (overrides --model's)")
     parser.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     parser.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable; env TANDEM_API_KEY)")
@@ -120,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tandem.protocol.model_source import ModelNotFoundError
     from tandem.router.app import build_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -134,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("tandem.router").error(
             "no workers: give --prefill/--decode/--worker (or --vllm-*) URLs or --k8s-* selectors")
         return 2
-    app = build_app(config)
+    try:
+        app = build_app(config)
+    except ModelNotFoundError as exc:  # the model's tokenizer files could not be found or fetched
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     # NOTE: everything loaded so far (modules, the tokenizer, the app) lives as long as the process: frozen out
     # of the garbage collector's view, a full collection is 0.6 ms instead of a 53 ms pause on the request path.
     freeze_startup_heap("router")

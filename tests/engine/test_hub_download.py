@@ -87,6 +87,12 @@ def test_download_fetches_only_what_serving_needs_with_progress(hub, tmp_path):
     assert "Fetching 6 files" in proc.stderr and "100%" in proc.stderr  # the progress bar, stderr not a tty
 
 
+def test_download_tokenizer_only(hub, tmp_path):
+    proc = tandem("download", "--model", TINY_REPO, "--tokenizer-only", env=hub_env(hub.url, tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot_files(tmp_path, TINY_REPO) == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+
+
 def test_a_gated_repository_downloads_with_a_token_file(hub, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(GOOD_TOKEN)
@@ -146,6 +152,12 @@ def test_router_fetches_tokenizer_files_only_and_matches_the_engine_tokenizer(hu
     files = snapshot_files(tmp_path, TINY_REPO)
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= files
     assert not any(name.endswith(".safetensors") for name in files)
+
+
+def test_router_with_an_unknown_repository_is_one_line_and_status_1(hub, tmp_path):
+    proc = tandem("router", "--model", "hf://tandem-test/absent", "--worker", "http://127.0.0.1:9",
+                  "--port", str(free_port()), env=hub_env(hub.url, tmp_path), timeout=60)
+    assert_one_error_line(proc, "repository tandem-test/absent not found")
 
 
 # ---- serve: download, serve, restart offline from the cache ----------------------------------------
