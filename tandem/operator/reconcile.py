@@ -19,13 +19,13 @@ from typing import Any
 from tandem.operator.kube import KINDS, ApiError, KubeClient
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.render import LABEL_DEPLOYMENT, MANAGED_BY, child_name, endpoint_url, render, selector_string
-from tandem.operator.spec import API_VERSION, KIND, SpecError, parse_spec
+from tandem.operator.spec import API_VERSION, KIND, SpecError
 
 logger = logging.getLogger(__name__)
 
 # Kinds render() may produce and a reconcile may therefore have to prune when the spec stops asking.
 PRUNABLE_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap",
-                  "ServiceAccount", "Role", "RoleBinding")
+                  "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim")
 ROLES = ("prefill", "decode", "router")
 
 # (type "Normal"/"Warning", reason, message) -> posted on the LLMDeployment.
@@ -134,7 +134,9 @@ class Reconciler:
                 await _emit(events, "Warning", "InvalidSpec", str(e))
             return await self._write_status(body, {"phase": "Invalid", "observedGeneration": meta.get("generation")},
                                             degraded=("InvalidSpec", str(e)), ready=("InvalidSpec", str(e)))
-        spec = parse_spec(body.get("spec") or {})
+        # NOTE: the mode is read off what render produced (a prefill pool or not): the spec is parsed once.
+        disaggregated = any(m["kind"] == "Deployment" and m["metadata"]["name"] == child_name(name, "prefill")
+                            for m in manifests)
 
         problems: list[tuple[str, str]] = []
         changed = False
@@ -158,16 +160,16 @@ class Reconciler:
                 await _emit(events, "Normal", action.capitalize(), f"{manifest['kind']} {manifest['metadata']['name']}")
         changed |= await self._prune(name, namespace, uid, manifests, events)
 
-        roles = ["prefill", "decode", "router"] if spec.disaggregated else ["decode", "router"]
+        roles = ["prefill", "decode", "router"] if disaggregated else ["decode", "router"]
         role_status = {role: await self._role_status(namespace, child_name(name, role)) for role in roles}
         status: dict[str, Any] = {
-            "mode": "disaggregated" if spec.disaggregated else "aggregated",
+            "mode": "disaggregated" if disaggregated else "aggregated",
             "endpoint": endpoint_url(name, namespace),
             "observedGeneration": meta.get("generation"),
         }
         for role, rs in role_status.items():
             status[role] = rs.as_status(selector_string(name, role))
-        if not spec.disaggregated:
+        if not disaggregated:
             status["prefill"] = None  # merge-patch removal of a previous disaggregated status
 
         stuck = [f"{role}: {rs.failed}" for role, rs in role_status.items() if rs.failed]

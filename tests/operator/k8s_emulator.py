@@ -48,6 +48,7 @@ BUILTIN_RESOURCES = [
     ("", "v1", "configmaps", "ConfigMap", True, ()),
     ("", "v1", "services", "Service", True, ("status",)),
     ("", "v1", "serviceaccounts", "ServiceAccount", True, ()),
+    ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, ("status",)),
     ("", "v1", "pods", "Pod", True, ("status",)),
     ("", "v1", "events", "Event", True, ()),
     ("", "v1", "namespaces", "Namespace", False, ("status",)),

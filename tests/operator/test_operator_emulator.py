@@ -17,6 +17,7 @@ from tandem.kube import plain
 from tandem.operator.kube import Conflict, KubeClient
 from tandem.operator.metrics import OperatorMetrics
 from tandem.operator.reconcile import Reconciler
+from tandem.operator.render import model_cache_claim
 
 CM_PATH = f"/api/v1/namespaces/{NAMESPACE}/configmaps"
 LLMD_PATH = f"/apis/tandem.dev/v1alpha1/namespaces/{NAMESPACE}/llmdeployments"
@@ -253,3 +254,30 @@ async def test_concurrent_triggers_coalesce(cluster: Cluster):
     # One runs, one queues behind it (and reads fresh state), the other three are covered by the queued one.
     assert sum(r is not None for r in results) == 2
     assert metrics.value("tandem:operator_reconciles_total", {"trigger": "burst", "result": "ok"}) == 2
+
+
+async def test_model_cache_claim_is_applied_and_pruned_with_the_spec(cluster: Cluster):
+    """An hf:// model with ``model.cache.size`` gets a shared claim owned by the LLMDeployment; a spec that
+    stops asking for it has it deleted like any other child."""
+    spec = {"model": {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct", "cache": {"size": "20Gi"}}}
+    llmd = await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
+                                      "metadata": {"name": "h", "namespace": NAMESPACE}, "spec": spec})
+    claim_name = model_cache_claim("h")
+    client = KubeClient(plain(cluster.url))
+    try:
+        reconciler = Reconciler(client, OperatorMetrics())
+        status = await reconciler.reconcile(NAMESPACE, "h", trigger="test", events_for=lambda body: lambda *a: None)
+        assert status is not None and status["phase"] != "Degraded", status
+        claim = cluster.obj("v1", "persistentvolumeclaims", claim_name)
+        assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+        assert [r["uid"] for r in claim["metadata"]["ownerReferences"]] == [llmd["metadata"]["uid"]]
+        assert ("tandem-operator", "Apply") in owners(claim)
+
+        live = cluster.llmd("h")
+        live["spec"]["model"] = {"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}
+        await cluster.user.replace(live)
+        await reconciler.reconcile(NAMESPACE, "h", trigger="test", events_for=lambda body: lambda *a: None)
+    finally:
+        await client.aclose()
+    assert cluster.obj("v1", "persistentvolumeclaims", claim_name) is None
+    assert cluster.obj("apps/v1", "deployments", "h-decode") is not None
