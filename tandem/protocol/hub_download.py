@@ -76,14 +76,17 @@ def _progress_bars():
     """A tqdm class for one download, and the list of the bars it opened.
 
     Plain tqdm: huggingface_hub's own bars hide themselves when stderr is not a terminal, as in a pod's log.
+    ``HF_HUB_DISABLE_PROGRESS_BARS=1`` still turns them off.
     """
+    from huggingface_hub.utils import are_progress_bars_disabled
     from tqdm import tqdm
 
     opened: list[tqdm] = []
+    disabled = are_progress_bars_disabled()
 
     class DownloadProgress(tqdm):
         def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **{**kwargs, "disable": disabled})
             opened.append(self)
 
     return DownloadProgress, opened

@@ -87,6 +87,15 @@ def test_download_fetches_only_what_serving_needs_with_progress(hub, tmp_path):
     assert "Fetching 6 files" in proc.stderr and "100%" in proc.stderr  # the progress bar, stderr not a tty
 
 
+def test_download_at_a_revision_and_without_progress_bars_when_disabled(hub, tmp_path):
+    commit = hub.repos[TINY_REPO].commit
+    proc = tandem("download", "--model", f"hf://{TINY_REPO}@{commit}",
+                  env=hub_env(hub.url, tmp_path, HF_HUB_DISABLE_PROGRESS_BARS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).name == commit
+    assert "Fetching" not in proc.stderr and "%|" not in proc.stderr
+
+
 def test_download_tokenizer_only(hub, tmp_path):
     proc = tandem("download", "--model", TINY_REPO, "--tokenizer-only", env=hub_env(hub.url, tmp_path))
     assert proc.returncode == 0, proc.stderr
