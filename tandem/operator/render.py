@@ -121,8 +121,10 @@ def _engine_args(spec: LLMDeploymentSpec, device: str) -> list[str]:
         "--max-num-batched-tokens", str(e.max_num_batched_tokens),
     ]
     if device == "cuda":
-        # The KV cache gets what the weights leave of this share of the GPU (parse_spec refuses kvCacheMemory).
+        # Without a size, the KV cache gets what the weights leave of this share of the GPU.
         args += ["--device", "cuda", "--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}"]
+        if e.kv_cache_memory_arg is not None:  # a size (parse_spec refuses a fraction on CUDA)
+            args += ["--kv-cache-memory", e.kv_cache_memory_arg]
     else:
         # A fraction is a share of the container's memory limit (the engine reads its cgroup).
         args += ["--kv-cache-memory", e.kv_cache_memory_arg or kv_cache_memory_arg(DEFAULT_KV_CACHE_MEMORY)]
@@ -188,7 +190,7 @@ def _vllm_worker_command(spec: LLMDeploymentSpec, role: str, device: str) -> lis
         args += ["--revision", m.hf_revision]
     if device == "cuda":
         args += ["--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}"]
-    elif e.kv_cache_memory_arg is not None:
+    if e.kv_cache_memory_arg is not None:  # a size: parse_spec refuses a fraction for vLLM
         args += ["--kv-cache-memory-bytes", e.kv_cache_memory_arg]
     args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
     args.append("--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill")

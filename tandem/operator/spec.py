@@ -449,12 +449,12 @@ def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
         problems.append("spec.model.uri: engine.kind vllm needs model.uri hf://, pvc:// or file:// "
                         "(the bundled model exists only in the Tandem image)")
     devices = {e.device_for(role) for _, role in spec.worker_roles()}
-    if e.kv_cache_memory is not None and "cuda" in devices:
-        problems.append("spec.engine.kvCacheMemory: sizes the KV cache of CPU workers only; CUDA workers size "
-                        "theirs with engine.gpuMemoryUtilization")
-    if e.kind == "vllm" and "cpu" in devices and e.kv_cache_memory_arg is not None \
-            and not e.kv_cache_memory_arg.isdigit():
-        problems.append("spec.engine.kvCacheMemory: vLLM on CPU takes a size (bytes or 8Gi), not a fraction")
+    fraction = e.kv_cache_memory_arg is not None and not e.kv_cache_memory_arg.isdigit()
+    if fraction and "cuda" in devices:
+        problems.append("spec.engine.kvCacheMemory: a fraction is a share of a CPU worker's memory limit; CUDA "
+                        "workers take a size (8Gi) or size the cache with engine.gpuMemoryUtilization")
+    elif fraction and e.kind == "vllm":
+        problems.append("spec.engine.kvCacheMemory: vLLM takes a size (bytes or 8Gi), not a fraction")
     return problems
 
 

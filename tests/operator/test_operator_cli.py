@@ -142,9 +142,9 @@ def test_render_reads_a_stream_from_stdin(capsys, monkeypatch):
      "spec: {decode: {replicas: -1}, engine: {devcie: cuda}}\n",
      "error: {path} (m): spec.decode.replicas: must be >= 0, got -1; spec.engine.devcie: unknown field"),
     ("apiVersion: tandem.dev/v1alpha1\nkind: LLMDeployment\nmetadata: {name: m}\n"
-     "spec: {model: {uri: hf://o/m}, engine: {kvCacheMemory: 4Gi}, decode: {resources: {limits: "
+     "spec: {model: {uri: hf://o/m}, engine: {kvCacheMemory: '0.4'}, decode: {resources: {limits: "
      "{nvidia.com/gpu: 1}}}}\n",
-     "error: {path} (m): spec.engine.kvCacheMemory: sizes the KV cache of CPU workers only"),
+     "error: {path} (m): spec.engine.kvCacheMemory: a fraction is a share of a CPU worker's memory limit"),
     ("apiVersion: tandem.dev/v1alpha1\nkind: LLMDeployment\nmetadata: {name: " + "n" * 41 + "}\nspec: {}\n",
      "error: {path} (" + "n" * 41 + "): metadata.name must be at most 40 characters"),
     ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: m}\n",

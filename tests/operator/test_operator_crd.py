@@ -124,7 +124,7 @@ INVALID = [
     ("batched-below-block", {"engine": {"maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least",
      "maxNumBatchedTokens must be at least"),
     ("bad-kv-memory", {"engine": {"kvCacheMemory": "2GB"}}, "spec.engine.kvCacheMemory",
-     "spec.engine.kvCacheMemory: invalid value '2GB' (KV cache size of CPU workers: bytes"),
+     "spec.engine.kvCacheMemory: invalid value '2GB' (KV cache size: bytes (536870912)"),
     ("unknown-transport", {"kvTransfer": {"ucxTransports": ["carrier-pigeon"]}}, "spec.kvTransfer.ucxTransports.0",
      "spec.kvTransfer.ucxTransports.0: unsupported value 'carrier-pigeon'"),
     ("negative-weight", {"router": {"scorerWeights": {"prefix": -1}}}, "spec.router.scorerWeights.prefix",
@@ -158,12 +158,13 @@ def test_unknown_fields_are_rejected():
 def test_operator_only_rules():
     # Rules the CRD cannot state (they depend on the device a role resolves to) are the operator's alone.
     gpu = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
-    with pytest.raises(SpecError, match="spec.engine.kvCacheMemory: sizes the KV cache of CPU workers only"):
-        parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "8Gi"}})
-    with pytest.raises(SpecError, match="vLLM on CPU takes a size"):
+    with pytest.raises(SpecError, match="spec.engine.kvCacheMemory: a fraction is a share of a CPU worker's"):
+        parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "0.5"}})
+    with pytest.raises(SpecError, match="vLLM takes a size"):
         parse_spec({"model": {"uri": "hf://o/m"}, "engine": {"kind": "vllm", "kvCacheMemory": "0.5"}})
-    # Both accepted where they make sense.
-    assert parse_spec({"engine": {"kvCacheMemory": "8Gi"}}).engine.kv_cache_memory_arg == str(8 * 2**30)
+    # Accepted where they make sense: a fraction on CPU, sizes anywhere.
+    assert parse_spec({"engine": {"kvCacheMemory": "0.5"}}).engine.kv_cache_memory_arg == "0.5"
+    assert parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "8Gi"}}).engine.kv_cache_memory_arg == str(8 * 2**30)
     assert parse_spec({"model": {"uri": "hf://o/m"}, "engine": {"kind": "vllm", "kvCacheMemory": "4Gi"}})
 
 

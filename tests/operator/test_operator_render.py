@@ -265,6 +265,13 @@ def test_device_is_per_role_and_can_be_forced():
     # device: cpu keeps a GPU-requesting role on the CPU (the request itself is the user's to keep).
     cpu = render(create_llmd({"engine": {"device": "cpu"}, "decode": {"resources": GPU}}))
     assert "--device" not in command(cpu, "m-decode")
+    # A size is a fixed KV pool on CUDA too (the engine's --kv-cache-memory), for Tandem and for vLLM.
+    sized = render(create_llmd({"engine": {"kvCacheMemory": "6Gi"}, "decode": {"resources": GPU}}))
+    assert flag(command(sized, "m-decode"), "--kv-cache-memory") == str(6 * 2**30)
+    vllm = render(create_llmd({"engine": {"kind": "vllm", "kvCacheMemory": "6Gi"}, "model": {"uri": "hf://o/m"},
+                               "decode": {"resources": GPU}}))
+    cmd = command(vllm, "m-decode")
+    assert flag(cmd, "--kv-cache-memory-bytes") == str(6 * 2**30) and flag(cmd, "--gpu-memory-utilization")
 
 
 def test_cpu_kv_cache_memory_fraction_stays_a_fraction():
@@ -450,8 +457,8 @@ def test_render_is_deterministic_and_config_changes_roll_pods():
     ({"prefill": {"replicas": 1}, "decode": {"replicas": 0}}, "needs decode replicas >= 1"),
     ({"engine": {"kvCacheMemory": "lots"}}, "spec.engine.kvCacheMemory: invalid value"),
     ({"engine": {"kind": "vllm"}}, "spec.model.uri: engine.kind vllm needs"),
-    ({"engine": {"kvCacheMemory": "1Gi"}, "decode": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
-     "kvCacheMemory: sizes the KV cache of CPU workers only"),
+    ({"engine": {"kvCacheMemory": "0.3"}, "decode": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},
+     "spec.engine.kvCacheMemory: a fraction is a share of a CPU worker's memory limit"),
     ({"engine": {"blockSize": 16, "maxNumBatchedTokens": 8}}, "maxNumBatchedTokens must be at least blockSize"),
 ])
 def test_invalid_specs_raise_clear_errors(spec, message):
