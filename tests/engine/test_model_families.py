@@ -180,3 +180,17 @@ def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path):
     llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=256, num_blocks=64, progress=False)
     assert generate(llm, prompts) == [hf_greedy(hf, p, MAX_NEW) for p in prompts]
     assert not any("vision" in name for name, _ in llm.engine.runner.model.named_parameters())
+
+
+def test_qwen_sliding_window_follows_use_sliding_window_and_max_window_layers():
+    base = dict(architectures=["Qwen2ForCausalLM"], **TINY, num_hidden_layers=4, sliding_window=32)
+    assert config_from_hf(base).layer_windows == ()  # Qwen2.5's configs: a window, but use_sliding_window false
+    cfg = config_from_hf({**base, "use_sliding_window": True, "max_window_layers": 2})
+    assert cfg.layer_windows == (None, None, 32, 32) and cfg.windows == (None, 32)
+
+
+def test_attention_backend_is_chosen_at_start_up_and_logged(caplog):
+    with caplog.at_level("INFO", logger="tandem.engine.attention.backend"):
+        llm = LLM(model="preset:tiny-gemma3", dtype="float32", max_model_len=64, num_blocks=8, progress=False)
+    assert "attention backend: torch on cpu" in caplog.text
+    assert type(llm.engine.runner.model.attention_backend).__name__ == "TorchReferenceBackend"
