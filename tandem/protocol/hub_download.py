@@ -176,7 +176,8 @@ def _explain(hub: HubModel, exc: Exception) -> str:
                    "(HF_HOME on a volume shared with this one), or serve the model from a volume "
                    "(pvc://CLAIM/PATH or file:///PATH)")
         if constants.HF_HUB_OFFLINE:
-            return f"model {hub}: HF_HUB_OFFLINE is set and {hub.repo_id} is not in the cache ({constants.HF_HUB_CACHE}); {prefill}"
+            return (f"model {hub}: HF_HUB_OFFLINE is set and {hub.repo_id} is not in the cache "
+                    f"({constants.HF_HUB_CACHE}); {prefill}")
         cause = _root_cause(exc)
         return (f"model {hub}: cannot reach the Hub at {endpoint} ({cause}) and {hub.repo_id} is not in the cache "
                 f"({constants.HF_HUB_CACHE}); {prefill}")
