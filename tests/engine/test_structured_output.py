@@ -246,6 +246,38 @@ def test_logprobs_are_those_of_the_masked_distribution(llm):
     assert out.logprobs[-1] == {llm.engine.eos_token_id: pytest.approx(0.0, abs=1e-5)}
 
 
+@pytest.mark.slow
+async def test_streaming_through_the_async_engine_while_a_slow_grammar_compiles(llm):
+    import asyncio
+    import gc
+
+    from tandem.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine(llm.engine.config, lambda _config: llm.engine)  # the module's engine, on its own thread
+    engine.start()
+    await engine.wait_ready(30)
+    # 2,000 alternatives: ~0.2 s to compile here, far past add_request's short wait, so this request waits in
+    # WAITING_FOR_GRAMMAR while the other one runs.
+    slow = StructuredOutputSpec("regex", "(" + "|".join(f"item{i}[a-z]{{2,5}}" for i in range(2000)) + ")")
+    prompt = llm.engine.apply_chat_template(ASK_PERSON)
+
+    async def collect(request_id: str, params: SamplingParams) -> list:
+        return [delta async for delta in engine.generate(request_id, prompt, params)]
+
+    try:
+        slow_deltas, json_deltas = await asyncio.wait_for(asyncio.gather(
+            collect("slow", constrained(slow, max_tokens=12)),
+            collect("json", constrained(StructuredOutputSpec("json", PERSON))),
+        ), timeout=120)
+    finally:
+        engine.shutdown()
+        gc.unfreeze()  # the engine thread froze the heap at start-up, as a server does; this process goes on
+    assert re.fullmatch(r"item[0-9]+[a-z]{2,5}", "".join(d.new_text for d in slow_deltas))
+    assert sum(1 for d in json_deltas if d.new_text) > 3  # streamed piece by piece, not in one final chunk
+    jsonschema.validate(json.loads("".join(d.new_text for d in json_deltas)), PERSON)
+    assert json_deltas[-1].finish_reason == slow_deltas[-1].finish_reason == "stop"
+
+
 # ---- speculative decoding ------------------------------------------------------------------------
 COLOURS = {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 6, "maxItems": 6}
 ASK_COLOURS = [{"role": "user", "content": 'Repeat this list exactly: ["red", "green", "blue", "red", "green", '
