@@ -19,8 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import tandem
 from tandem.engine.server.serving_chat import serve_chat
 from tandem.engine.server.serving_completions import serve_completion
+from tandem.engine.server.serving_messages import count_tokens, serve_messages
 from tandem.engine.server.serving_tokenize import detokenize, tokenize
 from tandem.engine.server.state import ServerConfig, ServerState, now
+from tandem.protocol.anthropic import CountTokensRequest, MessagesRequest
 from tandem.protocol.errors import APIError, from_validation_errors
 from tandem.protocol.openai import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from tandem.web.auth import APIKeys, RequestContextMiddleware
@@ -144,3 +146,11 @@ def _add_api_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await serve_chat(state, body, request)
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        return await serve_messages(state, body, request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def messages_count_tokens(body: CountTokensRequest):
+        return count_tokens(state, body)
