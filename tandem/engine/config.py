@@ -73,7 +73,8 @@ def kv_cache_size(value: str | int | float, limit: MemoryLimit | None = None) ->
 
 
 def _gib(num_bytes: int) -> str:
-    return f"{num_bytes / GIB:.1f} GiB"
+    """A size for the log: GiB with one decimal, MiB below one GiB."""
+    return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB else f"{num_bytes / 2**20:.0f} MiB"
 
 
 def memory_limit(cgroup_root: Path | None = None, proc_self_cgroup: Path = Path("/proc/self/cgroup")) -> MemoryLimit:

@@ -11,6 +11,7 @@ message is one line saying what to do.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tandem.protocol.model_source import HubModel, ModelNotFoundError
@@ -42,7 +43,9 @@ def fetch(hub: HubModel, allow: tuple[str, ...], ignore: tuple[str, ...], *, nee
     except Exception as exc:  # huggingface_hub raises many types; each becomes one line below
         for bar in opened:
             bar.close()  # NOTE: before the error line, so that it is the last thing on stderr
-        if cached is not None and _is_unreachable(exc):
+        if cached is not None and (_is_unreachable(exc) or _is_server_error(exc)):
+            print(f"warning: model {hub}: the Hub failed ({_root_cause(exc)}); using the cached copy {cached}",
+                  file=sys.stderr)
             return cached
         raise ModelNotFoundError(_explain(hub, exc)) from exc
     problem = _missing(path, need_weights)
@@ -115,6 +118,14 @@ def _gated_without_token(hub: HubModel, endpoint: str) -> str:
     return (f"model {hub}: {hub.repo_id} is a gated repository and no Hub token is set: set HF_TOKEN (or "
             "HF_TOKEN_PATH to a file holding it; in a cluster, model.hfTokenSecretRef) to a token of an account "
             f"granted access at {endpoint}/{hub.repo_id}")
+
+
+def _is_server_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a 5xx answer from the Hub (an outage: a complete cached copy still serves)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    response = exc.response if isinstance(exc, HfHubHTTPError) else None
+    return response is not None and response.status_code >= 500
 
 
 def _is_unreachable(exc: BaseException) -> bool:

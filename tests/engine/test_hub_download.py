@@ -96,6 +96,22 @@ def test_download_at_a_revision_and_without_progress_bars_when_disabled(hub, tmp
     assert "Fetching" not in proc.stderr and "%|" not in proc.stderr
 
 
+def test_download_during_a_hub_outage_uses_a_complete_cached_copy(tiny_llama_dir, tmp_path):
+    own_hub = make_hub(tiny_llama_dir).start()
+    try:
+        env = hub_env(own_hub.url, tmp_path)
+        assert tandem("download", "--model", f"hf://{TINY_REPO}", env=env).returncode == 0
+        own_hub.outage = True
+        proc = tandem("download", "--model", f"hf://{TINY_REPO}", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "503" in proc.stderr and "using the cached copy" in proc.stderr
+        # Without a cached copy the outage is an error.
+        other = tandem("download", "--model", f"hf://{GATED_REPO}", env=env)
+        assert_one_error_line(other, "answered 503")
+    finally:
+        own_hub.stop()
+
+
 def test_download_tokenizer_only(hub, tmp_path):
     proc = tandem("download", "--model", TINY_REPO, "--tokenizer-only", env=hub_env(hub.url, tmp_path))
     assert proc.returncode == 0, proc.stderr

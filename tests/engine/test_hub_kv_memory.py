@@ -109,6 +109,7 @@ def test_cgroup_root_from_the_environment(tmp_path, monkeypatch):
 
 def test_sizes_that_are_not_fractions_and_bad_values():
     assert kv_cache_size("512MiB").num_bytes == 512 << 20
+    assert kv_cache_size("512MiB").explanation == "KV cache: 512 MiB (kv_cache_memory)"
     assert kv_cache_size("512MiB").fraction is None
     with pytest.raises(ValueError, match="^kv_cache_memory: .*'lots'"):
         kv_cache_size("lots")

@@ -50,6 +50,7 @@ class FakeHub:
     repos: dict[str, Repo]
     tokens: frozenset[str] = frozenset()  # tokens granted access to gated repositories
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, authorization)
+    outage: bool = False  # answer every request 503, as the Hub does during an incident
     _server: ThreadingHTTPServer | None = None
     _thread: threading.Thread | None = None
 
@@ -104,6 +105,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         path = unquote(url.path)
         self.owner.requests.append((self.command, path, self.headers.get("authorization")))
+        if self.owner.outage:
+            return self._error(503, "ServiceUnavailable", "Service Unavailable")
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id = "/".join(parts[2:4])
