@@ -42,8 +42,9 @@ class Sampler:
         gen = self._generators.get(request.request_id)
         if gen is None:
             gen = torch.Generator().manual_seed(seed)
-            # Tokens sampled elsewhere (a prefill worker's first token) used the first draws of this seed.
-            for _ in range(request.num_preseeded_tokens):
+            # Tokens sampled elsewhere (a prefill worker's first token, or the earlier output of a resumed
+            # stream) used the first draws of this seed.
+            for _ in range(request.num_preseeded_tokens + request.sampling_params.prior_output_tokens):
                 torch.empty(self.vocab_size).exponential_(generator=gen)
             self._generators[request.request_id] = gen
         return gen
@@ -189,9 +190,11 @@ class Sampler:
             seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=row.device)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
-        if (sp.presence_penalty or sp.frequency_penalty) and request.output_token_ids:
-            ids, counts = torch.tensor(request.output_token_ids, dtype=torch.long, device=row.device).unique(
-                return_counts=True)
+        # A resumed stream's earlier output ends its prompt: it counts as output (vLLM's penalties' semantics).
+        output = (request.all_token_ids[request.num_prompt_tokens - sp.prior_output_tokens:]
+                  if sp.prior_output_tokens else request.output_token_ids)
+        if (sp.presence_penalty or sp.frequency_penalty) and output:
+            ids, counts = torch.tensor(output, dtype=torch.long, device=row.device).unique(return_counts=True)
             row[ids] -= sp.frequency_penalty * counts.float() + sp.presence_penalty
 
 

@@ -35,6 +35,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured_output: StructuredOutputSpec | None = None
     logit_bias: dict[int, float] | None = None
+    # A resumed stream (tandem.protocol.continuation): the prompt's last this many tokens are the request's own
+    # earlier output, so penalties count them as output and seeded sampling skips their draws.
+    prior_output_tokens: int = 0
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0
@@ -71,6 +74,8 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be > 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be >= 1")
+        if not isinstance(self.prior_output_tokens, int) or self.prior_output_tokens < 0:
+            raise bad("prior_output_tokens", "must be an integer >= 0")
         if self.min_tokens < 0:
             raise bad("min_tokens", "must be >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
+from tandem.protocol.continuation import Continuation
 from tandem.protocol.kv_transfer import KVTransferParams
 
 # Known OpenAI fields we do not implement -> the values that are harmless (the field's default behaviour).
@@ -99,6 +100,10 @@ class SamplingFields(_Request):
     kv_transfer_params: dict[str, Any] | None = None
     # Not an OpenAI field: lets a caller pick the engine request id (prefill/decode pairing).
     request_id: str | None = None
+    # Mid-stream migration (tandem.protocol.continuation): token ids on every choice (vLLM's field), and the
+    # router's internal resume of a request whose worker failed.
+    return_token_ids: StrictBool = False
+    tandem_continuation: Continuation | None = None
 
     def kv_params(self) -> KVTransferParams | None:
         """The typed ``kv_transfer_params`` (ValueError naming the bad field)."""

@@ -9,8 +9,8 @@ reduced by what was generated, how many trailing prompt tokens are earlier outpu
 output, the detokenizer and stop strings see them as the text so far) and how many characters of that text the
 client already has (text an engine held back as a possible stop string is sent after the seam, not lost).
 
-NOTE: only single-choice requests migrate (``n == 1``, one prompt): a failure of a multi-choice stream ends
-it with an error event, as before.
+NOTE: only single-choice requests without tools or structured output migrate (``n == 1``, one prompt): a
+failure of any other stream ends it with an error event, as before.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The internal request field of a continuation (our engine's server reads it; the router never forwards a
-# client's own copy of it).
-CONTINUATION_FIELD = "tandem_continuation"
-# vLLM's request field asking for token ids on every choice.
-RETURN_TOKEN_IDS = "return_token_ids"
+from tandem.protocol.continuation import CONTINUATION_FIELD, RETURN_TOKEN_IDS
+
+# Fields that make a request's output depend on state a continuation cannot rebuild yet (a grammar matcher, a
+# tool-call parser): such streams end with an error event if their worker fails, as before.
+_UNRESUMABLE = ("tools", "functions", "response_format", "structured_outputs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "guided_json_object")
 
 DONE = b"data: [DONE]\n\n"
 
@@ -39,6 +40,8 @@ class StreamFailed(Exception):
 
 def migratable(body: dict[str, Any]) -> bool:
     """True for requests whose stream the router can resume: one choice of one prompt."""
+    if any(body.get(name) for name in _UNRESUMABLE):
+        return False
     n = body.get("n", 1)
     if n not in (1, None) or body.get("best_of") not in (None, 1):
         return False

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from tandem.engine.server.continuation import SeenText, check_resumable, continuation_overrides, with_token_ids
 from tandem.engine.server.generation import (
     Collected,
     GenContext,
@@ -29,17 +30,20 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
     model = state.check_model(body.model)
     state.check_ready()
     engine = state.llm
-    prompts = completion_prompts(body)
+    resumed = body.tandem_continuation
+    # A resumed stream's prompt is the original prompt's token ids plus the output so far (continuation.py).
+    prompts = [list(resumed.prompt_token_ids)] if resumed is not None else completion_prompts(body)
     try:
         if body.suffix:
             raise ValueError("suffix: not supported")
         kv_params = body.kv_params()
         spec = structured_output(body)
+        check_resumable(resumed, body.n, structured=spec is not None, echo=body.echo)
         prompt_ids = [p if isinstance(p, list) else engine.tokenize(p, body.add_special_tokens) for p in prompts]
         if any(not ids for ids in prompt_ids):
             raise APIError(400, "prompt: must not be empty", param="prompt")
         params = [sampling_params(body, body.max_tokens, body.logprobs, max(1, state.max_model_len - len(ids)),
-                                  state.vocab_size, spec) for ids in prompt_ids]
+                                  state.vocab_size, spec, **continuation_overrides(resumed)) for ids in prompt_ids]
     except ValueError as exc:
         raise from_value_error(exc) from None
     for ids, p in zip(prompt_ids, params):
@@ -103,8 +107,13 @@ def _response(ctx: GenContext, result: Collected, prompt_ids, params, texts, bod
                 prefix = list(zip(prompt_ids[i], plp + [None] * (len(prompt_ids[i]) - len(plp))))
             lp = completion_logprobs(state, c.token_ids, c.logprobs, p.logprobs, 0, prefix)
         completion_tokens += len(c.token_ids)
-        choices.append({"index": i * p.n + j, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason})
+        if body.tandem_continuation is not None:
+            text = text[body.tandem_continuation.num_output_chars:]
+        choices.append(with_token_ids({"index": i * p.n + j, "text": text, "logprobs": lp,
+                                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason},
+                                      c.token_ids, body.return_token_ids))
+        if body.return_token_ids:
+            choices[-1]["prompt_token_ids"] = prompt_ids[i]
     prompt_tokens = sum(len(ids) for ids in prompt_ids)
     resp = {"id": f"cmpl-{ctx.response_id}", "object": "text_completion", "created": ctx.created,
             "model": ctx.model, "choices": choices,
@@ -121,12 +130,14 @@ async def _stream(ctx: GenContext, prompt_ids, params, texts, body) -> AsyncIter
     cached = 0
     echoed: set[tuple[int, int]] = set()
     offsets: dict[tuple[int, int], int] = {}
+    seen = SeenText(body.tandem_continuation)
+    prompt_ids_sent: set[int] = set()
     async for i, d in merge_streams(ctx.streams(prompt_ids, params)):
         ctx.tracker.on_delta(d)
         raise_delta_error(d)
         p = params[i]
         key = (i, d.index)
-        text = d.new_text
+        text = seen.new(key, d.new_text)
         if body.echo and key not in echoed:
             echoed.add(key)
             text = texts[i] + text
@@ -137,12 +148,17 @@ async def _stream(ctx: GenContext, prompt_ids, params, texts, body) -> AsyncIter
         offsets[key] = offsets.get(key, 0) + len(text)
         if d.finished:
             cached = max(cached, d.num_cached_tokens)
-        if not text and not d.finished and lp is None:
+        # NOTE: with return_token_ids, tokens whose text is held back (a possible stop string) are sent too.
+        if not text and not d.finished and lp is None and not (body.return_token_ids and d.new_token_ids):
             continue
-        chunk = {**base, "choices": [{"index": i * p.n + d.index, "text": text, "logprobs": lp,
-                                      "finish_reason": d.finish_reason if d.finished else None,
-                                      "stop_reason": d.stop_reason if d.finished else None}]}
-        yield sse_event(chunk)
+        choice = with_token_ids({"index": i * p.n + d.index, "text": text, "logprobs": lp,
+                                 "finish_reason": d.finish_reason if d.finished else None,
+                                 "stop_reason": d.stop_reason if d.finished else None},
+                                d.new_token_ids, body.return_token_ids)
+        if body.return_token_ids and i not in prompt_ids_sent:
+            prompt_ids_sent.add(i)
+            choice["prompt_token_ids"] = prompt_ids[i]
+        yield sse_event({**base, "choices": [choice]})
     if include_usage:
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
         yield sse_event({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached)})
