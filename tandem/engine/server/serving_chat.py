@@ -3,6 +3,7 @@ request -> an OpenAI chat.completion (or its SSE stream of chat.completion.chunk
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -22,9 +23,11 @@ from tandem.engine.server.generation import (
 )
 from tandem.engine.server.sampling import sampling_params, structured_output
 from tandem.engine.server.state import ServerState
-from tandem.protocol.chat import chat_template_input
+from tandem.protocol.chat import chat_template_input, validate_tools
 from tandem.protocol.errors import from_value_error
 from tandem.protocol.openai import ChatCompletionRequest
+from tandem.protocol.structured_output import StructuredOutputSpec
+from tandem.protocol.tools import ParsedCall, TextPiece, ToolPlan, make_parser, parse, plan_tools
 from tandem.web.errors import sse_event
 
 
@@ -39,15 +42,39 @@ def render_chat(state: ServerState, messages, tools=None, add_generation_prompt:
     )
 
 
+def tool_plan(tools, tool_choice, parallel_tool_calls: bool | None,
+              spec: StructuredOutputSpec | None) -> tuple[ToolPlan, StructuredOutputSpec | None]:
+    """The request's tool plan, and the structured output to generate under: a forced call's JSON schema."""
+    plan = plan_tools(validate_tools(tools), tool_choice)
+    if plan.mode == "auto" and parallel_tool_calls is False:
+        raise ValueError("parallel_tool_calls: false is honoured only with tool_choice 'required' or a named "
+                         "function (one call, grammar-constrained)")
+    if plan.mode != "forced":
+        return plan, spec
+    if spec is not None:
+        raise ValueError(f"tool_choice: a forced tool call cannot be combined with {spec.field.split('.')[0]}")
+    return plan, StructuredOutputSpec("json", plan.schema, field="tools")
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def tool_call_json(call: ParsedCall, call_id: str, index: int | None = None) -> dict:
+    """One entry of OpenAI's ``tool_calls`` (with ``index`` in a stream's delta)."""
+    out = {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return {"index": index, **out} if index is not None else out
+
+
 async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: Request):
     """Validate, submit and answer one chat completions request."""
     model = state.check_model(body.model)
     state.check_ready()
     try:
         kv_params = body.kv_params()
-        spec = structured_output(body)
+        plan, spec = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, structured_output(body))
         resumed = body.tandem_continuation
-        check_resumable(resumed, body.n, tools=bool(body.tools), structured=spec is not None)
+        check_resumable(resumed, body.n, tools=plan.mode != "none", structured=spec is not None)
         # A resumed stream's prompt is the rendered conversation's token ids plus the output so far.
         ids = list(resumed.prompt_token_ids) if resumed is not None else render_chat(
             state, body.messages, body.tools, body.add_generation_prompt, body.continue_final_message,
@@ -61,9 +88,10 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
     state.check_length(len(ids), params, "messages")
     ctx = GenContext(state, request, model, kv_params, body.request_id)
     if body.stream:
-        return StreamingResponse(sse_stream(ctx, _stream(ctx, ids, params, body)), media_type="text/event-stream")
+        return StreamingResponse(sse_stream(ctx, _stream(ctx, ids, params, body, plan)),
+                                 media_type="text/event-stream")
     result = await until_disconnect(request, collect(ctx, [ids], [params]))
-    response = _response(ctx, result, ids, params)
+    response = _response(ctx, result, ids, params, plan)
     if resumed is not None or body.return_token_ids:
         _resumed_response(response, result, ids, body)
     return response
@@ -94,17 +122,26 @@ def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[
     return {"content": content}
 
 
-def _response(ctx: GenContext, result: Collected, ids: list[int], params: SamplingParams) -> dict:
+def _response(ctx: GenContext, result: Collected, ids: list[int], params: SamplingParams, plan: ToolPlan) -> dict:
     choices = []
     completion_tokens = 0
     for (_, j), c in sorted(result.choices.items()):
         completion_tokens += len(c.token_ids)
+        message: dict = {"role": "assistant", "content": c.text}
+        finish_reason = c.finish_reason
+        parser = make_parser(plan)
+        if parser is not None:
+            content, calls = parse(parser, c.text)
+            if calls:
+                message = {"role": "assistant", "content": content,
+                           "tool_calls": [tool_call_json(call, new_call_id()) for call in calls]}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         choices.append({
             "index": j,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": chat_logprobs(ctx.state, c.token_ids, c.logprobs, params.logprobs or 0)
             if params.logprobs is not None else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": c.stop_reason,
         })
     resp = {"id": f"chatcmpl-{ctx.response_id}", "object": "chat.completion", "created": ctx.created,
@@ -115,12 +152,15 @@ def _response(ctx: GenContext, result: Collected, ids: list[int], params: Sampli
     return resp
 
 
-async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, body) -> AsyncIterator[bytes]:
+async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, body,
+                  plan: ToolPlan) -> AsyncIterator[bytes]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": f"chatcmpl-{ctx.response_id}", "object": "chat.completion.chunk", "created": ctx.created,
             "model": ctx.model}
     completion_tokens = 0
     cached = 0
+    parsers = {j: make_parser(plan) for j in range(params.n)}
+    calls_sent = dict.fromkeys(range(params.n), 0)
     for j in range(params.n):
         yield sse_event({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}],
@@ -135,15 +175,33 @@ async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, body)
         lp = None
         if params.logprobs is not None and d.new_token_ids:
             lp = chat_logprobs(ctx.state, d.new_token_ids, d.new_logprobs, params.logprobs)
+        parser = parsers[d.index]
         new_text = seen.new(d.index, d.new_text)
-        # NOTE: text held back (a possible stop string) still sends its tokens' logprobs (and token ids).
-        if not new_text and not d.finished and lp is None and not (body.return_token_ids and d.new_token_ids):
-            continue
-        choice = with_token_ids({"index": d.index, "delta": {"content": new_text} if new_text else {}, "logprobs": lp,
-                                 "finish_reason": d.finish_reason if d.finished else None},
-                                d.new_token_ids, body.return_token_ids)
-        if d.finished:
-            choice["stop_reason"] = d.stop_reason
-        yield sse_event({**base, "choices": [choice]})
+        if parser is None:
+            events = [TextPiece(new_text)] if new_text else []
+        else:
+            events = parser.feed(new_text) + (parser.finish() if d.finished else [])
+        # One delta for the text, one per complete tool call (OpenAI's shape: index, id, type, name, arguments).
+        deltas: list[dict] = []
+        text = "".join(e.text for e in events if isinstance(e, TextPiece))
+        if text:
+            deltas.append({"content": text})
+        for call in (e for e in events if isinstance(e, ParsedCall)):
+            deltas.append({"tool_calls": [tool_call_json(call, new_call_id(), calls_sent[d.index])]})
+            calls_sent[d.index] += 1
+        if not deltas and (d.finished or lp is not None or (body.return_token_ids and d.new_token_ids)):
+            deltas.append({})  # NOTE: with return_token_ids, tokens whose text is held back are sent too
+        # NOTE: text held back (a possible stop string or tool call) still sends its tokens' logprobs.
+        finish_reason = d.finish_reason
+        if calls_sent[d.index] and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        for k, delta in enumerate(deltas):
+            last = d.finished and k == len(deltas) - 1
+            choice = with_token_ids({"index": d.index, "delta": delta, "logprobs": lp if k == 0 else None,
+                                     "finish_reason": finish_reason if last else None},
+                                    d.new_token_ids if k == 0 else [], body.return_token_ids)
+            if last:
+                choice["stop_reason"] = d.stop_reason
+            yield sse_event({**base, "choices": [choice]})
     if include_usage:
         yield sse_event({**base, "choices": [], "usage": usage(len(ids), completion_tokens, cached)})
