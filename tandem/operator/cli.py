@@ -53,7 +53,7 @@ async def _serve(args: argparse.Namespace) -> None:
     metrics = OperatorMetrics()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
-    client = make_client(connection)
+    client = make_client(connection, reconnect=lambda: _connect(args))
     try:
         reconciler = Reconciler(client, metrics)
         registry = build_registry(lambda: _connect(args), reconciler,

@@ -147,6 +147,7 @@ def build_registry(connect: Callable[[], Awaitable[KubeConnection]], reconciler:
     return registry
 
 
-def make_client(connection: KubeConnection) -> KubeClient:
-    """The operator's client for the same API server kopf logs into."""
-    return KubeClient(connection)
+def make_client(connection: KubeConnection,
+                reconnect: Callable[[], Awaitable[KubeConnection]] | None = None) -> KubeClient:
+    """The operator's client for the same API server kopf logs into (``reconnect`` after a 401)."""
+    return KubeClient(connection, reconnect=reconnect)

@@ -9,7 +9,8 @@ found through the API server's discovery, so a kind the server does not serve is
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from kubernetes_asyncio.client import ApiClient
@@ -94,15 +95,20 @@ async def _json(response: Any) -> dict[str, Any]:
 class KubeClient:
     """Async client for the calls the operator makes; raises :class:`ApiError` subclasses.
 
-    NOTE: the dynamic client is created on first use, since its discovery needs a running event loop.
+    ``reconnect``, when given, is called once after a 401 to build a fresh connection and the call is
+    retried: a kubeconfig's exec plugin or OIDC token expires while the operator runs (in-cluster tokens are
+    re-read by the library itself). NOTE: the dynamic client is created on first use, since its discovery
+    needs a running event loop; it caches discovery in a file, kept in a directory of this client's own.
     """
 
     def __init__(self, connection: KubeConnection, *, timeout: float = 10.0,
-                 field_manager: str = FIELD_MANAGER, discovery_cache: str | None = None):
+                 field_manager: str = FIELD_MANAGER,
+                 reconnect: Callable[[], Awaitable[KubeConnection]] | None = None):
         self.connection = connection
         self.field_manager = field_manager
         self._timeout = timeout
-        self._discovery_cache = discovery_cache
+        self._reconnect = reconnect
+        self._discovery_dir: tempfile.TemporaryDirectory[str] | None = None
         self._api: ApiClient | None = None
         self._dynamic: DynamicClient | None = None
         self._resources: dict[tuple[str, str], Resource] = {}
@@ -112,14 +118,31 @@ class KubeClient:
         if self._api is not None:
             await self._api.close()
             self._api = self._dynamic = None
+            self._resources.clear()
+        if self._discovery_dir is not None:
+            self._discovery_dir.cleanup()
+            self._discovery_dir = None
+
+    async def _open(self) -> DynamicClient:
+        api = self.connection.api_client(self.field_manager)
+        self._discovery_dir = self._discovery_dir or tempfile.TemporaryDirectory(prefix="tandem-discovery-")
+        dynamic = DynamicClient(api, cache_file=f"{self._discovery_dir.name}/discovery.json")
+        try:
+            # NOTE: discovery reads answers without checking their status (a 401 would look like an API
+            # with no resources), so one checked request goes first.
+            await _json(await dynamic.request("get", "/apis", serialize=False, _request_timeout=self._timeout))
+            dynamic = await dynamic
+        except BaseException as e:
+            await api.close()
+            if isinstance(e, ApiException):
+                raise _as_api_error(e) from None
+            raise
+        self._api = api
+        return dynamic
 
     async def _resource(self, api_version: str, kind: str) -> tuple[DynamicClient, Resource]:
         if self._dynamic is None:
-            self._api = self.connection.api_client(self.field_manager)
-            try:
-                self._dynamic = await DynamicClient(self._api, cache_file=self._discovery_cache)
-            except ApiException as e:
-                raise _as_api_error(e) from None
+            self._dynamic = await self._open()
         key = (api_version, kind)
         if key not in self._resources:
             try:
@@ -130,9 +153,22 @@ class KubeClient:
                 raise _as_api_error(e) from None
         return self._dynamic, self._resources[key]
 
-    async def _call(self, api_version: str, kind: str, verb: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    async def _call(self, api_version: str, kind: str, verb: str, *args: Any, subresource: str | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+        try:
+            return await self._call_once(api_version, kind, verb, *args, subresource=subresource, **kwargs)
+        except ApiError as e:
+            if e.status != 401 or self._reconnect is None:
+                raise
+        await self.aclose()
+        self.connection = await self._reconnect()
+        return await self._call_once(api_version, kind, verb, *args, subresource=subresource, **kwargs)
+
+    async def _call_once(self, api_version: str, kind: str, verb: str, *args: Any, subresource: str | None,
+                         **kwargs: Any) -> dict[str, Any]:
         dynamic, resource = await self._resource(api_version, kind)
-        return await self._send(getattr(dynamic, verb), resource, *args, **kwargs)
+        target = resource if subresource is None else getattr(resource, subresource)
+        return await self._send(getattr(dynamic, verb), target, *args, **kwargs)
 
     async def _send(self, method: Any, resource: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -188,7 +224,6 @@ class KubeClient:
     async def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
                            status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource (``None`` values remove fields)."""
-        dynamic, resource = await self._resource(api_version, kind)
-        return await self._send(dynamic.patch, resource.status, body={"status": dict(status)}, name=name,
-                                namespace=namespace, content_type="application/merge-patch+json",
+        return await self._call(api_version, kind, "patch", subresource="status", body={"status": dict(status)},
+                                name=name, namespace=namespace, content_type="application/merge-patch+json",
                                 field_manager=self.field_manager)

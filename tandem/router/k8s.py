@@ -31,6 +31,10 @@ class WatchExpired(Exception):
     """The API server no longer has the history to resume a watch (HTTP 410 / an ERROR event with code 410)."""
 
 
+class Unauthorized(Exception):
+    """The API server refused the credentials (401): an exec plugin's or OIDC token expired; connect again."""
+
+
 def pod_url(pod: V1Pod, port: int) -> str | None:
     """``http://<podIP>:<port>`` for a running, ready pod that is not being deleted; otherwise None."""
     status = pod.status
@@ -95,16 +99,22 @@ class KubernetesDiscovery:
                    namespace=config.k8s_namespace)
 
     async def run(self) -> None:
-        """Connect, then follow every pool's pods until cancelled."""
-        try:
-            connection = await self._connect()
-        except KubeConfigError as e:
-            logger.error("Kubernetes discovery cannot start: %s", e)
-            raise
-        namespace = self._namespace or connection.default_namespace or "default"
-        async with connection.api_client("tandem-router") as api_client:
-            core = CoreV1Api(api_client)
-            await asyncio.gather(*(self._follow(core, namespace, w) for w in self._watches))
+        """Connect, then follow every pool's pods until cancelled; connect again when credentials expire."""
+        while True:
+            try:
+                connection = await self._connect()
+            except KubeConfigError as e:
+                logger.error("Kubernetes discovery cannot start: %s", e)
+                raise
+            namespace = self._namespace or connection.default_namespace or "default"
+            try:
+                async with connection.api_client("tandem-router") as api_client, asyncio.TaskGroup() as group:
+                    core = CoreV1Api(api_client)
+                    for watch in self._watches:
+                        group.create_task(self._follow(core, namespace, watch))
+            except* Unauthorized:
+                logger.warning("the API server refused the router's credentials (401); connecting again")
+                await asyncio.sleep(self._backoff_s)
 
     async def _follow(self, core: CoreV1Api, namespace: str, watch: PoolWatch) -> None:
         while True:
@@ -114,6 +124,11 @@ class KubernetesDiscovery:
                     version = await self._watch(core, namespace, watch, version)
             except WatchExpired:
                 logger.info("pod watch for %s expired; listing again", watch.selector)
+            except ApiException as exc:
+                if exc.status == 401:
+                    raise Unauthorized(str(exc.reason)) from None
+                logger.warning("Kubernetes discovery for %s failed (%s); retrying", watch.selector, exc.reason)
+                await asyncio.sleep(self._backoff_s)
             # NOTE: anything else too: the library raises bare Exceptions for malformed watch lines and KeyError
             # for ERROR events missing a field, and discovery must outlive a bad answer.
             except Exception as exc:  # noqa: BLE001

@@ -18,6 +18,7 @@ that behaves like the API server as far as an operator can tell:
 - equality- and set-based label selectors on list and watch;
 - finalizers (``deletionTimestamp`` first), owner-reference garbage collection (background cascade);
 - the scale subresource of custom resources;
+- bearer-token authentication when ``accepted_tokens`` is set (401 otherwise);
 - the Namespace objects themselves (``/api/v1/namespaces`` and ``/api/v1/namespaces/NAME``), which kopf lists
   and watches when it serves chosen namespaces.
 """
@@ -229,6 +230,9 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
     _rv: int = attrs.field(default=100, init=False)
     _state_lock: asyncio.Lock | None = attrs.field(default=None, init=False)
+    # When set, only ``Authorization: Bearer <one of these>`` gets in; anything else is 401 (tests swap it to
+    # play a token that expired or rotated).
+    accepted_tokens: set[str] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -311,6 +315,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
 
     # ---- handlers (kmock fallbacks; user reactions registered on the emulator still come first) -----------
     async def _handle(self, request: rendering.Request) -> Any:
+        if self.accepted_tokens is not None:
+            scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+            if scheme != "Bearer" or token not in self.accepted_tokens:
+                raise _error(401, "Unauthorized", "Unauthorized")
         # NOTE: skip KubernetesEmulator._handle, which mutates kmock's own store before dispatching.
         return await kmock.KubernetesScaffold._handle(self, request)
 

@@ -98,7 +98,7 @@ async def running_operator(cluster: Cluster, namespaces: list[str] | None = None
     started: dict[str, Any] = {}
 
     async def main() -> None:
-        client = KubeClient(await connect())
+        client = KubeClient(await connect(), reconnect=connect)
         reconciler = Reconciler(client, metrics)
         started["reconciler"] = reconciler
         registry = build_registry(connect, reconciler,

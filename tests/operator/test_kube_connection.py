@@ -20,18 +20,20 @@ import yaml
 import crd_schema
 from k8s_emulator import ApiServerEmulator
 from operator_support import NAMESPACE, Cluster, eventually, running_operator
-from tandem.kube import KubeConfigError, connect, from_kubeconfig
+from tandem.kube import KubeConfigError, connect, from_kubeconfig, plain
 from tandem.operator.handlers import connection_info
 from tandem.operator.kube import KubeClient
 from tandem.router.k8s import KubernetesDiscovery
 from tandem.router.workers import Datastore, Pool
 
+# A credential plugin issuing a new token at every run: exec-t0k-1, exec-t0k-2, ...
 EXEC_PLUGIN = """\
 import json, pathlib, sys
 calls = pathlib.Path(sys.argv[1])
-calls.write_text(str(int(calls.read_text() or 0) + 1) if calls.exists() else "1")
+count = int(calls.read_text()) + 1 if calls.exists() else 1
+calls.write_text(str(count))
 print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",
-                  "status": {"token": "exec-t0k"}}))
+                  "status": {"token": f"exec-t0k-{count}"}}))
 """
 
 
@@ -81,6 +83,8 @@ async def test_kubeconfig_contexts_tokens_and_clear_errors(tmp_path: Path):
 
 async def test_exec_plugin_token_reaches_the_api_server_from_kopf_and_the_operator(cluster: Cluster,
                                                                                    tmp_path: Path):
+    """kopf and the operator's own client both send the plugin's token, and both run the plugin again when
+    the API server stops taking it (a 401), as when a cloud provider's short-lived token expires."""
     plugin, calls = tmp_path / "plugin.py", tmp_path / "calls"
     plugin.write_text(EXEC_PLUGIN)
     path = write_kubeconfig(
@@ -92,21 +96,46 @@ async def test_exec_plugin_token_reaches_the_api_server_from_kopf_and_the_operat
         contexts=[{"name": "dev", "context": {"cluster": "emulator", "user": "dev", "namespace": NAMESPACE}}],
         current="dev")
     connection = await connect(kubeconfig=path)
-    assert connection.bearer_token() == "exec-t0k" and calls.read_text() == "1"
+    assert connection.bearer_token() == "exec-t0k-1" and calls.read_text() == "1"
+
+    def tokens_by_agent(since: int) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for request in list(cluster.api)[since:]:
+            agent = (request.headers.get("User-Agent") or "").split("/")[0]
+            if agent != "kubectl":  # the test's user
+                seen.setdefault(agent, set()).add((request.headers.get("Authorization") or "").removeprefix("Bearer "))
+        return seen
+
+    def llmd(name: str) -> dict[str, Any]:
+        return {"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
+                "metadata": {"name": name, "namespace": NAMESPACE}, "spec": {}}
 
     before = len(list(cluster.api))
     async with running_operator(cluster, connect=lambda: from_kubeconfig(path)):
-        await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
-                                   "metadata": {"name": "e", "namespace": NAMESPACE}, "spec": {}})
+        await cluster.user.create(llmd("e"))
         await eventually(lambda: cluster.obj("apps/v1", "deployments", "e-decode"))
         await eventually(lambda: cluster.llmd("e").get("status", {}).get("phase") == "Progressing")
-    seen: dict[str, set[str]] = {}
-    for request in list(cluster.api)[before:]:
-        agent = (request.headers.get("User-Agent") or "").split("/")[0]
-        seen.setdefault(agent, set()).add(request.headers.get("Authorization") or "")
-    # Both kopf's watches and the operator's own client sent the plugin's token (the test's user, as
-    # "kubectl", has no credentials).
-    assert seen == {"kopf": {"Bearer exec-t0k"}, "tandem-operator": {"Bearer exec-t0k"}, "kubectl": {""}}
+        first = tokens_by_agent(before)
+        assert set(first) == {"kopf", "tandem-operator"}
+        assert all(t.startswith("exec-t0k-") for tokens in first.values() for t in tokens), first
+
+        # The tokens issued so far expire: only the plugin's next ones (and the user's own) get in.
+        issued = int(calls.read_text())
+        cluster.api.accepted_tokens = {f"exec-t0k-{n}" for n in range(issued + 1, issued + 50)} | {"user-t0k"}
+        rotated = len(list(cluster.api))
+        user = plain(cluster.url)
+        user.configuration.api_key["BearerToken"] = "Bearer user-t0k"
+        user_client = KubeClient(user, field_manager="kubectl")
+        try:
+            await user_client.create(llmd("f"))
+        finally:
+            await user_client.aclose()
+        await eventually(lambda: cluster.obj("apps/v1", "deployments", "f-decode"))
+        await eventually(lambda: cluster.llmd("f").get("status", {}).get("phase") == "Progressing")
+    after = tokens_by_agent(rotated)
+    assert int(calls.read_text()) > issued
+    for agent in ("kopf", "tandem-operator"):
+        assert after[agent] & cluster.api.accepted_tokens, (agent, after)
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:

@@ -52,6 +52,7 @@ class FakeAPIServer:
         self.lists = 0
         self.tokens: list[str] = []
         self.watch_params: list[dict[str, str]] = []
+        self.accepted: set[str] | None = None  # bearer tokens let in (None: any)
 
     def matches(self, pod: dict, selector: str) -> bool:
         key, _, value = selector.partition("=")
@@ -75,6 +76,9 @@ class FakeAPIServer:
         async def pods(ns: str, request: Request) -> Response:
             assert ns == "llm"
             self.tokens.append(request.headers.get("authorization", ""))
+            if self.accepted is not None and self.tokens[-1].removeprefix("Bearer ") not in self.accepted:
+                return JSONResponse({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 401,
+                                     "reason": "Unauthorized", "message": "Unauthorized"}, status_code=401)
             selector = request.query_params["labelSelector"]
             if request.query_params.get("watch", "").lower() not in ("1", "true"):
                 self.lists += 1
@@ -151,6 +155,41 @@ async def test_discovery_lists_watches_and_relists():
         api.pods["p1"] = make_pod("p1", "10.0.0.9", "prefill")  # appeared while we were not watching
         await wait_for(lambda: "http://10.0.0.9:8000" in datastore.workers and api.lists > lists)
         assert set(datastore.workers) == {"http://10.0.0.3:8000", "http://10.0.0.9:8000"}
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await stop_app(server, task)
+
+
+async def test_discovery_connects_again_when_its_token_is_refused():
+    """An exec plugin's or OIDC token expires: the API server answers 401 and discovery builds a fresh
+    connection (running the plugin again) instead of retrying the dead token for ever."""
+    api = FakeAPIServer()
+    api.pods["d0"] = make_pod("d0", "10.0.0.2", "decode")
+    api.accepted = {"t1"}
+    port = free_port()
+    server, task = await serve_app(api.app(), port)
+    datastore = Datastore()
+    issued: list[str] = []
+
+    async def connect() -> KubeConnection:
+        issued.append(f"t{len(issued) + 1}")
+        return connection(f"http://127.0.0.1:{port}", token=issued[-1])
+
+    discovery = KubernetesDiscovery(datastore, {Pool.DECODE: "role=decode"}, 8000, namespace="llm",
+                                    connect=connect, backoff_s=0.05)
+    running = asyncio.create_task(discovery.run())
+    try:
+        await wait_for(lambda: len(api.watchers) == 1)
+        assert set(datastore.workers) == {"http://10.0.0.2:8000"}
+        api.accepted = {"t2"}  # t1 expired
+        api.pods["d1"] = make_pod("d1", "10.0.0.3", "decode")
+        for _, queue in list(api.watchers):  # the watch ends; the next list meets the 401
+            queue.put_nowait({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                         "code": 410, "reason": "Expired", "message": "too old"}})
+        await wait_for(lambda: "http://10.0.0.3:8000" in datastore.workers)
+        assert issued == ["t1", "t2"] and api.tokens[-1] == "Bearer t2"
+        assert set(datastore.workers) == {"http://10.0.0.2:8000", "http://10.0.0.3:8000"}
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
