@@ -311,7 +311,7 @@ def _volumes(name: str, spec: LLMDeploymentSpec, component: str) -> tuple[list[d
     return volumes, mounts
 
 
-def _download_container(name: str, spec: LLMDeploymentSpec, mounts: list[dict[str, Any]],
+def _download_container(name: str, spec: LLMDeploymentSpec, role: Role, mounts: list[dict[str, Any]],
                         tokenizer_only: bool) -> dict[str, Any]:
     """The init container that fetches an hf:// model into the cache volume before the main container starts
     (``tandem download`` exits 1 with one line, shown in the pod's status, when it cannot)."""
@@ -321,7 +321,8 @@ def _download_container(name: str, spec: LLMDeploymentSpec, mounts: list[dict[st
         "image": spec.image,  # the Tandem image, whatever engine the workers run
         "imagePullPolicy": spec.image_pull_policy,
         "command": command + (["--tokenizer-only"] if tokenizer_only else []),
-        "env": _hf_env(spec, offline=False),
+        # The role's env too: a Hub mirror (HF_ENDPOINT) or a proxy must reach the download.
+        "env": _hf_env(spec, offline=False) + [dict(e) for e in role.env],
         "envFrom": [{"configMapRef": {"name": child_name(name, "config")}}],
         "resources": copy.deepcopy(_DOWNLOAD_RESOURCES),
         "volumeMounts": [dict(m) for m in mounts if m["name"] in ("tmp", "hf-cache", "hf-token")],
@@ -381,7 +382,8 @@ def _pod_template(obj: Mapping[str, Any], spec: LLMDeploymentSpec, component: st
         "terminationGracePeriodSeconds": 30,
     }
     if spec.model.scheme == "hf":
-        pod_spec["initContainers"] = [_download_container(name, spec, mounts, tokenizer_only=component == "router")]
+        pod_spec["initContainers"] = [_download_container(name, spec, role, mounts,
+                                                          tokenizer_only=component == "router")]
     if shape.service_account:
         pod_spec["serviceAccountName"] = shape.service_account
     if shape.runtime_class:

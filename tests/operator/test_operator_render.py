@@ -288,7 +288,9 @@ def test_cpu_kv_cache_memory_fraction_stays_a_fraction():
 ], ids=["emptyDir", "existing-claim", "created-claim"])
 def test_hub_models_download_in_an_init_container_into_the_cache(cache, volume):
     model = {"uri": "hf://Qwen/Qwen3-0.6B@main"} | ({"cache": cache} if cache else {})
-    manifests = render(create_llmd({"model": model, "prefill": {"replicas": 1}, "decode": {"replicas": 3}}))
+    mirror = {"name": "HF_ENDPOINT", "value": "http://hub-mirror.infra:8080"}
+    manifests = render(create_llmd({"model": model, "prefill": {"replicas": 1, "env": [mirror]},
+                                    "decode": {"replicas": 3, "env": [mirror]}}))
     assert_valid(manifests)
     for dep in ("m-prefill", "m-decode"):
         pod_spec = pod(manifests, dep)
@@ -298,6 +300,7 @@ def test_hub_models_download_in_an_init_container_into_the_cache(cache, volume):
         # Both see the cache at HF_HOME (from the ConfigMap); the engine never reaches the Hub.
         assert mounts_of(init)["hf-cache"] == mounts_of(main)["hf-cache"] == "/cache/huggingface"
         assert "HF_HUB_OFFLINE" not in env_of(init) and env_of(main)["HF_HUB_OFFLINE"]["value"] == "1"
+        assert env_of(init)["HF_ENDPOINT"] == mirror  # the role's env reaches the download
         assert {"name": "hf-cache", **volume} in pod_spec["volumes"]
         assert flag(main["command"], "--model") == "hf://Qwen/Qwen3-0.6B@main"
     config = by_kind(manifests)[("ConfigMap", "m-config")]["data"]
