@@ -281,3 +281,26 @@ async def test_model_cache_claim_is_applied_and_pruned_with_the_spec(cluster: Cl
         await client.aclose()
     assert cluster.obj("v1", "persistentvolumeclaims", claim_name) is None
     assert cluster.obj("apps/v1", "deployments", "h-decode") is not None
+
+
+async def test_replicas_an_autoscaler_sets_are_kept(cluster: Cluster):
+    """With ``autoscaling`` the operator does not set the decode Deployment's replicas; the HPA's choice stays."""
+    await cluster.user.create({"apiVersion": "tandem.dev/v1alpha1", "kind": "LLMDeployment",
+                               "metadata": {"name": "a", "namespace": NAMESPACE},
+                               "spec": {"decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4}}}})
+    client = KubeClient(plain(cluster.url))
+    hpa = KubeClient(plain(cluster.url), field_manager="horizontal-pod-autoscaler")
+    try:
+        reconciler = Reconciler(client, OperatorMetrics())
+        await reconciler.reconcile(NAMESPACE, "a", trigger="test", events_for=lambda body: lambda *a: None)
+        assert cluster.obj("autoscaling/v2", "horizontalpodautoscalers", "a-decode") is not None
+        dep = cluster.obj("apps/v1", "deployments", "a-decode")
+        dep["spec"]["replicas"] = 3
+        await hpa.replace(dep)
+        await reconciler.reconcile(NAMESPACE, "a", trigger="test", events_for=lambda body: lambda *a: None)
+    finally:
+        await client.aclose()
+        await hpa.aclose()
+    dep = cluster.obj("apps/v1", "deployments", "a-decode")
+    assert dep["spec"]["replicas"] == 3
+    assert owners(dep)[("horizontal-pod-autoscaler", "Update")] == {".spec.replicas"}
