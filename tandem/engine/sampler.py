@@ -59,7 +59,7 @@ class Sampler:
         """
         if logits.device.type != "cpu" and not all(_argmax_only(r) for r in requests):
             logits = logits.cpu()
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].float().contiguous()  # (xgrammar's CPU mask wants contiguous rows)
         apply_grammar_bitmask(logits, requests)  # [B, V]: the whole batch in one call, free rows untouched
         want_logprobs = [r.sampling_params.logprobs is not None for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -112,7 +112,7 @@ class Sampler:
         logits: [len(drafts) + 1, V], row i predicting the token after draft i (row 0: after the last real
         token). The request has no penalties and no pending min_tokens (the scheduler only speculates then).
         """
-        logits = logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].float().contiguous()
         apply_draft_bitmask(logits, request, drafts)  # row i: what the grammar allows after drafts[:i]
         masked = logits  # logprobs are those of the masked distribution, as in sample()
         sp = request.sampling_params

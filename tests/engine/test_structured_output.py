@@ -231,6 +231,30 @@ def test_stop_string_ends_a_structured_output(llm):
 
 
 @pytest.mark.slow
+def test_grammar_ends_the_request_even_with_ignore_eos_or_min_tokens(llm):
+    spec = StructuredOutputSpec("choice", ["yes", "no"])
+    (out,) = chat_text(llm, constrained(spec, ignore_eos=True))  # nothing may follow a complete grammar
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+    (out,) = chat_text(llm, constrained(spec, min_tokens=6))  # the grammar wins over min_tokens' EOS ban
+    assert out.text in ("yes", "no") and out.finish_reason == "stop"
+
+
+def test_compiled_grammars_are_cached_by_spec(smol_tokenizer):
+    from tandem.engine.structured_output import StructuredOutputManager
+
+    manager = StructuredOutputManager(smol_tokenizer, 49152, cache_size=2)
+    first = manager.grammar_for(StructuredOutputSpec("regex", "[a-z]+", field="guided_regex"))
+    again = manager.grammar_for(StructuredOutputSpec("regex", "[a-z]+", field="structured_outputs.regex"))
+    assert again._future is first._future  # one compile, whatever field it came from
+    assert again.wait(30) and first.ready and again.accept(smol_tokenizer.encode("abc")[0])
+    assert not first.is_terminated  # ... but each sequence has its own matcher
+    manager.grammar_for(StructuredOutputSpec("regex", "[0-9]+"))
+    manager.grammar_for(StructuredOutputSpec("regex", "[A-Z]+"))  # the oldest entry is evicted (cache_size 2)
+    assert manager.grammar_for(StructuredOutputSpec("regex", "[a-z]+"))._future is not first._future
+    manager.shutdown()
+
+
+@pytest.mark.slow
 def test_logprobs_are_those_of_the_masked_distribution(llm):
     word = "absolutely"
     (out,) = chat_text(llm, constrained(StructuredOutputSpec("choice", [word]), logprobs=20))
