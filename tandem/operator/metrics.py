@@ -26,8 +26,6 @@ class OperatorMetrics:
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.child_actions = Counter("tandem:operator_child_actions", "Children created, updated or deleted.",
                                      ["kind", "action"], registry=self.registry)
-        self.conflicts = Counter("tandem:operator_conflicts", "409 conflicts met (and retried) while applying.",
-                                 registry=self.registry)
 
     def total(self, name: str, **labels: str) -> float:
         """Sum of every sample called ``name`` whose labels include ``labels``."""
