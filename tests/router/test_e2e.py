@@ -236,8 +236,9 @@ def test_killing_a_worker_under_load_loses_no_request(platform):
             except openai.APIError as exc:  # a stream cut mid-way ends with an error event, never a hang
                 outcomes.append(("error", str(exc)))
     assert len(outcomes) == 24  # every request ended
-    assert sum(kind == "ok" for kind, _ in outcomes) >= 16
-    assert all("mid-stream" in text for kind, text in outcomes if kind == "error")
+    # None lost: streams cut mid-way resume on the survivor, unfinished non-streamed requests are retried there.
+    assert [text for kind, text in outcomes if kind == "error"] == []
+    assert all(text for _, text in outcomes)
     # Each one is counted by the router.
     assert router_metric(router_url, "tandem:router_requests_total") - requests_before == 24
     # Later requests avoid the dead worker: all succeed, none retried.
