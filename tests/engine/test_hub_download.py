@@ -1,5 +1,7 @@
 """Models from the Hub: ``tandem download`` / ``serve`` against the Hub stand-in, the cache, offline restarts,
-the router's tokenizer, and one clear line with exit status 1 for each failure."""
+the router's tokenizer, and one clear line with exit status 1 for each failure.
+
+Every test that starts a process is marked slow; the stand-in serves a tiny random Llama the session builds."""
 
 from __future__ import annotations
 
@@ -68,16 +70,20 @@ def test_which_names_go_to_the_hub(tmp_path):
         hub_model_of("hf://no-org")
 
 
-def test_pvc_and_file_uris_resolve_to_local_directories(tmp_path, monkeypatch, tiny_llama_dir):
-    monkeypatch.setenv("TANDEM_MODELS_MOUNT", str(tiny_llama_dir.parent))
-    resolved = resolve_model(f"pvc://models-claim/{tiny_llama_dir.name}")
-    assert resolved.weights_dir == tiny_llama_dir and resolved.gguf_file is None
-    assert resolve_model(f"file://{tiny_llama_dir}").weights_dir == tiny_llama_dir
+def test_pvc_and_file_uris_resolve_to_local_directories(tmp_path, monkeypatch):
+    model_dir = tmp_path / "llama" / "v1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    monkeypatch.setenv("TANDEM_MODELS_MOUNT", str(tmp_path))
+    resolved = resolve_model("pvc://models-claim/llama/v1")
+    assert resolved.weights_dir == model_dir and resolved.gguf_file is None
+    assert resolve_model(f"file://{model_dir}").weights_dir == model_dir
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model("pvc://models-claim/absent")
 
 
 # ---- download ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_download_fetches_only_what_serving_needs_with_progress(hub, tmp_path):
     proc = tandem("download", "--model", f"hf://{TINY_REPO}", env=hub_env(hub.url, tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -87,6 +93,7 @@ def test_download_fetches_only_what_serving_needs_with_progress(hub, tmp_path):
     assert "Fetching 6 files" in proc.stderr and "100%" in proc.stderr  # the progress bar, stderr not a tty
 
 
+@pytest.mark.slow
 def test_download_at_a_revision_and_without_progress_bars_when_disabled(hub, tmp_path):
     commit = hub.repos[TINY_REPO].commit
     proc = tandem("download", "--model", f"hf://{TINY_REPO}@{commit}",
@@ -96,6 +103,7 @@ def test_download_at_a_revision_and_without_progress_bars_when_disabled(hub, tmp
     assert "Fetching" not in proc.stderr and "%|" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_download_during_a_hub_outage_uses_a_complete_cached_copy(tiny_llama_dir, tmp_path):
     own_hub = make_hub(tiny_llama_dir).start()
     try:
@@ -112,12 +120,14 @@ def test_download_during_a_hub_outage_uses_a_complete_cached_copy(tiny_llama_dir
         own_hub.stop()
 
 
+@pytest.mark.slow
 def test_download_tokenizer_only(hub, tmp_path):
     proc = tandem("download", "--model", TINY_REPO, "--tokenizer-only", env=hub_env(hub.url, tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert snapshot_files(tmp_path, TINY_REPO) == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 
 
+@pytest.mark.slow
 def test_a_gated_repository_downloads_with_a_token_file(hub, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(GOOD_TOKEN)
@@ -128,6 +138,7 @@ def test_a_gated_repository_downloads_with_a_token_file(hub, tmp_path):
             f"Bearer {GOOD_TOKEN}") in hub.requests
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, extra, needles", [
     ("tandem-test/absent", {}, ["repository tandem-test/absent not found"]),
     (f"hf://{GATED_REPO}", {}, ["gated", "HF_TOKEN", "model.hfTokenSecretRef"]),
@@ -142,6 +153,7 @@ def test_download_failures_are_one_line_and_status_1(hub, tmp_path, model, extra
     assert not list((tmp_path / "hub").glob("models--*/snapshots/*/*.safetensors"))
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_is_one_line_saying_how_to_fill_the_cache(tmp_path):
     unreachable = f"http://127.0.0.1:{free_port()}"
     proc = tandem("download", "--model", f"hf://{TINY_REPO}", env=hub_env(unreachable, tmp_path))
@@ -166,6 +178,7 @@ print(tokenizer.encode_prompt("The router tokenizes like the engine."))
 """
 
 
+@pytest.mark.slow
 def test_router_fetches_tokenizer_files_only_and_matches_the_engine_tokenizer(hub, tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
@@ -179,6 +192,7 @@ def test_router_fetches_tokenizer_files_only_and_matches_the_engine_tokenizer(hu
     assert not any(name.endswith(".safetensors") for name in files)
 
 
+@pytest.mark.slow
 def test_router_with_an_unknown_repository_is_one_line_and_status_1(hub, tmp_path):
     proc = tandem("router", "--model", "hf://tandem-test/absent", "--worker", "http://127.0.0.1:9",
                   "--port", str(free_port()), env=hub_env(hub.url, tmp_path), timeout=60)

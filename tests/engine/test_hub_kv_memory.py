@@ -129,6 +129,7 @@ def test_gpu_memory_utilization_is_validated(value):
         CacheConfig(gpu_memory_utilization=value)
 
 
+@pytest.mark.slow
 def test_config_module_stays_torch_free():
     code = "import sys, tandem.engine.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
