@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,9 +21,11 @@ from starlette.types import Receive, Scope, Send
 from tandem.router.config import RouterConfig
 from tandem.router.errors import RequestError, error_body
 from tandem.router.metrics import RouterMetrics
-from tandem.router.service import CHAT, COMPLETIONS, RouterService
+from tandem.router.service import CHAT, COMPLETIONS, MESSAGES, RouterService
 from tandem.router.tokenizer import PromptTokenizer
+from tandem.router.workers import Pool, Worker
 from tandem.web.auth import UNAUTHORIZED, APIKeys
+from tandem.web.errors import is_anthropic_path
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,17 @@ def load_tokenizer(config: RouterConfig) -> PromptTokenizer | None:
         return load_model_tokenizer(config.model)
     logger.warning("no --model or tokenizer given: routing without prefix awareness")
     return None
+
+
+# Answered by any one healthy worker, unchanged: they depend on the model only, not on a worker's cache.
+FORWARDED = ("/tokenize", "/detokenize", "/v1/messages/count_tokens")
+
+
+def _any_worker(service: RouterService) -> Worker | None:
+    """A healthy worker for a prompt-only request: our engine first, serving pools before prefill ones."""
+    workers = [w for w in service.datastore.workers.values() if w.healthy]
+    workers.sort(key=lambda w: (w.kind != "tandem", w.pool == Pool.PREFILL))
+    return workers[0] if workers else None
 
 
 class RouterApp(FastAPI):
@@ -105,8 +119,13 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
                 x_api_key = value.decode("latin-1")
         # NOTE: 32 random hex digits like uuid4().hex, without building a UUID object for every request.
         headers = {"x-request-id": request_id or os.urandom(16).hex()}
+        for name, value in scope["headers"]:  # a caller's trace continues through the router (tandem.tracing)
+            if name == b"traceparent":
+                headers["traceparent"] = value.decode("latin-1")
         if authorization is not None:
             headers["authorization"] = authorization
+        elif x_api_key is not None:  # Anthropic clients' header, passed on as the workers' Bearer key
+            headers["authorization"] = f"Bearer {x_api_key}"
         response: Response | None = None
         started = False
 
@@ -120,7 +139,8 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
                 check_auth(authorization, x_api_key)
             except RequestError as exc:
                 metrics.requests.labels("none", "none", "unauthorized").inc()
-                response = exc.response(headers={"x-request-id": headers["x-request-id"]})
+                response = exc.response(headers={"x-request-id": headers["x-request-id"]},
+                                        anthropic=endpoint == MESSAGES)
             else:
                 chunks = []
                 while True:
@@ -137,15 +157,42 @@ def build_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) ->
             # What FastAPI's error middleware did for these routes: log, and answer 500 if nothing was sent yet.
             logger.exception("router error on %s", scope["path"])
             if not started:
-                await JSONResponse(error_body("internal router error", "server_error", None, "router_error"),
-                                   status_code=500)(scope, receive, send)
+                err = RequestError(500, "internal router error", code="router_error")
+                await err.response(anthropic=endpoint == MESSAGES)(scope, receive, send)
 
-    completions, chat_completions = _ProxyEndpoint(COMPLETIONS, proxy), _ProxyEndpoint(CHAT, proxy)
-    app.hot_paths = {COMPLETIONS: completions, CHAT: chat_completions}
+    app.hot_paths = {endpoint: _ProxyEndpoint(endpoint, proxy) for endpoint in (COMPLETIONS, CHAT, MESSAGES)}
     # Also registered as routes, so that other methods on these paths get FastAPI's 405 (and the same handler
     # serves them if a request ever reaches the router through the stack, e.g. under a mounted root path).
-    app.router.routes.append(Route(COMPLETIONS, completions, methods=["POST"]))
-    app.router.routes.append(Route(CHAT, chat_completions, methods=["POST"]))
+    for endpoint, handler in app.hot_paths.items():
+        app.router.routes.append(Route(endpoint, handler, methods=["POST"]))
+
+    async def forward(request: Request) -> Response:
+        """Requests about the prompt only (tokenize, detokenize, count_tokens) go to one healthy worker as they are."""
+        anthropic = is_anthropic_path(request.url.path)
+        try:
+            check_auth(request.headers.get("authorization"), request.headers.get("x-api-key"))
+            worker = _any_worker(service)
+            if worker is None:
+                raise RequestError(503, "no healthy worker serves this model", code="no_healthy_worker")
+            headers = {"content-type": "application/json",
+                       "x-request-id": request.headers.get("x-request-id") or os.urandom(16).hex()}
+            key = request.headers.get("authorization") or (
+                f"Bearer {request.headers['x-api-key']}" if "x-api-key" in request.headers else None)
+            if key is not None:
+                headers["authorization"] = key
+            try:
+                upstream = await service.client.post(worker.url + request.url.path, content=await request.body(),
+                                                     headers=headers)
+            except httpx.TransportError as exc:
+                raise RequestError(502, f"the worker failed: {type(exc).__name__}", code="upstream_error") from exc
+        except RequestError as exc:
+            return exc.response(anthropic=anthropic)
+        return Response(upstream.content, upstream.status_code, headers={
+            "content-type": upstream.headers.get("content-type", "application/json"),
+            "x-request-id": headers["x-request-id"]})
+
+    for path in FORWARDED:
+        app.router.routes.append(Route(path, forward, methods=["POST"]))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

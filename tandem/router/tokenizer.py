@@ -17,6 +17,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from tandem.protocol.anthropic import from_raw
 from tandem.protocol.chat import TemplateFeatures, chat_template_input
 from tandem.protocol.errors import from_value_error
 from tandem.router.errors import RequestError
@@ -122,3 +123,13 @@ def load_model_tokenizer(model: str) -> PromptTokenizer:
     from tandem.protocol.model_source import tokenizer_dir
 
     return PromptTokenizer(tokenizer_dir(model))
+
+
+def messages_token_ids(tokenizer: PromptTokenizer, body: dict[str, Any]) -> list[int]:
+    """An Anthropic Messages request's prompt ids (mapped to chat by ``tandem.protocol.anthropic``), or a 400."""
+    try:
+        chat = from_raw(body)
+    except ValueError as exc:
+        err = from_value_error(exc)
+        raise RequestError(400, err.message, err.param or "messages") from exc
+    return chat_token_ids(tokenizer, chat)
