@@ -182,8 +182,9 @@ def resolve_model(model: str | None, *, tokenizer_only: bool = False) -> Resolve
     if name.startswith("pvc://"):
         path = _volume_path(name)
         if not path.exists():
-            raise ModelNotFoundError(f"model {name!r}: {path} does not exist (is the claim mounted at "
-                                     f"{path.parent}? set TANDEM_MODELS_MOUNT to its mount point)")
+            mount = os.environ.get("TANDEM_MODELS_MOUNT", DEFAULT_MODELS_MOUNT)
+            raise ModelNotFoundError(f"model {name!r}: {path} does not exist (is the claim mounted at {mount}? "
+                                     "TANDEM_MODELS_MOUNT names its mount point)")
         return _local(name, path)
     path = Path(name[len("file://"):] if name.startswith("file://") else name).expanduser()
     if path.exists():
