@@ -32,8 +32,9 @@ _XGR_ERROR_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
 
 def _clean_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return _XGR_ERROR_PREFIX.sub("", text).splitlines()[0]
+    """The first line of an xgrammar error without its time and source location."""
+    lines = _XGR_ERROR_PREFIX.sub("", str(exc).strip()).splitlines()
+    return lines[0] if lines and lines[0].strip() else type(exc).__name__
 
 
 class RequestGrammar:
