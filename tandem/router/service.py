@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tandem.protocol.hashing import hash_block_tokens
+from tandem.protocol.kv_transfer import KVTransferParams
 from tandem.router.config import RouterConfig, parse_vllm_worker
 from tandem.router.errors import RequestError, sse_error_event
 from tandem.router.events import DirectEventConsumer, RedisEventConsumer, expire_loop
@@ -711,8 +712,11 @@ class RouterService:
         params = None
         if response.status_code == 200:
             try:
-                params = response.json().get("kv_transfer_params")
-            except ValueError:
+                # Parsed (and so checked) once here, then passed on in the wire format, other connectors' fields kept.
+                parsed = KVTransferParams.parse(response.json().get("kv_transfer_params"))
+                params = parsed.to_dict() if parsed is not None else None
+            except (ValueError, AttributeError) as exc:
+                logger.warning("prefill on %s answered malformed kv_transfer_params: %s", worker.url, exc)
                 params = None
         if not isinstance(params, dict):
             if response.status_code >= 500:
