@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from tandem.kvtransfer.errors import KVTransferError, KVTransferUnavailable
 from tandem.kvtransfer.handshake import HandshakePayload, HandshakeServer, KVCompatibility, RemotePeerCache, make_payload
 from tandem.kvtransfer.leases import LeaseTable
+from tandem.tracing import SpanKind, mark_error, span_from_traceparent, tracer
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from tandem.kvtransfer.nixl_transport import NixlKVTransport
 
 logger = logging.getLogger(__name__)
+_TRACER = tracer("tandem.kvtransfer")  # a no-op unless tracing is set up (OTEL_* variables)
 
 ROLES = ("prefill", "decode")
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
@@ -114,6 +116,7 @@ class RemotePrefill:
     num_prompt_tokens: int | None = None
     block_size: int | None = None
     lease_expires_at: float | None = None  # unix time (time.time()) after which the blocks may be gone
+    traceparent: str | None = None  # the request's trace (W3C), so the transfer is a span of it (tandem.tracing)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RemotePrefill:
@@ -132,6 +135,8 @@ class RemotePrefill:
         for name, kind in (("num_prompt_tokens", int), ("block_size", int), ("lease_expires_at", (int, float))):
             if params.get(name) is not None:
                 optional[name] = need(name, kind)
+        if isinstance(params.get("traceparent"), str):
+            optional["traceparent"] = params["traceparent"]
         port = need("remote_port", int)
         if not 0 < port <= 65535:
             raise ValueError(f"kv_transfer_params.remote_port: {port} is not a port")
@@ -422,7 +427,13 @@ class NixlConnector:
     # ---------------------------------------------------------------------- worker half (load thread)
     def _load(self, job: _LoadJob) -> None:
         """Load thread: pull one request's blocks and report the outcome. Never raises."""
-        self._results.put(self._pull(job))
+        with span_from_traceparent(_TRACER, "kv_transfer", job.remote.traceparent, SpanKind.CLIENT,
+                                   **{"tandem.request_id": job.request_id, "tandem.kv.blocks": len(job.remote_block_ids),
+                                      "tandem.kv.peer": f"{job.remote.host}:{job.remote.port}"}) as span:
+            result = self._pull(job)
+            if not result.ok:
+                mark_error(span, result.error or "failed")
+        self._results.put(result)
         if self.on_load_result is not None:
             try:
                 self.on_load_result()

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -43,6 +45,7 @@ from tandem.router.metrics import RouterMetrics, WorkerStateCollector
 from tandem.router.ratelimit import RateLimiter
 from tandem.router.scheduling import HealthyFilter, ModelFilter, Pick, RoundRobinProfile, RoutingRequest, build_profile
 from tandem.router.tenants import Tenant, TenantWatcher
+from tandem.tracing import SpanKind, current_traceparent, mark_error, setup_tracing, tracer
 from tandem.router.tokenizer import PromptTokenizer, chat_token_ids, messages_token_ids
 from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport
 from tandem.router.workers import Datastore, HealthChecker, OutlierPolicy, Pool, Worker
@@ -396,6 +399,8 @@ class RouterService:
         self.vllm_consumer: VllmEventConsumer | None = None
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Future] = set()
+        self._tracing = False
+        self._tracer = tracer("tandem.router")
         self.tenants = TenantWatcher(config.tenants_file) if config.tenants_file else None
         self.ratelimiter: RateLimiter | None = None
         if self.tenants is not None:
@@ -407,6 +412,7 @@ class RouterService:
     async def start(self) -> None:
         """Open the upstream client and start the watchers (health, KV events, expiry, discovery)."""
         cfg = self.config
+        self._tracing = setup_tracing("tandem-router")  # OTEL_* variables; off by default
         timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
         # The request path's client: httpx on the router's own HTTP/1.1 transport for http:// workers (see
         # transport.py); httpx's default transport for anything else (https).
@@ -533,7 +539,13 @@ class RouterService:
                 self.metrics.requests.labels(pool, worker, outcome).inc()
 
         try:
-            response = await self._handle(endpoint, raw_body, headers, done)
+            if self._tracing:
+                with self._tracer.start_as_current_span(
+                        f"router {endpoint}", context=extract({"traceparent": headers.get("traceparent", "")}),
+                        kind=SpanKind.SERVER, attributes={"tandem.request_id": headers["x-request-id"]}):
+                    response = await self._handle(endpoint, raw_body, headers, done)
+            else:
+                response = await self._handle(endpoint, raw_body, headers, done)
         except _Refused as refused:
             done("none", "none", refused.outcome)
             return refused.response
@@ -583,6 +595,8 @@ class RouterService:
         upstream_headers = {"content-type": "application/json", "x-request-id": headers["x-request-id"]}
         if "authorization" in headers:
             upstream_headers["authorization"] = headers["authorization"]
+        if "traceparent" in headers:  # passed on as it came unless the router traces (then each hop's span)
+            upstream_headers["traceparent"] = headers["traceparent"]
 
         payload = raw_body
         migration: Migration | None = None
@@ -608,6 +622,8 @@ class RouterService:
                 self.metrics.decisions.labels("prefill_fallback").inc()
             else:
                 self.metrics.decisions.labels("disaggregated").inc()
+                if self._tracing and current_traceparent():  # the decode worker's KV transfer joins the trace
+                    params = {**params, "traceparent": current_traceparent()}
                 payload = json.dumps({**upstream_body, "kv_transfer_params": params}).encode()
         else:
             self.metrics.decisions.labels("direct" if use_pd else "aggregated").inc()
@@ -695,15 +711,21 @@ class RouterService:
         worker.inflight += 1
         self.datastore.begin_request(worker)
         sent = time.perf_counter()
+        span, hop_headers = self._start_hop("router prefill", worker, headers)
         try:
-            response = await self.proxy.send(self._upstream_request(worker, endpoint, headers, json.dumps(payload).encode()))
+            response = await self.proxy.send(self._upstream_request(worker, endpoint, hop_headers,
+                                                                    json.dumps(payload).encode()))
         except _TRANSPORT_ERRORS as exc:
             self.datastore.mark_failed(worker, f"{type(exc).__name__}: {exc}")
             self.metrics.requests.labels(Pool.PREFILL.value, worker.url, "failed").inc()
             logger.warning("prefill on %s failed (%s); serving on the decode worker alone", worker.url, exc)
+            if span is not None:
+                mark_error(span, f"{type(exc).__name__}: {exc}")
             return None
         finally:
             worker.inflight -= 1
+            if span is not None:
+                span.end()
         if 400 <= response.status_code < 500:
             self.datastore.record_success(worker)  # the client's error: the worker is fine
             return Response(response.content, response.status_code, headers={
@@ -777,8 +799,9 @@ class RouterService:
                 done(pool.value, worker.url, outcome)
 
         upstream: httpx.Response | None = None
+        span, hop_headers = self._start_hop(f"router {pool.value}", worker, headers)
         try:
-            upstream = await self.proxy.send(self._upstream_request(worker, endpoint, headers, payload), stream=True)
+            upstream = await self.proxy.send(self._upstream_request(worker, endpoint, hop_headers, payload), stream=True)
             reply_headers = {"x-request-id": headers["x-request-id"]}
             if upstream.status_code >= 500:
                 body = await upstream.aread()
@@ -821,3 +844,17 @@ class RouterService:
             worker.trial_inflight = False  # no verdict (cancelled): the next request is the trial
             release(None)
             raise
+        finally:
+            if span is not None:  # the hop's span: until the answer, or a stream's first bytes
+                span.end()
+
+    def _start_hop(self, name: str, worker: Worker, headers: dict[str, str]) -> tuple[Any, dict[str, str]]:
+        """A client span for one upstream hop and the headers carrying its traceparent ((None, headers) when the
+        router does not trace). The caller ends the span."""
+        if not self._tracing:
+            return None, headers
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT,
+                                       attributes={"tandem.worker": worker.url, "tandem.pool": worker.pool.value})
+        hop_headers = dict(headers)
+        inject(hop_headers, context=trace.set_span_in_context(span))
+        return span, hop_headers

@@ -25,6 +25,7 @@ from tandem.engine.server.state import ServerConfig, ServerState, now
 from tandem.protocol.anthropic import CountTokensRequest, MessagesRequest
 from tandem.protocol.errors import APIError, from_validation_errors
 from tandem.protocol.openai import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tandem.tracing import TracingMiddleware, setup_tracing
 from tandem.web.auth import APIKeys, RequestContextMiddleware
 from tandem.web.errors import error_response, is_anthropic_path
 
@@ -66,6 +67,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="Tandem engine", version=tandem.__version__, lifespan=lifespan)
     app.state.tandem = state
+    if setup_tracing(f"tandem-{state.config.role}"):  # OTEL_* variables; off by default
+        app.add_middleware(TracingMiddleware, role=state.config.role)
     app.add_middleware(RequestContextMiddleware, keys=APIKeys(state.config.api_keys),
                        on_unauthorized=lambda: state.metrics.request_errors.labels(state.config.model_name,
                                                                                    "401").inc())
