@@ -60,6 +60,12 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
     continuous_usage_stats: StrictBool = False
 
+    @model_validator(mode="after")
+    def _check(self) -> "StreamOptions":
+        if self.continuous_usage_stats:
+            raise ValueError("continuous_usage_stats: not supported (usage comes once, at the end, with include_usage)")
+        return self
+
 
 class SamplingFields(_Request):
     """Fields shared by completions and chat, including vLLM's extras sent through ``extra_body``."""

@@ -85,6 +85,8 @@ def test_suffix_and_unsupported_fields_are_rejected(server):
     # Known OpenAI fields we cannot honour, and fields nobody defines, are a 400 naming them (never ignored).
     for endpoint, body, param in (
             ("completions", {"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+            ("completions", {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+             "stream_options"),
             ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "audio": {"voice": "x"}}, "audio"),
             ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "modalities": ["audio"]},
              "modalities"),
