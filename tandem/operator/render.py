@@ -165,9 +165,14 @@ def vllm_kv_events_config() -> str:
                        "endpoint": f"tcp://*:{VLLM_KV_EVENTS_PORT}", "topic": VLLM_KV_EVENTS_TOPIC})
 
 
-def vllm_kv_transfer_config(device: str) -> str:
-    """vLLM's ``--kv-transfer-config`` for P/D: NixlConnector, both roles in every pod (the router picks)."""
-    config: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+def vllm_kv_transfer_config(spec: LLMDeploymentSpec, device: str) -> str:
+    """vLLM's ``--kv-transfer-config`` for P/D: NixlConnector, both roles in every pod (the router picks), with
+    the spec's failure policy and lease (vLLM's ``kv_load_failure_policy`` and ``kv_lease_duration`` mean what
+    ``kvTransfer.loadFailurePolicy`` and ``leaseSeconds`` mean for Tandem's workers)."""
+    kv = spec.kv_transfer
+    config: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
+                              "kv_load_failure_policy": kv.load_failure_policy,
+                              "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds}}
     if device == "cpu":
         config["kv_buffer_device"] = "cpu"  # vLLM's CPU platform keeps KV in host memory
     return json.dumps(config)
@@ -196,7 +201,7 @@ def _vllm_worker_command(spec: LLMDeploymentSpec, role: str, device: str) -> lis
     args.append("--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill")
     args += ["--kv-events-config", vllm_kv_events_config()]
     if spec.disaggregated:
-        args += ["--kv-transfer-config", vllm_kv_transfer_config(device)]
+        args += ["--kv-transfer-config", vllm_kv_transfer_config(spec, device)]
     return args + list(_role(spec, role).extra_args)
 
 

