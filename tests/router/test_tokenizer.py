@@ -95,6 +95,10 @@ def test_router_imports_nothing_from_the_engine(tokenizer_path):
         from tandem.router.config import RouterConfig
         from tandem.router.tokenizer import PromptTokenizer
         build_app(RouterConfig("smol", worker_urls=("http://127.0.0.1:9",)), PromptTokenizer(sys.argv[1]))
+        # The router finding the model's tokenizer by itself, as `tandem router --model` does.
+        app = build_app(RouterConfig("smol", model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                                     worker_urls=("http://127.0.0.1:9",)))
+        assert app.state.service.tokenizer is not None
         bad = sorted(m for m in sys.modules if m == "torch" or m == "tandem.engine" or m.startswith("tandem.engine."))
         print("LOADED", bad)
     """)
