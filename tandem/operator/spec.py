@@ -119,12 +119,22 @@ class Role(_Spec):
 
     @property
     def gpus(self) -> int:
-        """How many ``nvidia.com/gpu`` the role's resources ask for (limits first, then requests)."""
+        """How many ``nvidia.com/gpu`` the role's resources ask for (limits first, then requests); a count
+        that is not a whole number reads as 0 here and is refused by :func:`parse_spec`."""
         for section in ("limits", "requests"):
             value = (self.resources.get(section) or {}).get(GPU_RESOURCE)
             if value is not None:
-                return int(value)
+                return int(value) if str(value).isdigit() else 0
         return 0
+
+    def gpu_problems(self, path: str) -> list[str]:
+        """GPU counts Kubernetes would refuse: not whole numbers, or a request unequal to the limit."""
+        counts = {s: (self.resources.get(s) or {}).get(GPU_RESOURCE) for s in ("requests", "limits")}
+        problems = [f"{path}.resources.{s}.{GPU_RESOURCE}: must be a whole number of GPUs, got {v!r}"
+                    for s, v in counts.items() if v is not None and not str(v).isdigit()]
+        if not problems and None not in counts.values() and int(counts["requests"]) != int(counts["limits"]):
+            problems.append(f"{path}.resources: requests and limits of {GPU_RESOURCE} must be equal")
+        return problems
 
 
 class ModelCache(_Spec):
@@ -426,6 +436,7 @@ def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
     if spec.prefill.active and not spec.decode.active:
         problems.append("spec.decode: a disaggregated deployment needs decode replicas >= 1")
     for path, role in (("spec.prefill", spec.prefill), ("spec.decode", spec.decode), ("spec.router", spec.router)):
+        problems += role.gpu_problems(path)
         auto = role.autoscaling
         if auto is not None and auto.min_replicas > auto.max_replicas:
             problems.append(f"{path}.autoscaling: minReplicas ({auto.min_replicas}) must not exceed "

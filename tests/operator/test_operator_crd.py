@@ -162,6 +162,13 @@ def test_operator_only_rules():
         parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "0.5"}})
     with pytest.raises(SpecError, match="vLLM takes a size"):
         parse_spec({"model": {"uri": "hf://o/m"}, "engine": {"kind": "vllm", "kvCacheMemory": "0.5"}})
+    with pytest.raises(SpecError) as info:
+        parse_spec({"decode": {"resources": {"limits": {"nvidia.com/gpu": "500m"}}},
+                    "prefill": {"replicas": 1, "resources": {"requests": {"nvidia.com/gpu": 2},
+                                                             "limits": {"nvidia.com/gpu": 1}}}})
+    assert info.value.problems == [
+        "spec.prefill.resources: requests and limits of nvidia.com/gpu must be equal",
+        "spec.decode.resources.limits.nvidia.com/gpu: must be a whole number of GPUs, got '500m'"]
     # Accepted where they make sense: a fraction on CPU, sizes anywhere.
     assert parse_spec({"engine": {"kvCacheMemory": "0.5"}}).engine.kv_cache_memory_arg == "0.5"
     assert parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "8Gi"}}).engine.kv_cache_memory_arg == str(8 * 2**30)
