@@ -584,3 +584,23 @@ def test_rendered_vllm_commands_parse_with_vllms_own_cli(tmp_path):
     assert aggregated["transfer"] is None
     assert cpu_decode["transfer"] == ["NixlConnector", "kv_both", "recompute", 30]
     assert cpu_decode["buffer_device"] == "cpu" and cpu_decode["model"] == "/opt/m"
+
+
+@pytest.mark.parametrize("kind", ["tandem", "vllm"])
+def test_router_discovery_reads_what_render_puts_on_worker_pods(kind):
+    # The contract with the router's Kubernetes discovery: its selectors match the worker pods' labels, it reads
+    # the engine kind from them, and (vLLM) its default KV-events port is the one the pods publish on.
+    from kubernetes_asyncio.client import V1ObjectMeta, V1Pod
+
+    from tandem.cli import build_parser
+    from tandem.router.k8s import pod_kind
+
+    spec = {"prefill": {"replicas": 1}, "engine": {"kind": kind}, "model": {"uri": "hf://o/m"}}
+    manifests = render(create_llmd(spec))
+    router = build_parser("router").parse_args(command(manifests, "m-router")[1:])
+    for dep, selector in (("m-prefill", router.k8s_prefill_selector), ("m-decode", router.k8s_decode_selector)):
+        labels = pod_labels(manifests, dep)
+        assert dict(kv.split("=") for kv in selector.split(",")).items() <= labels.items()
+        assert pod_kind(V1Pod(metadata=V1ObjectMeta(name="p", labels=labels))) == kind
+        ports = {p["name"]: p["containerPort"] for p in pod(manifests, dep)["containers"][0]["ports"]}
+        assert ports.get("kv-events") == (router.vllm_kv_events_port if kind == "vllm" else None)
