@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/routing.py                 # both parts
     .venv/bin/python benchmarks/routing.py --only overhead # no model needed
+    .venv/bin/python benchmarks/routing.py --only fault    # a worker killed and restarted under load
 
 Part 1 (``routing``) starts 2 aggregated ``tandem serve`` workers and, for each policy, a router in front of
 them, then sends a multi-tenant workload (several long shared system prompts, many short questions). Each
@@ -14,6 +15,10 @@ straight against the upstream, then through ``tandem router`` (in front of two s
 tokenize -> hash -> score -> pick pipeline runs); the added latency is the difference of time-to-first-byte
 percentiles between the two runs. Clients pause between requests (``--overhead-think``), so the router sees
 1,000 open client connections at a rate it can sustain; ``--overhead-think 0`` saturates it instead.
+
+Part 3 (``fault``) runs steady streaming load over 2 workers behind the router, SIGKILLs the busiest worker a
+quarter of the way in and restarts it (same port) at half way; it reports throughput and TTFT before, during and
+after the outage, and requests lost (an error or fewer tokens than asked: the goal is 0).
 """
 
 from __future__ import annotations
@@ -484,6 +489,124 @@ def routing(args: argparse.Namespace) -> dict:
     return results
 
 
+async def fault_load(router_url: str, model: str, args: argparse.Namespace, events: dict[str, float],
+                     on_start: Callable[[], None]) -> list[dict]:
+    """Streams from ``--concurrency`` users until the restarted worker has served for a quarter of
+    ``--fault-duration`` (at least ``--fault-duration`` seconds in all); one record per request."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=router_url + "/v1", api_key="none", max_retries=0, timeout=600)
+    records: list[dict] = []
+    started = time.perf_counter()
+    on_start()
+
+    def running() -> bool:
+        elapsed = time.perf_counter() - started
+        if "healthy_at" in events:
+            return elapsed < max(args.fault_duration, events["healthy_at"] + args.fault_duration / 4)
+        return elapsed < args.fault_duration * 10  # the restart has not finished yet (bounded all the same)
+
+    async def user(u: int) -> None:
+        i = 0
+        while running():
+            i += 1
+            sent = time.perf_counter()
+            first = None
+            usage = None
+            error = None
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, max_tokens=args.fault_max_tokens, temperature=0, stream=True,
+                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+                    messages=[{"role": "user", "content": f"User {u} asks question {i}: tell me a long story."}])
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - sent
+                    if chunk.usage is not None:
+                        usage = chunk.usage.completion_tokens
+            except openai.APIError as exc:
+                error = str(exc)[:200]
+            records.append({"sent": sent - started, "done": time.perf_counter() - started, "ttft": first,
+                            "tokens": usage or 0, "error": error,
+                            "lost": error is not None or usage != args.fault_max_tokens})
+
+    await asyncio.gather(*(user(u) for u in range(args.concurrency)))
+    await client.close()
+    return records
+
+
+def _phase(records: list[dict], start: float, end: float) -> dict:
+    """Requests sent in [start, end): throughput (tokens of those requests over the phase), TTFT, lost."""
+    inside = [r for r in records if start <= r["sent"] < end]
+    ttfts = [r["ttft"] for r in inside if r["ttft"] is not None]
+    span = max(1e-9, end - start)
+    return {"requests": len(inside), "lost": sum(r["lost"] for r in inside),
+            "tokens_per_s": sum(r["tokens"] for r in inside) / span,
+            "ttft_p50_ms": percentile(ttfts, 50) * 1e3 if ttfts else None,
+            "ttft_p90_ms": percentile(ttfts, 90) * 1e3 if ttfts else None}
+
+
+def fault(args: argparse.Namespace) -> dict:
+    """The fault round: steady streaming load over 2 workers; the busiest is SIGKILLed at a quarter of the run
+    and restarted at half; throughput, TTFT and requests lost before, during and after (goal: none lost)."""
+    import httpx
+
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    env = {"TANDEM_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+
+    def worker(port: int, url: str) -> subprocess.Popen:
+        return start([*TANDEM, "serve", "--host", "127.0.0.1", "--port", str(port), "--advertise-url", url,
+                      "--model", args.model, "--kv-cache-memory", args.kv_cache_memory,
+                      "--max-model-len", str(args.max_model_len), *args.worker_arg], env)
+
+    workers = {url: worker(port, url) for port, url in zip(ports, urls)}
+    router_port = free_port()
+    router_url = f"http://127.0.0.1:{router_port}"
+    router = start([*TANDEM, "router", "--port", str(router_port), "--model", args.model, "--health-interval", "0.5",
+                    "--outlier-base-ejection", "1", *sum((["--worker", u] for u in urls), []),
+                    "--log-level", "warning"], quiet=False)
+    events: dict[str, float] = {}
+    try:
+        for url, proc in workers.items():
+            wait_healthy(url, proc)
+        wait_healthy(router_url, router, 120)
+        time.sleep(1.5)
+
+        def chaos() -> None:
+            t0 = time.perf_counter()
+            time.sleep(args.fault_duration / 4)
+            health = httpx.get(router_url + "/health").json()["workers"]
+            victim = max(health, key=lambda w: w["inflight"])["url"]
+            os.killpg(workers[victim].pid, signal.SIGKILL)
+            workers[victim].wait()
+            events["killed_at"] = time.perf_counter() - t0
+            time.sleep(max(0.0, args.fault_duration / 2 - (time.perf_counter() - t0)))
+            workers[victim] = worker(int(victim.rsplit(":", 1)[1]), victim)
+            events["restarted_at"] = time.perf_counter() - t0
+            wait_healthy(victim, workers[victim])
+            events["healthy_at"] = time.perf_counter() - t0
+
+        import threading
+
+        chaos_thread = threading.Thread(target=chaos, daemon=True)
+        records = asyncio.run(fault_load(router_url, args.model, args, events, chaos_thread.start))
+        chaos_thread.join(timeout=600)
+        migrations = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(router_url + "/metrics").text.splitlines()
+                         if line.startswith("tandem:router_migrations_total{"))
+    finally:
+        stop([router, *workers.values()])
+    killed, healthy = events.get("killed_at", 0.0), events.get("healthy_at", args.fault_duration)
+    end = max(r["done"] for r in records) if records else healthy
+    return {"duration_s": args.fault_duration, "concurrency": args.concurrency, "max_tokens": args.fault_max_tokens,
+            "events": events, "migrations": migrations, "requests": len(records),
+            "lost": sum(r["lost"] for r in records),
+            "errors": sorted({r["error"] for r in records if r["error"]})[:5],
+            "before": _phase(records, 0.0, killed), "outage": _phase(records, killed, healthy),
+            "after": _phase(records, healthy, end)}
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_upstream":
         serve_instant_upstream([int(p) for p in sys.argv[2].split(",")], int(sys.argv[3]), float(sys.argv[4]))
@@ -497,7 +620,7 @@ def main() -> int:
         Path(sys.argv[7]).write_text(json.dumps(res.__dict__))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("routing", "overhead"), default=None)
+    parser.add_argument("--only", choices=("routing", "overhead", "fault"), default=None)
     parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--system-words", type=int, default=120, help="filler words per system prompt")
@@ -518,6 +641,9 @@ def main() -> int:
     parser.add_argument("--overhead-chunks", type=int, default=4)
     parser.add_argument("--overhead-interval", type=float, default=0.0,
                         help="seconds between streamed chunks (0: the whole answer at once)")
+    parser.add_argument("--fault-duration", type=float, default=60.0,
+                        help="fault round: seconds of load; the busiest worker dies at 1/4, restarts at 1/2")
+    parser.add_argument("--fault-max-tokens", type=int, default=32, help="fault round: tokens per streamed answer")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--out", default="results/routing.json", help="where the JSON report is written")
     args = parser.parse_args()
@@ -526,6 +652,8 @@ def main() -> int:
         report["routing"] = routing(args)
     if args.only in (None, "overhead"):
         report["overhead"] = overhead(args)
+    if args.only in (None, "fault"):
+        report["fault"] = fault(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -556,6 +684,18 @@ def main() -> int:
         print(f"added by the router (median of rounds): p50 {o['added_p50_ms']:.2f}ms  p99 {o['added_p99_ms']:.2f}ms  "
               f"(router CPU {o['router_cpu_ms_per_request']:.2f} ms per request); errors: direct "
               f"{o['direct']['errors']}, router {o['router']['errors']} of {o['router']['requests']}")
+    if "fault" in report:
+        f = report["fault"]
+        print(f"\nfault round: {f['concurrency']} streaming users x {f['max_tokens']} tokens; "
+              f"busiest worker SIGKILLed at {f['events'].get('killed_at', 0):.1f} s, restarted at "
+              f"{f['events'].get('restarted_at', 0):.1f} s, healthy at {f['events'].get('healthy_at', 0):.1f} s")
+        print(f"{'phase':<8} {'requests':>8} {'lost':>5} {'tok/s':>7} {'TTFT p50':>10} {'TTFT p90':>10}")
+        for phase in ("before", "outage", "after"):
+            p = f[phase]
+            p50 = f"{p['ttft_p50_ms']:8.1f}ms" if p["ttft_p50_ms"] is not None else "       n/a"
+            p90 = f"{p['ttft_p90_ms']:8.1f}ms" if p["ttft_p90_ms"] is not None else "       n/a"
+            print(f"{phase:<8} {p['requests']:>8} {p['lost']:>5} {p['tokens_per_s']:>7.1f} {p50} {p90}")
+        print(f"requests lost: {f['lost']} of {f['requests']} (goal 0); streams migrated: {f['migrations']:.0f}")
     return 0
 
 
