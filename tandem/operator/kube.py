@@ -8,6 +8,7 @@ found through the API server's discovery, so a kind the server does not serve is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
@@ -109,6 +110,8 @@ class KubeClient:
         self._timeout = timeout
         self._reconnect = reconnect
         self._discovery_dir: tempfile.TemporaryDirectory[str] | None = None
+        # NOTE: reconciles of several objects share this client: one of them opens or renews it at a time.
+        self._opening = asyncio.Lock()
         self._api: ApiClient | None = None
         self._dynamic: DynamicClient | None = None
         self._resources: dict[tuple[str, str], Resource] = {}
@@ -142,7 +145,9 @@ class KubeClient:
 
     async def _resource(self, api_version: str, kind: str) -> tuple[DynamicClient, Resource]:
         if self._dynamic is None:
-            self._dynamic = await self._open()
+            async with self._opening:
+                if self._dynamic is None:
+                    self._dynamic = await self._open()
         key = (api_version, kind)
         if key not in self._resources:
             try:
@@ -155,13 +160,16 @@ class KubeClient:
 
     async def _call(self, api_version: str, kind: str, verb: str, *args: Any, subresource: str | None = None,
                     **kwargs: Any) -> dict[str, Any]:
+        refused = self.connection
         try:
             return await self._call_once(api_version, kind, verb, *args, subresource=subresource, **kwargs)
         except ApiError as e:
             if e.status != 401 or self._reconnect is None:
                 raise
-        await self.aclose()
-        self.connection = await self._reconnect()
+        async with self._opening:
+            if self.connection is refused:  # not already renewed by a concurrent call
+                await self.aclose()
+                self.connection = await self._reconnect()
         return await self._call_once(api_version, kind, verb, *args, subresource=subresource, **kwargs)
 
     async def _call_once(self, api_version: str, kind: str, verb: str, *args: Any, subresource: str | None,
