@@ -17,8 +17,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from tandem.worker.vllm import VllmPython
 
 _PR_SET_PDEATHSIG = 1
 
@@ -139,13 +143,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for every process")
     parser.add_argument("--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("--router-arg", action="append", default=[], help="extra argument for `tandem router` (repeatable)")
+    parser.add_argument("--engine", choices=("tandem", "vllm"), default="tandem",
+                        help="the workers' engine: Tandem's own, or vLLM's OpenAI server (its KV events and NixlConnector)")
+    parser.add_argument("--engine-python", default=None, metavar="PATH",
+                        help="--engine vllm: the python of an environment with vLLM (default: `python` on PATH; "
+                             "`make vllm-env` builds one)")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
+                        help="--engine vllm: extra argument for every vLLM server, verbatim (repeatable; "
+                             "e.g. --engine-arg=--enforce-eager)")
 
 
-def plan(args: argparse.Namespace) -> list[ChildSpec]:
-    """The children to start: workers first, the router last (it is given the workers' URLs)."""
-    from tandem.engine.model_files import DEFAULT_MODEL
-
-    model = args.model or DEFAULT_MODEL
+def _worker_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     n_prefill, n_decode, n_workers = args.prefill, args.decode, args.workers
     if min(n_prefill, n_decode, n_workers) < 0:
         raise ValueError("worker counts must be >= 0")
@@ -153,6 +161,52 @@ def plan(args: argparse.Namespace) -> list[ChildSpec]:
         raise ValueError("--prefill needs at least one --decode worker")
     if not (n_prefill or n_decode or n_workers):
         n_workers = 1
+    return n_prefill, n_decode, n_workers
+
+
+def _router_spec(args: argparse.Namespace, model: str, served: list[str], router_args: list[str]) -> ChildSpec:
+    tandem = [sys.executable, "-m", "tandem.cli"]
+    router_env = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
+    router = [*tandem, "router", "--host", "127.0.0.1", "--port", str(args.port), "--model", model, *served,
+              *router_args, *(["--redis-url", args.redis_url] if args.redis_url else []), *args.router_arg]
+    return ChildSpec(f"router http://127.0.0.1:{args.port}", router, f"http://127.0.0.1:{args.port}/health", router_env)
+
+
+def plan_vllm(args: argparse.Namespace, python: "VllmPython") -> list[ChildSpec]:
+    """``--engine vllm``: vLLM OpenAI servers as the workers (each given its share of the cores), then the router."""
+    from tandem.engine.model_files import DEFAULT_MODEL, ensure_converted
+    from tandem.worker.vllm import share_cores, vllm_worker
+
+    model = args.model or DEFAULT_MODEL
+    n_prefill, n_decode, n_workers = _worker_counts(args)
+    # vLLM loads a directory: the bundled GGUF (or any GGUF) goes through Tandem's converter first.
+    model_dir = str(ensure_converted(model).weights_dir)
+    served_name = args.served_model_name or model
+    roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["aggregated"] * n_workers
+    cores = share_cores(len(roles)) if args.threads is None else [None] * len(roles)
+    specs: list[ChildSpec] = []
+    router_args: list[str] = []
+    counters: dict[str, int] = {}
+    for role, cpus in zip(roles, cores):
+        worker = vllm_worker(python, role, model_dir, served_name, free_port(), free_port(),
+                             side_channel_port=None if role == "aggregated" else free_port(),
+                             engine_args=args.engine_arg, cpus=cpus)
+        if args.threads is not None:
+            worker.env["OMP_NUM_THREADS"] = str(args.threads)
+        index = counters[role] = counters.get(role, -1) + 1
+        name = {"aggregated": "worker"}.get(role, role)
+        specs.append(ChildSpec(f"vllm-{name}-{index} {worker.url}", worker.argv, worker.url + "/health", worker.env))
+        router_args += worker.router_flag
+    specs.append(_router_spec(args, model, ["--served-model-name", served_name], router_args))
+    return specs
+
+
+def plan(args: argparse.Namespace) -> list[ChildSpec]:
+    """The children to start: workers first, the router last (it is given the workers' URLs)."""
+    from tandem.engine.model_files import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    n_prefill, n_decode, n_workers = _worker_counts(args)
     engines = n_prefill + n_decode + n_workers
     threads = args.threads or max(1, (os.cpu_count() or 1) // engines)
     # The router holds the API key; workers on 127.0.0.1 behind it must not demand one of their own.
@@ -173,17 +227,26 @@ def plan(args: argparse.Namespace) -> list[ChildSpec]:
             name = {"serve": "worker"}.get(role, role)
             specs.append(ChildSpec(f"{name}-{i} {url}", argv, url + "/health", dict(worker_env)))
             router_args += [f"--{name}", url]
-    router_env = {"TANDEM_API_KEY": args.api_key} if args.api_key else {}
-    router = [*tandem, "router", "--host", "127.0.0.1", "--port", str(args.port), "--model", model, *served,
-              *router_args, *(["--redis-url", args.redis_url] if args.redis_url else []), *args.router_arg]
-    specs.append(ChildSpec(f"router http://127.0.0.1:{args.port}", router, f"http://127.0.0.1:{args.port}/health",
-                           router_env))
+    specs.append(_router_spec(args, model, served, router_args))
     return specs
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        specs = plan(args)
+        if args.engine == "vllm":
+            from tandem.worker.vllm import VllmNotFoundError, find_vllm_python
+
+            try:
+                python = find_vllm_python(args.engine_python)
+            except VllmNotFoundError as exc:
+                print(f"tandem up: {exc}", file=sys.stderr)
+                return 2
+            print(f"tandem up: vLLM {python.version} ({python.device}) from {python.executable}", flush=True)
+            specs = plan_vllm(args, python)
+        else:
+            if args.engine_python or args.engine_arg:
+                raise ValueError("--engine-python and --engine-arg apply to --engine vllm only")
+            specs = plan(args)
     except ValueError as exc:
         print(f"tandem up: {exc}", file=sys.stderr)
         return 2

@@ -129,7 +129,11 @@ class LLMEngine:
             raise ModelLoadError(f"max_model_len: {config.scheduler.max_model_len} exceeds the model's {max_pos}")
         self.runner = ModelRunner(config, self.model_config, model)
         layout = self.runner.layout
-        self.kv_manager = KVCacheManager(layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching)
+        # NOTE: blocks outside an all-sliding model's window are released only without a KV connector: a prefill
+        # worker's peer reads every block of the prompt.
+        release = self.model_config.release_window if connector is None else None
+        self.kv_manager = KVCacheManager(layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching,
+                                         sliding_window=release)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, connector, config.speculative)
         if progress:
             print(f"tandem: KV cache {layout.total_bytes / 2**20:.0f} MiB = {layout.num_blocks} blocks "

@@ -51,21 +51,25 @@ def prompts_for(seed: int) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 20, 41, 97)]
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    """(name, checkpoint dir, transformers model) for one tiny random family member."""
+def save_random(name: str, path):
+    """A tiny random model of family ``name``, saved in Hugging Face format at ``path``; returns transformers' model."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     # Eager attention: transformers' SDPA path does not apply Gemma's attention softcapping.
-    hf = AutoModelForCausalLM.from_config(FAMILIES[request.param](), dtype=torch.float32,
-                                          attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_config(FAMILIES[name](), dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(0, 0.02 if "norm" in name else 0.2)  # peaked logits: greedy picks are not near-ties
-    path = tmp_path_factory.mktemp(request.param)
+        for param_name, p in hf.named_parameters():
+            p.normal_(0, 0.02 if "norm" in param_name else 0.2)  # peaked logits: greedy picks are not near-ties
     hf.save_pretrained(path)
-    return request.param, path, hf
+    return hf
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, checkpoint dir, transformers model) for one tiny random family member."""
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, save_random(request.param, path)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
@@ -83,8 +87,9 @@ def test_registry_reads_the_family(family):
     if name == "gemma3":
         assert cfg.layer_windows == (24, 24, None, 24) and cfg.local_rope_theta == 10_000.0
         assert cfg.rope_theta == 1_000_000.0 and cfg.attn_scale == 24**-0.5 and cfg.qk_norm
+        assert cfg.release_window is None  # a global layer needs every key
     elif name == "mistral":
-        assert cfg.layer_windows == (16, 16)
+        assert cfg.layer_windows == (16, 16) and cfg.release_window == 16
     else:
         assert cfg.qk_norm and not cfg.qkv_bias and cfg.layer_windows == ()
 
@@ -194,3 +199,36 @@ def test_attention_backend_is_chosen_at_start_up_and_logged(caplog):
         llm = LLM(model="preset:tiny-gemma3", dtype="float32", max_model_len=64, num_blocks=8, progress=False)
     assert "attention backend: torch on cpu" in caplog.text
     assert type(llm.engine.runner.model.attention_backend).__name__ == "TorchReferenceBackend"
+
+
+def test_all_sliding_model_gives_blocks_outside_its_window_back(tmp_path):
+    # Mistral (window 16, every layer): two 190-token sequences need 24 blocks between them, and the pool has 17.
+    # Released blocks let both run side by side without preemption, holding a few blocks each.
+    hf = save_random("mistral", tmp_path)
+    prompts = prompts_for(5)[3:] + [prompts_for(6)[3]]
+    prompts = [(p * 2)[:150] for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    expected = [hf_greedy(hf, p, 40) for p in prompts]
+    llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=256, num_blocks=17, progress=False,
+              max_num_batched_tokens=32)
+    engine, kv = llm.engine, llm.engine.kv_manager
+    assert kv.sliding_window == 16
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    outputs: dict[str, list[int]] = {}
+    most_held, both_ran = 0, False
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.new_token_ids)
+        held = [sum(b is not None for b in blocks) for blocks in kv.req_to_blocks.values()]
+        most_held = max([most_held, *held])
+        both_ran |= len(held) == 2
+    assert [outputs[f"r{i}"] for i in range(2)] == expected
+    assert both_ran and engine.scheduler.num_preemptions == 0
+    assert most_held <= 4  # the window's blocks plus a 32-token chunk's, never the whole sequence
+    assert_engine_idle(engine)
+    # Released blocks stay in the prefix cache until evicted: the same prompt again hits some of them.
+    hits = kv.prefix_stats.hits
+    assert generate(llm, prompts[1:]) == [hf_greedy(hf, prompts[1], MAX_NEW)]
+    assert kv.prefix_stats.hits > hits
+    assert_engine_idle(engine)

@@ -19,12 +19,22 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    """A request's blocks, prefix lookup, allocate and free.
+
+    With ``sliding_window`` (only for models whose every layer attends within a window of at most that many
+    keys), a request's leading blocks that no later query can attend are given back to the pool as its KV grows
+    (they stay in the prefix cache until evicted); its table keeps None in their place.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 sliding_window: int | None = None):
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, block_size, enable_caching)
-        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_to_blocks: dict[str, list[KVCacheBlock | None]] = {}
         self._num_cached_blocks: dict[str, int] = {}
+        self._num_released_blocks: dict[str, int] = {}
         self.prefix_stats = PrefixCacheStats()
 
     @property
@@ -81,27 +91,51 @@ class KVCacheManager:
         return new_blocks
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Enter the request's blocks that are full (and computed) into the prefix cache."""
-        if not self.enable_caching:
-            return
+        """The request's KV now covers ``num_computed_tokens``: its full blocks enter the prefix cache, and with a
+        sliding window, the blocks no later query can attend go back to the pool (see ``release_outside_window``)."""
         rid = request.request_id
         blocks = self.req_to_blocks.get(rid)
         if not blocks:
             return
         start = self._num_cached_blocks.get(rid, 0)
         end = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
-        if end > start:
+        if self.enable_caching and end > start:
             self.pool.cache_full_blocks(blocks, request.block_hashes, request.all_token_ids, start, end)
             self._num_cached_blocks[rid] = end
+        self.release_outside_window(request, num_computed_tokens)
+
+    def release_outside_window(self, request: Request, num_computed_tokens: int) -> int:
+        """Give back the request's leading blocks wholly before the window of its next query (at position
+        ``num_computed_tokens``, which sees keys from ``num_computed_tokens - window + 1`` on); returns how many.
+
+        NOTE: runs after ``cache_blocks`` has cached them (they are full and computed), so a later prompt with the
+        same prefix can still hit them until they are evicted. Attention never reads them again: its tables
+        start at the window's first block (``attention/paged.py``), the same block computed here.
+        """
+        if self.sliding_window is None:
+            return 0
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        first_needed = max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
+        start = self._num_released_blocks.get(rid, 0)
+        if not blocks or first_needed <= start:
+            return 0
+        released = [b for b in blocks[start:first_needed] if b is not None]
+        blocks[start:first_needed] = [None] * (first_needed - start)
+        self._num_released_blocks[rid] = first_needed
+        self.pool.free_blocks(reversed(released))
+        return len(released)
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
+        self._num_released_blocks.pop(request.request_id, None)
         if blocks:
-            self.pool.free_blocks(reversed(blocks))
+            self.pool.free_blocks(b for b in reversed(blocks) if b is not None)
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+    def block_ids(self, request_id: str) -> list[int | None]:
+        """The request's block table; None where a sliding window released the block."""
+        return [None if b is None else b.block_id for b in self.req_to_blocks.get(request_id, ())]
 
     def take_events(self):
         return self.pool.take_events()

@@ -47,7 +47,7 @@ class KVConnectorSchedulerSide(Protocol):
 class ScheduledRequest:
     request: Request
     num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
-    block_ids: list[int]
+    block_ids: list[int | None]  # None: released outside a sliding window (KVCacheManager.release_outside_window)
     # Speculative drafts verified this step (num_tokens == 1 + len(spec_token_ids)); empty otherwise.
     spec_token_ids: list[int] = field(default_factory=list)
 

@@ -60,6 +60,15 @@ class ModelConfig:
         """The distinct attention windows the layers use (None: full attention), in first-use order."""
         return tuple(dict.fromkeys(self.window(i) for i in range(self.num_layers)))
 
+    @property
+    def release_window(self) -> int | None:
+        """When every layer slides: the widest window, beyond which a request's blocks can be given back to the
+        pool. None when any layer attends fully (its keys are needed to the end)."""
+        windows = [self.window(i) for i in range(self.num_layers)]
+        if not windows or any(w is None for w in windows):
+            return None
+        return max(windows)
+
 
 def hf_rope(hf: dict) -> tuple[float, dict | None]:
     """(rope_theta, rope scaling or None) from a config.json in either the older (``rope_theta``/``rope_scaling``)

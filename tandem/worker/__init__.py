@@ -1,0 +1,1 @@
+"""What runs a worker process: the engine kinds Tandem's router drives (Tandem's own engine, vLLM)."""
