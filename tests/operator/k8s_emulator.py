@@ -8,7 +8,8 @@ that behaves like the API server as far as an operator can tell:
   what the operator does with an object a CEL-less cluster let through);
 - ``uid``, ``resourceVersion`` (one global counter), ``generation`` (bumped only by spec changes),
   ``creationTimestamp``, ``generateName``;
-- list ``resourceVersion`` and watch *from* a resourceVersion (only later events replay), ``timeoutSeconds``;
+- list ``resourceVersion`` and watch *from* a resourceVersion (only later events replay), ``timeoutSeconds``,
+  410 Expired for a watch from before a :meth:`compact`;
 - status subresource isolation (the main resource ignores ``status``; ``/status`` changes only ``status``);
 - 409 on a stale ``resourceVersion`` (PUT or patch) and on creating an existing name;
 - JSON merge patch (``null`` deletes) and PUT replace; no-op writes bump nothing;
@@ -229,6 +230,8 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
     # such waiters once re-tried for ever at a test's teardown, hanging it (an Event needs no lock).
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
     _rv: int = attrs.field(default=100, init=False)
+    # History before this resourceVersion is gone (etcd compaction): a watch from older gets 410 Expired.
+    _compacted: int = attrs.field(default=0, init=False)
     _state_lock: asyncio.Lock | None = attrs.field(default=None, init=False)
     # When set, only ``Authorization: Bearer <one of these>`` gets in; anything else is 401 (tests swap it to
     # play a token that expired or rotated).
@@ -354,6 +357,12 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
                     yield {"type": "ADDED", "object": copy.deepcopy(obj)}
         else:
             start = int(since)
+            if start < self._compacted:
+                # As the API server answers a watch from a compacted version: an ERROR event, then the end.
+                yield {"type": "ERROR", "object": {
+                    "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": 410,
+                    "reason": "Expired", "message": f"too old resource version: {start} ({self._compacted})"}}
+                return
             position = next((i for i, entry in enumerate(self._log) if entry[0] > start), len(self._log))
         while True:
             while position < len(self._log):
@@ -652,6 +661,10 @@ class ApiServerEmulator(kmock.KubernetesEmulator):
             await self._remove(rtype, key)  # recursion collects grandchildren too
 
     # ---- helpers for tests that play the controllers nobody runs here --------------------------------------
+    def compact(self) -> None:
+        """Forget the history up to now, as etcd's compaction does: watches must list again."""
+        self._compacted = self._rv
+
     async def set_status(self, api_version: str, plural: str, namespace: str, name: str,
                          status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge into an object's status as its controller would (e.g. the deployment controller)."""

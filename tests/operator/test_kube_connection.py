@@ -191,24 +191,39 @@ async def test_in_cluster_service_account_for_the_operator_and_router_discovery(
                             "metadata": {"name": "w0", "namespace": NAMESPACE,
                                          "labels": {"tandem.dev/role": "decode", "tandem.dev/engine-kind": "vllm"}},
                             "spec": {"containers": [{"name": "engine", "image": "vllm/vllm-openai"}]}})
-    finally:
+    except BaseException:
         await client.aclose()
+        raise
     await api.set_status("v1", "pods", NAMESPACE, "w0", {
         "phase": "Running", "podIP": "10.1.2.3", "conditions": [{"type": "Ready", "status": "True"}]})
 
     # The router in the same pod: namespace from the service account, pods by label, kind from the label.
     datastore = Datastore()
     discovery = KubernetesDiscovery(datastore, {Pool.DECODE: "tandem.dev/role=decode"}, 8000, connect=in_pod,
-                                    backoff_s=0.05)
+                                    backoff_s=0.05, watch_timeout_s=1)
+
+    def pod_lists() -> int:
+        return sum(1 for r in list(api) if r.method.name == "GET" and r.url.path.endswith("/pods")
+                   and "watch" not in r.params)
+
     running = asyncio.create_task(discovery.run())
     try:
         worker = await eventually(lambda: datastore.workers.get("http://10.1.2.3:8000"))
         assert (worker.pool, worker.kind) == (Pool.DECODE, "vllm")
         await api.set_status("v1", "pods", NAMESPACE, "w0", {"conditions": [{"type": "Ready", "status": "False"}]})
         await eventually(lambda: "http://10.1.2.3:8000" not in datastore.workers)
+        # History compacted past what the router saw (a write it does not watch, then compaction): its next
+        # watch gets 410 Expired, and it lists again.
+        lists = pod_lists()
+        await client.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": NAMESPACE}})
+        api.compact()
+        await eventually(lambda: pod_lists() > lists)
+        await api.set_status("v1", "pods", NAMESPACE, "w0", {"conditions": [{"type": "Ready", "status": "True"}]})
+        await eventually(lambda: "http://10.1.2.3:8000" in datastore.workers)
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
+        await client.aclose()
     assert authorizations(api) == {"tandem-operator": {"Bearer sa-t0k"}, "tandem-router": {"Bearer sa-t0k"}}
 
 
