@@ -66,14 +66,12 @@ def call_schema(tools: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str
 
 def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: Any) -> ToolPlan:
     """The ``ToolPlan`` for validated ``tools`` and a ``tool_choice`` (raises ValueError naming tool_choice)."""
-    if tool_choice is None:
-        return ToolPlan("auto" if tools else "none")
-    if tool_choice == "none":
+    if tool_choice == "none" or tool_choice is None and not tools:
         return ToolPlan("none")
     if not tools:
         raise ValueError("tool_choice: needs tools")
     names = tuple(t["function"]["name"] for t in tools)
-    if tool_choice == "auto":
+    if tool_choice in ("auto", None):  # auto is the default when tools are given
         return ToolPlan("auto", names)
     if tool_choice == "required":
         return ToolPlan("forced", names, call_schema(tools, names))

@@ -77,3 +77,23 @@ def test_tool_turns_are_written_out_for_templates_without_tool_support():
     out = chat_template_input(messages, None, TemplateFeatures()).messages
     assert out[1] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'}
     assert out[2] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+
+
+def test_tool_plans():
+    from tandem.protocol.tools import HermesToolParser, make_parser, parse, plan_tools
+
+    tools = validate_tools([WEATHER])
+    default = plan_tools(tools, None)
+    assert default == plan_tools(tools, "auto") and default.functions == ("get_weather",)
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    assert parse(make_parser(default), "Sure. " + call)[1][0].name == "get_weather"
+    assert plan_tools(None, None).mode == "none" and plan_tools(tools, "none").mode == "none"
+    forced = plan_tools(tools, {"type": "function", "function": {"name": "get_weather"}})
+    assert forced.mode == "forced" and forced.schema["properties"]["name"] == {"const": "get_weather"}
+    # A call of an unknown function is text; the text held back at a chunk boundary comes out at the end.
+    parser = HermesToolParser(("get_weather",))
+    assert parse(parser, '<tool_call>{"name": "rm", "arguments": {}}</tool_call>')[1] == []
+    parser = HermesToolParser(("get_weather",))
+    assert "".join(e.text for e in parser.feed("abc <tool")) == "abc "
+    events = parser.finish()
+    assert "".join(e.text for e in events) == "<tool"

@@ -83,6 +83,14 @@ def test_tools_structured_output_and_logit_bias_through_pd(pd, oai):
             calls, finish = choice.message.tool_calls, choice.finish_reason
         assert finish == "tool_calls" and calls[0].function.name == "get_weather"
         jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+    # auto: the model's hermes output (steered by a choice constraint) is parsed into a call, streamed too.
+    hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    chunks = [c for c in oai.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=40, temperature=0, stream=True,
+        extra_body={"structured_outputs": {"choice": [hermes]}}) if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
               "additionalProperties": False}
     resp = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+2? Answer in JSON."}],
@@ -133,6 +141,11 @@ def test_messages_api_through_the_router(pd, claude):
     msg = claude.messages.create(model=MODEL, max_tokens=60, messages=ASK, tools=tools, tool_choice={"type": "any"},
                                  **GREEDY)
     assert msg.stop_reason == "tool_use" and msg.content[-1].name == "get_weather"
+    with claude.messages.stream(model=MODEL, max_tokens=60, messages=ASK, tools=tools,
+                                tool_choice={"type": "tool", "name": "get_weather"}, **GREEDY) as stream:
+        deltas = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        streamed = stream.get_final_message()
+    assert "input_json_delta" in deltas and streamed.content[-1].input == msg.content[-1].input
     count = claude.messages.count_tokens(model=MODEL, messages=ASK, tools=tools)
     assert count.input_tokens == direct.messages.count_tokens(model=MODEL, messages=ASK, tools=tools).input_tokens
     direct.close()
