@@ -816,8 +816,8 @@ class RouterService:
             if not stream or upstream.status_code != 200:
                 body = await upstream.aread()
                 await upstream.aclose()
-                self.datastore.record_success(worker, time.perf_counter() - sent if upstream.status_code == 200 and not stream
-                                              else None)
+                # NOTE: no TTFT from a whole answer: its time grows with max_tokens, not with the worker's speed.
+                self.datastore.record_success(worker)
                 release("ok" if upstream.status_code == 200 else "client_error")
                 return Response(body, upstream.status_code, headers={
                     **reply_headers, "content-type": upstream.headers.get("content-type", "application/json")})

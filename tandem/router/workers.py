@@ -87,6 +87,8 @@ class OutlierPolicy:
     max_s: float = 120.0
     consecutive_5xx: int = 3
     ttft_ratio: float = 3.0  # TTFT this many times the peers' median -> down-weighted
+    # ... and at least this much slower in seconds: at millisecond TTFTs, a ratio is noise (prompt lengths vary).
+    ttft_min_gap_s: float = 0.2
     min_weight: float = 0.1
 
     def __post_init__(self) -> None:
@@ -181,7 +183,8 @@ class Datastore:
             # The median of its peers (itself excluded: with two workers, a median including it would be
             # the mean, which a slow worker can never be three times above).
             median = statistics.median(o.ttft_ewma_s for o in workers if o is not w)
-            slow = median > 0 and w.ttft_ewma_s > self.outlier.ttft_ratio * median
+            slow = (median > 0 and w.ttft_ewma_s > self.outlier.ttft_ratio * median
+                    and w.ttft_ewma_s - median > self.outlier.ttft_min_gap_s)
             weight = max(self.outlier.min_weight, median / w.ttft_ewma_s) if slow else 1.0
             if (weight < 1.0) != (w.weight < 1.0):
                 logger.warning("worker %s %s: TTFT %.3f s vs the pool's median %.3f s", w.url,

@@ -95,6 +95,13 @@ async def complete(client: httpx.AsyncClient, url: str) -> str:
     return reply.json()["choices"][0]["text"]
 
 
+async def stream(client: httpx.AsyncClient, url: str) -> None:
+    async with client.stream("POST", url + "/v1/completions",
+                             json={"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True}) as reply:
+        assert reply.status_code == 200
+        assert (await reply.aread()).endswith(b"data: [DONE]\n\n")
+
+
 async def ejected_for(worker, client: httpx.AsyncClient, url: str) -> float:
     """Send requests until ``worker`` gets ejected, then time how long it stays ejected."""
     deadline = time.monotonic() + 20
@@ -161,15 +168,15 @@ async def test_a_worker_far_slower_than_its_peers_is_down_weighted_not_ejected()
     try:
         await asyncio.wait_for(service.health.checked.wait(), 10)
         async with httpx.AsyncClient(timeout=10) as client:
-            for _ in range(12):  # sequential: load is equal, only latency tells them apart
-                await complete(client, url)
+            for _ in range(12):  # sequential: load is equal, only latency (of streams) tells them apart
+                await stream(client, url)
             workers = service.datastore.workers
             assert workers[slow.url].weight < 0.5 and workers[fast.url].weight == 1.0
             assert workers[slow.url].state == "healthy"
             slow.requests.clear()
             fast.requests.clear()
             for _ in range(20):
-                await complete(client, url)
+                await stream(client, url)
             assert len(fast.requests) > len(slow.requests)
             metrics = (await client.get(url + "/metrics")).text
             assert f'tandem:router_worker_weight{{pool="aggregated",worker="{slow.url}"}}' in metrics
