@@ -28,6 +28,7 @@ ANNOTATION_CONFIG_HASH = "tandem.dev/config-hash"
 HF_HOME = "/cache/huggingface"
 HF_TOKEN_DIR = "/var/run/secrets/tandem/hf"
 HF_TOKEN_PATH = f"{HF_TOKEN_DIR}/token"  # huggingface_hub reads the file named by HF_TOKEN_PATH
+TENANTS_FILE = "/var/run/secrets/tandem/tenants/tenants.yaml"  # router.tenantsSecretRef, read by --tenants-file
 MODELS_MOUNT = "/models"
 VLLM_KV_EVENTS_PORT = 5557  # the router's --vllm-kv-events-port default
 VLLM_KV_EVENTS_TOPIC = "kv-events"
@@ -193,8 +194,11 @@ def _vllm_worker_command(spec: LLMDeploymentSpec, role: str, device: str) -> lis
             "--max-num-batched-tokens", str(e.max_num_batched_tokens)]
     if m.hf_revision:
         args += ["--revision", m.hf_revision]
+    role_spec = _role(spec, role)
     if device == "cuda":
         args += ["--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}"]
+        if role_spec.gpus > 1 and "--tensor-parallel-size" not in role_spec.extra_args:
+            args += ["--tensor-parallel-size", str(role_spec.gpus)]  # every GPU the pod holds
     if e.kv_cache_memory_arg is not None:  # a size: parse_spec refuses a fraction for vLLM
         args += ["--kv-cache-memory-bytes", e.kv_cache_memory_arg]
     args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
@@ -202,7 +206,7 @@ def _vllm_worker_command(spec: LLMDeploymentSpec, role: str, device: str) -> lis
     args += ["--kv-events-config", vllm_kv_events_config()]
     if spec.disaggregated:
         args += ["--kv-transfer-config", vllm_kv_transfer_config(spec, device)]
-    return args + list(_role(spec, role).extra_args)
+    return args + list(role_spec.extra_args)
 
 
 def _worker_command(name: str, namespace: str, spec: LLMDeploymentSpec, role: str, device: str) -> list[str]:
@@ -248,6 +252,11 @@ def _router_command(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[
         args += ["--k8s-worker-selector", selector_string(name, "decode")]
     weights = ",".join(f"{k}={v:g}" for k, v in spec.router.scorer_weights.model_dump().items())
     args += ["--scorer-weights", weights, "--disagg-threshold", str(spec.router.disagg_threshold)]
+    args += ["--max-migrations", str(spec.router.max_migrations)]
+    if spec.router.max_queue_per_worker is not None:
+        args += ["--max-queue-per-worker", str(spec.router.max_queue_per_worker)]
+    if spec.router.tenants_secret_ref is not None:
+        args += ["--tenants-file", TENANTS_FILE]
     return args + list(spec.router.extra_args)
 
 
@@ -309,6 +318,13 @@ def _volumes(name: str, spec: LLMDeploymentSpec, component: str) -> tuple[list[d
     elif m.scheme == "pvc":
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": m.pvc_claim, "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if component == "router" and spec.router.tenants_secret_ref is not None:
+        # NOTE: a whole-volume mount (no subPath): the kubelet then updates the file in place when the Secret
+        # changes, and the router's watcher applies it without a restart.
+        ref = spec.router.tenants_secret_ref
+        volumes.append({"name": "tenants", "secret": {"secretName": ref.name, "items": [
+            {"key": ref.key, "path": TENANTS_FILE.rsplit("/", 1)[1]}]}})
+        mounts.append({"name": "tenants", "mountPath": TENANTS_FILE.rsplit("/", 1)[0], "readOnly": True})
     if component != "router" and spec.engine.kind == "vllm":
         # PyTorch shares tensors between vLLM's processes through /dev/shm; a container's default is 64Mi.
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

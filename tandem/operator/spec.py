@@ -255,6 +255,9 @@ class RouterSpec(Role):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"]
     scorer_weights: ScorerWeights
     disagg_threshold: int
+    max_migrations: int
+    max_queue_per_worker: int | None = None
+    tenants_secret_ref: SecretKeyRef | None = None  # the tenants file (tandem/router/tenants.py)
 
     @property
     def role(self) -> Role:
@@ -459,6 +462,12 @@ def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
     if e.kind == "vllm" and m.scheme == "bundled":
         problems.append("spec.model.uri: engine.kind vllm needs model.uri hf://, pvc:// or file:// "
                         "(the bundled model exists only in the Tandem image)")
+    if e.kind == "tandem":
+        for component, role in spec.worker_roles():
+            if role.gpus > 1:
+                problems.append(f"spec.{component}.resources: a Tandem worker uses one GPU, so "
+                                f"{GPU_RESOURCE}: {role.gpus} would leave {role.gpus - 1} idle (run more replicas, "
+                                "or engine.kind vllm, which shards a model over a pod's GPUs)")
     devices = {e.device_for(role) for _, role in spec.worker_roles()}
     fraction = e.kv_cache_memory_arg is not None and not e.kv_cache_memory_arg.isdigit()
     if fraction and "cuda" in devices:

@@ -169,6 +169,9 @@ def test_operator_only_rules():
     assert info.value.problems == [
         "spec.prefill.resources: requests and limits of nvidia.com/gpu must be equal",
         "spec.decode.resources.limits.nvidia.com/gpu: must be a whole number of GPUs, got '500m'"]
+    with pytest.raises(SpecError, match=r"spec.decode.resources: a Tandem worker uses one GPU, so nvidia.com/gpu: 2 "
+                                        r"would leave 1 idle"):
+        parse_spec({"decode": {"resources": {"limits": {"nvidia.com/gpu": 2}}}})
     # Accepted where they make sense: a fraction on CPU, sizes anywhere.
     assert parse_spec({"engine": {"kvCacheMemory": "0.5"}}).engine.kv_cache_memory_arg == "0.5"
     assert parse_spec({"decode": gpu, "engine": {"kvCacheMemory": "8Gi"}}).engine.kv_cache_memory_arg == str(8 * 2**30)

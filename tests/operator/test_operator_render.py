@@ -248,12 +248,12 @@ def test_gpu_resources_render_cuda_workers():
 def test_device_is_per_role_and_can_be_forced():
     # auto: the CPU prefill pool stays on the CPU image and transports while the GPU decode pool runs CUDA.
     mixed = render(create_llmd({"prefill": {"replicas": 1}, "decode": {"resources": {"limits": {
-        "nvidia.com/gpu": 2}}}}))
+        "nvidia.com/gpu": 1}}}}))
     assert flag(command(mixed, "m-prefill"), "--ucx-transports") == "tcp,sm"
     assert "--device" not in command(mixed, "m-prefill") and flag(command(mixed, "m-prefill"), "--kv-cache-memory")
     assert flag(command(mixed, "m-decode"), "--device") == "cuda"
     assert flag(command(mixed, "m-decode"), "--ucx-transports") == "tcp,sm,cuda_copy,cuda_ipc"
-    assert pod(mixed, "m-decode")["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert pod(mixed, "m-decode")["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     # device: cuda without a GPU request still gets one GPU (and the runtime class, where one is named).
     forced = render(create_llmd({"engine": {"device": "cuda", "runtimeClassName": "nvidia",
                                             "cudaImage": "registry.example/tandem:cuda"}}))
@@ -401,6 +401,14 @@ def test_vllm_prefill_decode_on_gpus():
         assert "initContainers" not in pod(manifests, dep)
     router = command(manifests, "m-router")
     assert flag(router, "--k8s-prefill-selector") == "tandem.dev/deployment=m,tandem.dev/role=prefill"
+    assert "--tensor-parallel-size" not in command(manifests, "m-decode")  # one GPU each
+    # A pod with several GPUs shards the model over all of them (unless extraArgs say otherwise).
+    four = {"limits": {"nvidia.com/gpu": 4}}
+    tp = render(create_llmd(spec | {"prefill": {"replicas": 1, "resources": four},
+                                    "decode": {"resources": four, "extraArgs": ["--tensor-parallel-size", "2"]}}))
+    assert flag(command(tp, "m-prefill"), "--tensor-parallel-size") == "4"
+    assert command(tp, "m-decode").count("--tensor-parallel-size") == 1
+    assert flag(command(tp, "m-decode"), "--tensor-parallel-size") == "2"
     # A vLLM image of one's own replaces the default; a CPU P/D pair keeps its KV buffer in host memory.
     own = render(create_llmd(spec | {"engine": {"kind": "vllm", "image": "registry.example/vllm:dev",
                                                 "device": "cpu"}}))
@@ -535,6 +543,7 @@ for argv in json.load(sys.stdin):
                 "max_model_len": e.max_model_len, "block_size": e.block_size,
                 "gpu_memory_utilization": e.gpu_memory_utilization, "kv_cache_memory_bytes": e.kv_cache_memory_bytes,
                 "prefix_caching": e.enable_prefix_caching, "chunked_prefill": e.enable_chunked_prefill,
+                "tensor_parallel_size": e.tensor_parallel_size,
                 "events": [e.kv_events_config.enable_kv_cache_events, e.kv_events_config.publisher,
                            e.kv_events_config.endpoint, e.kv_events_config.topic],
                 "transfer": t and [t.kv_connector, t.kv_role, t.kv_load_failure_policy,
@@ -555,7 +564,8 @@ def test_rendered_vllm_commands_parse_with_vllms_own_cli(tmp_path):
     python = require_vllm_python()
     gpu = render(create_llmd({"engine": {"kind": "vllm", "gpuMemoryUtilization": 0.85, "enableChunkedPrefill": False},
                               "model": {"uri": "hf://Qwen/Qwen3-0.6B@main", "servedName": "q", "maxModelLen": 4096},
-                              "prefill": {"replicas": 1, "resources": GPU}, "decode": {"resources": GPU},
+                              "prefill": {"replicas": 1, "resources": {"limits": {"nvidia.com/gpu": 2}}},
+                              "decode": {"resources": GPU},
                               "kvTransfer": {"leaseSeconds": 45, "loadFailurePolicy": "recompute"}}))
     cpu = render(create_llmd({"engine": {"kind": "vllm", "kvCacheMemory": "2Gi", "blockSize": 32},
                               "model": {"uri": "pvc://weights/smol", "dtype": "float32"},
@@ -571,6 +581,7 @@ def test_rendered_vllm_commands_parse_with_vllms_own_cli(tmp_path):
     prefill, decode, aggregated, cpu_decode = json.loads(result.stdout.strip().splitlines()[-1])
     events = [True, "zmq", "tcp://*:5557", "kv-events"]
     for parsed in (prefill, decode):
+        assert parsed.pop("tensor_parallel_size") == (2 if parsed is prefill else 1)
         assert parsed | {"events": None, "transfer": None, "buffer_device": None} == {
             "model": "Qwen/Qwen3-0.6B", "revision": "main", "served": ["q"], "dtype": "bfloat16",
             "max_model_len": 4096, "block_size": 16, "gpu_memory_utilization": 0.85, "kv_cache_memory_bytes": None,
@@ -604,3 +615,23 @@ def test_router_discovery_reads_what_render_puts_on_worker_pods(kind):
         assert pod_kind(V1Pod(metadata=V1ObjectMeta(name="p", labels=labels))) == kind
         ports = {p["name"]: p["containerPort"] for p in pod(manifests, dep)["containers"][0]["ports"]}
         assert ports.get("kv-events") == (router.vllm_kv_events_port if kind == "vllm" else None)
+
+
+def test_router_resilience_fields_become_flags_and_the_tenants_secret_a_watched_file():
+    manifests = render(create_llmd({"router": {"maxMigrations": 3, "maxQueuePerWorker": 64,
+                                               "tenantsSecretRef": {"name": "tenants"}}}))
+    assert_valid(manifests)
+    router = command(manifests, "m-router")
+    assert flag(router, "--max-migrations") == "3"
+    assert flag(router, "--max-queue-per-worker") == "64"
+    assert flag(router, "--tenants-file") == "/var/run/secrets/tandem/tenants/tenants.yaml"
+    spec = pod(manifests, "m-router")
+    # A whole-volume mount (no subPath), so the kubelet's updates of the Secret reach the watched file.
+    assert {"name": "tenants", "secret": {"secretName": "tenants", "items": [
+        {"key": "tenants.yaml", "path": "tenants.yaml"}]}} in spec["volumes"]
+    assert mounts_of(spec["containers"][0])["tenants"] == "/var/run/secrets/tandem/tenants"
+    assert not any(v["name"] == "tenants" for v in pod(manifests, "m-decode")["volumes"])
+    # Defaults: two migrations, no queue bound, no tenants.
+    default = command(render(create_llmd()), "m-router")
+    assert flag(default, "--max-migrations") == "2"
+    assert "--max-queue-per-worker" not in default and "--tenants-file" not in default
