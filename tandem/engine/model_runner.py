@@ -56,7 +56,7 @@ class ModelRunner:
         self.dtype = DTYPES[config.dtype]
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.init_rope(self.device)  # the cast above would leave them in the model's dtype
+        self.model.init_rope(self.device)  # plain fp32 tensors, not buffers: .to() above does not move them
         self.model.attention_backend = select_backend(self.device)
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears()

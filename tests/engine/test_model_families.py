@@ -12,7 +12,16 @@ import torch
 
 from helpers import assert_engine_idle, hf_greedy
 from tandem import LLM, SamplingParams
-from tandem.engine.attention import PagedKVIndexer, first_key_block
+from tandem.engine.attention import (
+    LayerAttention,
+    PagedKVIndexer,
+    PrefillSeq,
+    attend_fresh_batch,
+    first_key_block,
+    fresh_prefill_batch,
+    window_mask,
+)
+from tandem.engine.attention.torch_ref import dense_attention
 from tandem.engine.core.kv_layout import KVCacheLayout
 from tandem.engine.models.registry import ARCHITECTURES, config_from_hf
 
@@ -197,8 +206,8 @@ def test_qwen_sliding_window_follows_use_sliding_window_and_max_window_layers():
 def test_attention_backend_is_chosen_at_start_up_and_logged(caplog):
     with caplog.at_level("INFO", logger="tandem.engine.attention.backend"):
         llm = LLM(model="preset:tiny-gemma3", dtype="float32", max_model_len=64, num_blocks=8, progress=False)
-    assert "attention backend: torch on cpu" in caplog.text
-    assert type(llm.engine.runner.model.attention_backend).__name__ == "TorchReferenceBackend"
+    backend = llm.engine.runner.model.attention_backend
+    assert f"attention backend: {backend.name} on cpu" in caplog.text
 
 
 def test_all_sliding_model_gives_blocks_outside_its_window_back(tmp_path):
@@ -232,3 +241,26 @@ def test_all_sliding_model_gives_blocks_outside_its_window_back(tmp_path):
     assert generate(llm, prompts[1:]) == [hf_greedy(hf, prompts[1], MAX_NEW)]
     assert kv.prefix_stats.hits > hits
     assert_engine_idle(engine)
+
+
+def test_padded_fresh_prefill_batch_keeps_the_window_and_softcap():
+    # The GPU path attends chunks without a cached prefix as one padded batch; with a window and a softcap it must
+    # equal one masked attention per chunk (checked here on the CPU, where the same code runs).
+    chunks = [PrefillSeq(0, 21, 21, None), PrefillSeq(21, 5, 5, None), PrefillSeq(26, 40, 40, None)]
+    spec = LayerAttention(0, num_heads=4, num_kv_heads=2, head_dim=8, scale=0.3, window=7, softcap=2.0)
+    batch = fresh_prefill_batch(chunks, window=7)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(66, heads, 8, generator=gen) for heads in (4, 2, 2))
+    got = torch.zeros(66, 4, 8)
+    attend_fresh_batch(q, k, v, batch, got, spec)
+    for c in chunks:
+        rows = slice(c.q_start, c.q_start + c.q_len)
+        pos = torch.arange(c.q_len)
+        mask = window_mask(pos.view(1, -1), pos.view(-1, 1), 7)
+        qs, ks, vs = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        expected = dense_attention(qs, ks, vs, mask, spec)[0].transpose(0, 1)
+        torch.testing.assert_close(got[rows], expected)
+    # The window bites: the full causal mask gives a different answer for the long chunk.
+    full = LayerAttention(0, 4, 2, 8, 0.3, None, 2.0)
+    qs, ks, vs = (t[26:66].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    assert not torch.allclose(dense_attention(qs, ks, vs, None, full, causal=True)[0].transpose(0, 1), got[26:66])

@@ -81,7 +81,8 @@ class GemmaRMSNorm(nn.Module):
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
 
 
-def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:
+def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
     """RoPE inverse frequencies ``[head_dim / 2]`` (fp32) for base ``theta`` with optional linear/llama3 scaling."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     scaling = scaling or {}
