@@ -3,11 +3,14 @@
     .venv/bin/python benchmarks/routing.py                 # both parts
     .venv/bin/python benchmarks/routing.py --only overhead # no model needed
     .venv/bin/python benchmarks/routing.py --only fault    # a worker killed and restarted under load
+    .venv/bin/python benchmarks/routing.py --only routing --engine vllm --engine-python ~/.cache/tandem/vllm-venv/bin/python
 
 Part 1 (``routing``) starts 2 aggregated ``tandem serve`` workers and, for each policy, a router in front of
 them, then sends a multi-tenant workload (several long shared system prompts, many short questions). Each
 policy gets its own fresh tenants, so neither profits from the other's cache. The prefix hit rate is read
 from the engines' own ``vllm:prefix_cache_{hits,queries}_total``; TTFT and throughput from the client.
+With ``--engine vllm`` the 2 workers are vLLM-CPU OpenAI servers (a core each, eager, ``--vllm-kv-blocks``
+blocks of KV cache) whose ZMQ KV events feed the prefix-aware router.
 
 Part 2 (``overhead``) measures what the router adds: an upstream that answers instantly (a raw asyncio HTTP
 server speaking the worker contract), N concurrent streaming clients (raw asyncio, keep-alive), first run
@@ -454,8 +457,37 @@ async def multi_tenant_run(router_url: str, worker_urls: list[str], model: str, 
             "req_per_s": requests / elapsed, "tokens_per_s": tokens / elapsed}
 
 
+def start_vllm_workers(args: argparse.Namespace) -> tuple[list[subprocess.Popen], list[str], list[str]]:
+    """``--engine vllm``: 2 aggregated vLLM OpenAI servers (a core each) from ``--engine-python``; returns the
+    processes, their URLs and the router flags naming them (with their KV-event endpoints)."""
+    from tandem.engine.model_files import ensure_converted
+    from tandem.worker.vllm import find_vllm_python, share_cores, vllm_worker
+
+    python = find_vllm_python(args.engine_python)
+    model_dir = str(ensure_converted(args.model).weights_dir)
+    # A small KV cache, as for Tandem's workers: about half the tenants' prefixes fit in one worker.
+    engine_args = ["--enforce-eager", "--max-model-len", str(args.max_model_len),
+                   "--num-gpu-blocks-override", str(args.vllm_kv_blocks), *args.worker_arg]
+    procs, urls, flags = [], [], []
+    for cpus in share_cores(2):
+        worker = vllm_worker(python, "aggregated", model_dir, args.model, free_port(), free_port(),
+                             engine_args=engine_args, cpus=cpus)
+        procs.append(start(worker.argv, worker.env))
+        urls.append(worker.url)
+        flags += worker.router_flag
+    return procs, urls, flags
+
+
 def routing(args: argparse.Namespace) -> dict:
     """Part 1: the same workload shape through a prefix-aware and a round-robin router over 2 workers."""
+    if args.engine == "vllm":
+        procs, worker_urls, router_flags = start_vllm_workers(args)
+        try:
+            for proc, url in zip(procs, worker_urls):
+                wait_healthy(url, proc)
+            return routing_rounds(args, worker_urls, router_flags)
+        finally:
+            stop(procs)
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     env = {"TANDEM_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
     worker_ports = [free_port(), free_port()]
@@ -470,21 +502,28 @@ def routing(args: argparse.Namespace) -> dict:
                                 *args.worker_arg], env))
         for proc, url in zip(procs, worker_urls):
             wait_healthy(url, proc)
-        for seed, policy in enumerate(("prefix", "round_robin"), start=1):
-            router_port = free_port()
-            router = start([*TANDEM, "router", "--port", str(router_port), "--model", args.model, "--policy", policy,
-                            *sum((["--worker", u] for u in worker_urls), []), "--log-level", "warning"], quiet=False)
-            try:
-                wait_healthy(f"http://127.0.0.1:{router_port}", router, 120)
-                time.sleep(1.5)  # health round + KV-event snapshots
-                systems = tenant_prompts(seed, args.tenants, args.system_words)
-                results[policy] = asyncio.run(multi_tenant_run(
-                    f"http://127.0.0.1:{router_port}", worker_urls, args.model, systems, args.requests,
-                    args.concurrency, args.max_tokens, seed))
-            finally:
-                stop([router])
+        results = routing_rounds(args, worker_urls, sum((["--worker", u] for u in worker_urls), []))
     finally:
         stop(procs)
+    return results
+
+
+def routing_rounds(args: argparse.Namespace, worker_urls: list[str], router_flags: list[str]) -> dict:
+    """One router per policy in front of the running workers, each with fresh tenants."""
+    results = {}
+    for seed, policy in enumerate(("prefix", "round_robin"), start=1):
+        router_port = free_port()
+        router = start([*TANDEM, "router", "--port", str(router_port), "--model", args.model, "--policy", policy,
+                        *router_flags, "--log-level", "warning"], quiet=False)
+        try:
+            wait_healthy(f"http://127.0.0.1:{router_port}", router, 120)
+            time.sleep(1.5)  # health round + KV-event snapshots
+            systems = tenant_prompts(seed, args.tenants, args.system_words)
+            results[policy] = asyncio.run(multi_tenant_run(
+                f"http://127.0.0.1:{router_port}", worker_urls, args.model, systems, args.requests,
+                args.concurrency, args.max_tokens, seed))
+        finally:
+            stop([router])
     results["ttft_p90_speedup"] = results["round_robin"]["ttft_p90_ms"] / results["prefix"]["ttft_p90_ms"]
     return results
 
@@ -630,7 +669,15 @@ def main() -> int:
     parser.add_argument("--kv-cache-memory", default="64MB",
                         help="each worker's KV cache: about half the tenants' prefixes fit in one worker")
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--worker-arg", action="append", default=[], help="extra argument for `tandem serve`")
+    parser.add_argument("--worker-arg", action="append", default=[],
+                        help="extra argument for every worker (`tandem serve`, or vLLM's server with --engine vllm)")
+    parser.add_argument("--engine", choices=("tandem", "vllm"), default="tandem",
+                        help="routing part: the workers' engine (vllm: vLLM-CPU servers from --engine-python)")
+    parser.add_argument("--engine-python", default=None,
+                        help="--engine vllm: python of an environment with vLLM (default: `python` on PATH; "
+                             "`make vllm-env` builds ~/.cache/tandem/vllm-venv)")
+    parser.add_argument("--vllm-kv-blocks", type=int, default=48,
+                        help="--engine vllm: KV-cache blocks (of 32 tokens) per worker, about half the tenants' prefixes")
     parser.add_argument("--overhead-clients", type=int, default=1000)
     parser.add_argument("--overhead-duration", type=float, default=10.0)
     parser.add_argument("--overhead-warmup", type=float, default=4.0)
@@ -663,7 +710,7 @@ def main() -> int:
     if "routing" in report:
         r = report["routing"]
         print(f"\nmulti-tenant workload: {args.tenants} tenants x {args.system_words}-word system prompts, "
-              f"{args.requests} requests, concurrency {args.concurrency}, 2 aggregated workers")
+              f"{args.requests} requests, concurrency {args.concurrency}, 2 aggregated {args.engine} workers")
         print(f"{'policy':<12} {'hit rate':>8} {'TTFT p50':>10} {'TTFT p90':>10} {'req/s':>7} {'tok/s':>7} {'errors':>6}")
         for policy in ("prefix", "round_robin"):
             p = r[policy]

@@ -734,9 +734,15 @@ class RouterService:
         params = None
         if response.status_code == 200:
             try:
-                # Parsed (and so checked) once here, then passed on in the wire format, other connectors' fields kept.
-                parsed = KVTransferParams.parse(response.json().get("kv_transfer_params"))
-                params = parsed.to_dict() if parsed is not None else None
+                raw_params = response.json().get("kv_transfer_params")
+                if worker.kind == "vllm":
+                    # vLLM's NixlConnector speaks its own params (block ids per KV-cache group, remote_num_tokens,
+                    # no first token: its decode side computes the first token again): passed through as given.
+                    params = raw_params if isinstance(raw_params, dict) and raw_params.get("do_remote_prefill") else None
+                else:
+                    # Parsed (and so checked) once here, then passed on in the wire format, other connectors' fields kept.
+                    parsed = KVTransferParams.parse(raw_params)
+                    params = parsed.to_dict() if parsed is not None else None
             except (ValueError, AttributeError) as exc:
                 logger.warning("prefill on %s answered malformed kv_transfer_params: %s", worker.url, exc)
                 params = None
