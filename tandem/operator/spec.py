@@ -462,6 +462,10 @@ def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
     if e.kind == "vllm" and m.scheme == "bundled":
         problems.append("spec.model.uri: engine.kind vllm needs model.uri hf://, pvc:// or file:// "
                         "(the bundled model exists only in the Tandem image)")
+    for component, role in spec.worker_roles():
+        if e.device == "cpu" and role.gpus > 0:
+            problems.append(f"spec.{component}.resources: asks for {GPU_RESOURCE} but engine.device is cpu "
+                            "(the GPUs would sit idle; use auto or cuda)")
     if e.kind == "tandem":
         for component, role in spec.worker_roles():
             if role.gpus > 1:

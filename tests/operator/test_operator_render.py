@@ -262,9 +262,10 @@ def test_device_is_per_role_and_can_be_forced():
     assert decode["runtimeClassName"] == "nvidia" and "runtimeClassName" not in pod(forced, "m-router")
     assert decode["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert decode["containers"][0]["image"] == "registry.example/tandem:cuda"
-    # device: cpu keeps a GPU-requesting role on the CPU (the request itself is the user's to keep).
-    cpu = render(create_llmd({"engine": {"device": "cpu"}, "decode": {"resources": GPU}}))
-    assert "--device" not in command(cpu, "m-decode")
+    # device: cpu with a GPU request would leave the GPU idle: refused.
+    with pytest.raises(SpecError, match="spec.decode.resources: asks for nvidia.com/gpu but engine.device is cpu"):
+        render(create_llmd({"engine": {"device": "cpu"}, "decode": {"resources": GPU}}))
+    assert "--device" not in command(render(create_llmd({"engine": {"device": "cpu"}})), "m-decode")
     # A size is a fixed KV pool on CUDA too (the engine's --kv-cache-memory), for Tandem and for vLLM.
     sized = render(create_llmd({"engine": {"kvCacheMemory": "6Gi"}, "decode": {"resources": GPU}}))
     assert flag(command(sized, "m-decode"), "--kv-cache-memory") == str(6 * 2**30)
@@ -411,7 +412,7 @@ def test_vllm_prefill_decode_on_gpus():
     assert flag(command(tp, "m-decode"), "--tensor-parallel-size") == "2"
     # A vLLM image of one's own replaces the default; a CPU P/D pair keeps its KV buffer in host memory.
     own = render(create_llmd(spec | {"engine": {"kind": "vllm", "image": "registry.example/vllm:dev",
-                                                "device": "cpu"}}))
+                                                "device": "cpu"}, "prefill": {"replicas": 1}, "decode": {}}))
     assert pod(own, "m-decode")["containers"][0]["image"] == "registry.example/vllm:dev"
     assert json.loads(flag(command(own, "m-decode"), "--kv-transfer-config"))["kv_buffer_device"] == "cpu"
 
