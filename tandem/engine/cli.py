@@ -39,6 +39,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (default: off)')
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: TANDEM_NUM_THREADS or all cores)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu-paged"],
+                   help="paged attention: cpu-paged (a C++ operator built once at start-up and cached), torch (the "
+                        "reference); auto = cpu-paged on CPU when it builds, else torch (default %(default)s)")
 
 
 def speculative_config_from_json(text: str | None):
@@ -86,6 +89,7 @@ def engine_config_from_args(args: argparse.Namespace):
         device=args.device,
         seed=args.seed,
         num_threads=args.threads,
+        attention_backend=getattr(args, "attention_backend", "auto"),
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=kv_cache_memory_from_args(args),

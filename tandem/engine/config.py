@@ -273,9 +273,12 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
     num_threads: int | None = None
+    attention_backend: str = "auto"  # auto | torch | cpu-paged (see attention/backend.py select_backend)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"dtype: must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu-paged"):
+            raise ValueError(f"attention_backend: must be auto, torch or cpu-paged, got {self.attention_backend!r}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device: must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

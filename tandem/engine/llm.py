@@ -36,8 +36,10 @@ class LLM:
         num_threads: int | None = None,
         speculative_config: dict | None = None,
         progress: bool = True,
+        attention_backend: str = "auto",
     ) -> None:
         config = EngineConfig(
+            attention_backend=attention_backend,
             speculative=None if speculative_config is None else SpeculativeConfig.from_dict(speculative_config),
             model=model,
             dtype=dtype,

@@ -57,7 +57,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.init_rope(self.device)  # plain fp32 tensors, not buffers: .to() above does not move them
-        self.model.attention_backend = select_backend(self.device)
+        self.model.attention_backend = select_backend(self.device, config.attention_backend)
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears()
         self.block_size = config.cache.block_size

@@ -41,20 +41,32 @@ class AttentionBackend(Protocol):
         ...
 
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cpu-paged")
 
 
 def select_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    """The attention backend for ``device`` (``name`` forces one of ``BACKENDS``); logged once at start-up.
+    """The attention backend for ``device`` (``name``: one of ``BACKENDS``, or None / "auto"); logged once at start-up.
 
-    NOTE: the torch reference is today's only backend, on CPU and CUDA alike; faster ones (a CPU operator,
-    flashinfer on CUDA) plug in here, with the reference as their fallback and test oracle.
+    Auto: on CPU the C++ paged operator (``cpu_paged.py``; built once and cached, at start-up), falling back to the
+    torch reference, with the reason logged, when it cannot be built; elsewhere the torch reference. Asking for
+    ``cpu-paged`` explicitly makes a failed build an error.
     """
     from tandem.engine.attention.torch_ref import TorchReferenceBackend
 
-    chosen = name or "torch"
-    if chosen not in BACKENDS:
-        raise ValueError(f"attention backend: unknown {chosen!r}; known: {', '.join(BACKENDS)}")
-    backend = TorchReferenceBackend()
+    chosen = None if name in (None, "auto") else name
+    if chosen is not None and chosen not in BACKENDS:
+        raise ValueError(f"attention backend: unknown {chosen!r}; known: auto, {', '.join(BACKENDS)}")
+    if chosen == "cpu-paged" and device.type != "cpu":
+        raise ValueError(f"attention backend: cpu-paged runs on the CPU, not on {device}")
+    backend: AttentionBackend = TorchReferenceBackend()
+    if chosen == "cpu-paged" or (chosen is None and device.type == "cpu"):
+        from tandem.engine.attention.cpu_paged import CpuPagedBackend, OperatorBuildError
+
+        try:
+            backend = CpuPagedBackend.create()
+        except OperatorBuildError as exc:
+            if chosen is not None:
+                raise ValueError(f"attention backend: {exc}") from exc
+            logger.warning("attention backend: %s; using the torch reference", exc)
     logger.info("attention backend: %s on %s", backend.name, device)
     return backend

@@ -1,0 +1,138 @@
+"""The CPU paged-attention backend: a small C++ operator that reads KV blocks where they lie in the cache.
+
+The operator (``csrc/paged_attention_cpu.cpp``) is built once with ``torch.utils.cpp_extension`` into
+``TANDEM_CACHE_DIR/torch_extensions`` (progress logged; later starts load the cached build in well under a second)
+and registered as the custom op ``tandem::paged_attention``, opaque to ``torch.compile``. It serves decodes,
+speculative verify chunks and prefill chunks with a cached prefix; prefill chunks without one attend to their own
+keys with the torch reference (SDPA), which is already a blocked kernel for that case.
+
+Build at start-up, never on the request path: ``CpuPagedBackend.create()`` builds (or loads) the operator, and
+``select_backend`` falls back to the torch reference, logged, when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from tandem.engine.attention.backend import LayerAttention
+from tandem.engine.attention.metadata import AttentionMetadata, PrefillSeq
+from tandem.engine.attention.paged import write_kv
+from tandem.engine.attention.torch_ref import TorchReferenceBackend
+from tandem.protocol.model_source import cache_root
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
+EXTENSION_NAME = "tandem_paged_attention_cpu"
+
+
+class OperatorBuildError(RuntimeError):
+    """The C++ operator could not be built or loaded here (no compiler, no ninja, a compile error)."""
+
+
+def build_dir() -> Path:
+    """Where the built operator is cached: ``<tandem cache>/torch_extensions/<torch version>``."""
+    return cache_root() / "torch_extensions" / torch.__version__.replace("+", "_")
+
+
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Build (first time, ~1 minute) or load (cached) the C++ operator; raises ``OperatorBuildError``."""
+    directory = build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    logger.info("CPU paged attention: building or loading the operator in %s ...", directory)
+    from torch.utils import cpp_extension
+
+    try:
+        module = cpp_extension.load(
+            name=EXTENSION_NAME, sources=[str(SOURCE)], build_directory=str(directory), verbose=verbose,
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"], extra_ldflags=["-fopenmp"],
+        )
+    except (RuntimeError, OSError, ImportError) as exc:
+        raise OperatorBuildError(f"CPU paged attention operator: {str(exc).strip().splitlines()[-1]}") from exc
+    logger.info("CPU paged attention: operator ready in %.1fs", time.monotonic() - started)
+    return module
+
+
+def register_op(module: ModuleType) -> None:
+    """Register ``tandem::paged_attention`` over ``module`` (once per process; later calls keep the first)."""
+    if hasattr(torch.ops.tandem, "paged_attention"):
+        return
+
+    @torch.library.custom_op("tandem::paged_attention", mutates_args=())
+    def paged_attention(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+                        scale: float, softcap: float | None, num_kv_heads: int) -> torch.Tensor:
+        return module.paged_attention(q, kv_rows, rows, mask, scale, softcap is not None, softcap or 0.0,
+                                      num_kv_heads)
+
+    @paged_attention.register_fake
+    def _(q, kv_rows, rows, mask, scale, softcap, num_kv_heads):  # noqa: ANN001, ANN202 (shape only)
+        return torch.empty_like(q)
+
+
+def paged_attention(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+                    spec: LayerAttention) -> torch.Tensor:
+    """``q`` ``[B, Q, H, D]`` over each sequence's blocks, read in place: ``rows`` ``[2 * kvh * B * nb]`` in
+    (K/V, head, seq, block) order, ``mask`` broadcastable from ``[1, B, 1, Q, L]`` (the reference's shape)."""
+    B, Q = q.shape[0], q.shape[1]
+    return torch.ops.tandem.paged_attention(q.contiguous(), kv_rows, rows, mask.reshape(B, Q, -1).contiguous(),
+                                            spec.scale, spec.softcap, spec.num_kv_heads)
+
+
+class CpuPagedBackend:
+    """Attention through the C++ operator for every query that reads the paged cache; the torch reference for
+    prefill chunks without a cached prefix (they attend only to their own fresh keys)."""
+
+    name = "cpu-paged"
+
+    def __init__(self) -> None:
+        self._fresh = TorchReferenceBackend()
+
+    @classmethod
+    def create(cls, verbose: bool = False) -> CpuPagedBackend:
+        """Build or load the operator now (start-up), register the custom op, return the backend."""
+        register_op(load_extension(verbose=verbose or bool(os.environ.get("TANDEM_VERBOSE_BUILD"))))
+        return cls()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
+                spec: LayerAttention, meta: AttentionMetadata) -> torch.Tensor:
+        layer = spec.layer
+        write_kv(kv_rows, meta.write_index[layer], k, v)
+        reads = meta.for_window(spec.window)
+        T, H, D = q.shape
+        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+        if meta.num_decode:
+            bd = meta.num_decode
+            o = paged_attention(q[:bd].view(bd, 1, H, D), kv_rows, reads.decode_gather_rows[layer],
+                                reads.decode_mask, spec)
+            out[:bd] = o.view(bd, H, D)
+        for grp in reads.verify:
+            qv = q.index_select(0, grp.token_index).view(grp.num_seqs, grp.q_len, H, D)
+            o = paged_attention(qv, kv_rows, grp.gather_rows[layer], grp.mask, spec)
+            out.index_copy_(0, grp.token_index, o.view(-1, H, D))
+        for seq in reads.prefills:
+            chunk = slice(seq.q_start, seq.q_start + seq.q_len)
+            if seq.gather_rows is None:
+                out[chunk] = self._fresh._prefill(q, k, v, kv_rows, seq, spec)
+            else:
+                o = paged_attention(q[chunk].unsqueeze(0), kv_rows, seq.gather_rows[layer],
+                                    prefix_mask(seq, spec.window, kv_rows.shape[1] // D), spec)
+                out[chunk] = o[0]
+        return out
+
+
+def prefix_mask(seq: PrefillSeq, window: int | None, block_size: int) -> torch.Tensor:
+    """``[1, q_len, nb * block_size]``: which gathered keys (from ``kv_start``) each query of a chunk with a cached
+    prefix may attend (causal, and inside the window)."""
+    from tandem.engine.attention.paged import window_mask
+
+    num_blocks = -(-(seq.ctx_len - seq.kv_start) // block_size)  # the blocks ``gather_rows`` covers
+    kpos = seq.kv_start + torch.arange(num_blocks * block_size).unsqueeze(0)
+    qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len).unsqueeze(1)
+    return window_mask(kpos, qpos, window).unsqueeze(0)

@@ -1,0 +1,150 @@
+// Paged attention on the CPU that reads KV blocks where they lie in the block-major cache.
+//
+// Design (after vLLM's csrc/cpu attention, written for Tandem's layout): one work item per (sequence, KV head,
+// tile of queries); the query heads that share a KV head are attended together, so each block of K and V is
+// read and widened to fp32 once per item, not once per query head. Softmax is online (running max and sum),
+// so no score matrix the size of the context is ever materialised and nothing is gathered into a dense copy.
+//
+// Shapes: q [B, Q, H, D]; kv_rows [R, block_size * D] (the cache viewed by rows, see core/kv_layout.py);
+// rows [2 * kvh * B * nb] int64 in (K/V, head, sequence, block) order; mask [B, Q, nb * block_size] bool
+// (True where a query may attend a key; a query's True keys are one contiguous run: causal plus a window).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;  // queries of one sequence per work item (prefill chunks split into tiles)
+
+struct Dims {
+  int64_t B, Q, H, D, kvh, group, nb, bs, L;
+};
+
+template <typename scalar_t>
+void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, const bool* mask, scalar_t* out,
+                 const Dims& d, int64_t b, int64_t h, int64_t q0, int64_t q1, float scale, bool has_cap,
+                 float cap) {
+  const int64_t D = d.D, bs = d.bs, n_q = q1 - q0, n_rows = d.group * n_q;
+  // Per query row r = (query qi, head g in the group): the contiguous run of keys it may attend.
+  std::vector<int64_t> lo(n_q), hi(n_q);
+  int64_t key_lo = d.L, key_hi = 0;
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    const bool* m = mask + (b * d.Q + q0 + qi) * d.L;
+    int64_t first = 0;
+    while (first < d.L && !m[first]) ++first;
+    int64_t last = first;
+    while (last < d.L && m[last]) ++last;
+    lo[qi] = first;
+    hi[qi] = last;
+    key_lo = std::min(key_lo, first);
+    key_hi = std::max(key_hi, last);
+  }
+  std::vector<float> qf(n_rows * D), acc(n_rows * D, 0.f), kf(bs * D), vf(bs * D), s(bs);
+  std::vector<float> run_max(n_rows, -std::numeric_limits<float>::infinity()), run_sum(n_rows, 0.f);
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    for (int64_t g = 0; g < d.group; ++g) {
+      const scalar_t* src = q + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
+      float* dst = qf.data() + (qi * d.group + g) * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+    }
+  }
+  const int64_t k_base = (h * d.B + b) * d.nb, v_base = ((d.kvh + h) * d.B + b) * d.nb;
+  for (int64_t blk = key_lo / bs; blk * bs < key_hi; ++blk) {
+    const scalar_t* kp = kv + rows[k_base + blk] * bs * D;
+    const scalar_t* vp = kv + rows[v_base + blk] * bs * D;
+    for (int64_t i = 0; i < bs * D; ++i) kf[i] = static_cast<float>(kp[i]);
+    for (int64_t i = 0; i < bs * D; ++i) vf[i] = static_cast<float>(vp[i]);
+    for (int64_t qi = 0; qi < n_q; ++qi) {
+      const int64_t t_lo = std::max<int64_t>(lo[qi] - blk * bs, 0), t_hi = std::min<int64_t>(hi[qi] - blk * bs, bs);
+      if (t_lo >= t_hi) continue;
+      for (int64_t g = 0; g < d.group; ++g) {
+        const int64_t r = qi * d.group + g;
+        const float* qr = qf.data() + r * D;
+        float block_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = t_lo; t < t_hi; ++t) {
+          const float* kt = kf.data() + t * D;
+          float dot = 0.f;
+          for (int64_t i = 0; i < D; ++i) dot += qr[i] * kt[i];
+          if (has_cap) dot = cap * std::tanh(dot / cap);
+          s[t] = dot;
+          block_max = std::max(block_max, dot);
+        }
+        const float new_max = std::max(run_max[r], block_max);
+        const float rescale = std::exp(run_max[r] - new_max);  // exp(-inf) = 0 on the first block
+        float* ar = acc.data() + r * D;
+        float block_sum = 0.f;
+        for (int64_t i = 0; i < D; ++i) ar[i] *= rescale;
+        for (int64_t t = t_lo; t < t_hi; ++t) {
+          const float p = std::exp(s[t] - new_max);
+          block_sum += p;
+          const float* vt = vf.data() + t * D;
+          for (int64_t i = 0; i < D; ++i) ar[i] += p * vt[i];
+        }
+        run_sum[r] = run_sum[r] * rescale + block_sum;
+        run_max[r] = new_max;
+      }
+    }
+  }
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    for (int64_t g = 0; g < d.group; ++g) {
+      const int64_t r = qi * d.group + g;
+      // NOTE: a row with no key to attend (never built by the runner) is written as zeros, not NaN.
+      const float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;
+      scalar_t* dst = out + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[r * D + i] * inv);
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, torch::Tensor mask,
+                              double scale, bool has_cap, double cap, int64_t num_kv_heads) {
+  TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q: expected a contiguous [B, Q, H, D] tensor");
+  TORCH_CHECK(kv_rows.dim() == 2 && kv_rows.is_contiguous(), "kv_rows: expected a contiguous [R, bs * D] tensor");
+  TORCH_CHECK(kv_rows.scalar_type() == q.scalar_type(), "kv_rows: dtype differs from q's");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: expected contiguous int64");
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.dim() == 3 && mask.is_contiguous(),
+              "mask: expected a contiguous [B, Q, L] bool tensor");
+  Dims d{};
+  d.B = q.size(0);
+  d.Q = q.size(1);
+  d.H = q.size(2);
+  d.D = q.size(3);
+  d.kvh = num_kv_heads;
+  TORCH_CHECK(d.kvh > 0 && d.H % d.kvh == 0, "num_kv_heads must divide the query heads");
+  d.group = d.H / d.kvh;
+  TORCH_CHECK(kv_rows.size(1) % d.D == 0, "kv_rows: row length is not a multiple of head_dim");
+  d.bs = kv_rows.size(1) / d.D;
+  TORCH_CHECK(d.B > 0 && rows.numel() % (2 * d.kvh * d.B) == 0, "rows: length is not 2 * kv_heads * B * blocks");
+  d.nb = rows.numel() / (2 * d.kvh * d.B);
+  d.L = d.nb * d.bs;
+  TORCH_CHECK(mask.size(0) == d.B && mask.size(1) == d.Q && mask.size(2) == d.L, "mask: expected [B, Q, blocks * bs]");
+  auto out = torch::empty_like(q);
+  const int64_t tiles = (d.Q + kQueryTile - 1) / kQueryTile;
+  const int64_t items = d.B * d.kvh * tiles;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tandem_paged_attention", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kvp = kv_rows.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t tile = item % tiles, h = (item / tiles) % d.kvh, b = item / (tiles * d.kvh);
+        const int64_t q0 = tile * kQueryTile, q1 = std::min(d.Q, q0 + kQueryTile);
+        attend_item<scalar_t>(qp, kvp, rp, mp, op, d, b, h, q0, q1, static_cast<float>(scale), has_cap,
+                              static_cast<float>(cap));
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)");
+}
