@@ -114,6 +114,7 @@ async def ejected_for(worker, client: httpx.AsyncClient, url: str) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow  # starts the failing worker's process
 @pytest.mark.parametrize("mode", ["500", "drop"])
 async def test_a_failing_worker_is_ejected_for_growing_intervals_and_readmitted_after_a_trial(tmp_path, mode):
     good = PeerWorker("good")
