@@ -15,8 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tandem.engine.cli", "generate a completion for one prompt with the offline engine"),
     "serve": ("tandem.engine.server.cli", "serve one aggregated engine over the OpenAI API"),
-    "prefill": ("tandem.prefill_worker.cli", "run a prefill worker (computes prompts, ships KV over NIXL)"),
-    "decode": ("tandem.decode_worker.cli", "run a decode worker (pulls KV over NIXL, streams tokens)"),
+    "prefill": ("tandem.worker.prefill", "run a prefill worker (computes prompts, ships KV over NIXL)"),
+    "decode": ("tandem.worker.decode", "run a decode worker (pulls KV over NIXL, streams tokens)"),
     "router": ("tandem.router.cli", "run the prefix-aware OpenAI-compatible router"),
     "up": ("tandem.up", "start router + workers locally on 127.0.0.1"),
     "operator": ("tandem.operator.cli", "run the Kubernetes operator (kopf)"),

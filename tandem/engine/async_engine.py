@@ -51,6 +51,7 @@ class _Call:
 
 
 _STOP = object()
+_WAKE = object()  # only wakes the engine thread (see ``AsyncEngine.wake``)
 
 
 class AsyncEngine:
@@ -132,6 +133,11 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def wake(self) -> None:
+        """Wake the engine thread now rather than at its next poll; safe from any thread (e.g. when a KV pull
+        lands on the connector's thread), without a round trip through the event loop."""
+        self._commands.put(_WAKE)
+
     async def call(self, fn: Callable[[LLMEngine], object]):
         """Run ``fn(engine)`` on the engine thread (between steps) and return its result."""
         assert self._loop is not None
@@ -180,7 +186,8 @@ class AsyncEngine:
                 if command is _STOP:
                     self._fail_all(EngineDeadError("engine is shutting down"))
                     return
-                self._handle(engine, command)
+                if command is not _WAKE:
+                    self._handle(engine, command)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from tandem.engine.server.cli import add_arguments as add_server_arguments
-from tandem.kvtransfer.worker import add_kv_arguments, run_worker
+from tandem.worker.disagg import add_kv_arguments, run_worker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

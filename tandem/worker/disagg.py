@@ -1,8 +1,9 @@
-"""Running an engine as a disaggregated worker: the server extension that owns the KV connector, and the
+"""Tandem's engine as a disaggregated worker: the server extension that owns the KV connector, and the
 command-line flags and entry point shared by ``tandem prefill`` and ``tandem decode``.
 
-The connector is created before the engine (the scheduler takes it), attached to the engine's KV buffer on
-the engine thread once the model is loaded, and closed when the server shuts down.
+The connector is created before the engine (the scheduler takes it), and so are its metrics, in the registry
+the server then exposes; the connector is attached to the engine's KV buffer on the engine thread once the
+model is loaded, and closed when the server shuts down.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 from tandem.kvtransfer.connector import LOAD_FAILURE_POLICIES, KVConnectorConfig, NixlConnector
@@ -60,38 +60,24 @@ class KVTransferExtension:
     Use ``build_engine`` as the server's engine factory and the object itself as an extension.
     """
 
-    def __init__(self, config: KVConnectorConfig) -> None:
+    def __init__(self, config: KVConnectorConfig, metrics: KVTransferMetrics) -> None:
         self.config = config
         self.connector = NixlConnector(config)
-        self._metrics: KVTransferMetrics | None = None
-        self._metrics_ready = threading.Event()
+        self.metrics = metrics
 
     def build_engine(self, engine_config: EngineConfig) -> LLMEngine:
         """Engine thread: load the engine with the connector, then register its KV cache with NIXL."""
         from tandem.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(engine_config, connector=self.connector)
-        # startup() runs right after the engine thread starts; the registry is ready long before the model.
-        self._metrics_ready.wait(timeout=60.0)
-        self.connector.attach(engine.runner.kv_buffer, engine.runner.layout, engine.model_name, self._metrics)
+        self.connector.attach(engine.runner.kv_buffer, engine.runner.layout, engine.model_name, self.metrics)
         return engine
 
     async def startup(self, state: ServerState) -> None:
-        from tandem.kvtransfer.metrics import KVTransferMetrics
-
-        try:
-            self._metrics = KVTransferMetrics(state.metrics.registry, state.config.model_name, self.config.role)
-        finally:
-            self._metrics_ready.set()
         port = self.connector.start_side_channel()
         state.engine.step_hooks.append(lambda _engine: self.connector.housekeeping())
-        loop = asyncio.get_running_loop()
-
-        def wake_engine() -> None:
-            # A no-op call between steps wakes the engine thread now, not at its next 5 ms poll.
-            asyncio.run_coroutine_threadsafe(state.engine.call(_noop), loop)
-
-        self.connector.on_load_result = wake_engine
+        # A finished KV pull wakes the engine thread now, not at its next 5 ms poll.
+        self.connector.on_load_result = state.engine.wake
         print(f"tandem: {self.config.role} worker, KV handshake on {self.config.kv_host}:{port} "
               f"(advertised {self.config.advertised_host}:{port})", file=sys.stderr)
 
@@ -99,18 +85,20 @@ class KVTransferExtension:
         await asyncio.get_running_loop().run_in_executor(None, self.connector.close)
 
 
-def _noop(_engine: LLMEngine) -> None:
-    return None
-
-
 def run_worker(args: argparse.Namespace, role: str) -> int:
     """``tandem prefill`` / ``tandem decode``: the OpenAI server of ``tandem serve`` plus the KV connector."""
-    from tandem.engine.server.cli import serve
+    from prometheus_client import CollectorRegistry
+
+    from tandem.engine.server.cli import serve, server_config_from_args
+    from tandem.kvtransfer.metrics import KVTransferMetrics
 
     try:
         config = connector_config_from_args(args, role)
+        model_name = server_config_from_args(args, role).model_name
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    extension = KVTransferExtension(config)
-    return serve(args, role=role, extensions=[extension], engine_factory=extension.build_engine)
+    # NOTE: the server's registry is made here, so the connector's metrics exist before the engine thread does.
+    registry = CollectorRegistry(auto_describe=True)
+    extension = KVTransferExtension(config, KVTransferMetrics(registry, model_name, role))
+    return serve(args, role=role, extensions=[extension], engine_factory=extension.build_engine, registry=registry)

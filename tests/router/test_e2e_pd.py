@@ -15,8 +15,8 @@ from .test_e2e import MODEL, TENANTS, Proc, router_metric, stop_all
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("tandem.prefill_worker.cli") is None
-                       or importlib.util.find_spec("tandem.decode_worker.cli") is None,
+    pytest.mark.skipif(importlib.util.find_spec("tandem.worker.prefill") is None
+                       or importlib.util.find_spec("tandem.worker.decode") is None,
                        reason="needs `tandem prefill` and `tandem decode`"),
 ]
 

@@ -56,7 +56,8 @@ def server_config_from_args(args: argparse.Namespace, role: str):
     )
 
 
-def serve(args: argparse.Namespace, role: str = "aggregated", extensions=(), engine_factory=None) -> int:
+def serve(args: argparse.Namespace, role: str = "aggregated", extensions=(), engine_factory=None,
+          registry=None) -> int:
     """Build the engine and app, then run uvicorn until SIGINT/SIGTERM (graceful)."""
     import uvicorn
 
@@ -70,7 +71,7 @@ def serve(args: argparse.Namespace, role: str = "aggregated", extensions=(), eng
         print(f"error: {exc}", file=sys.stderr)
         return 2
     engine = AsyncEngine(engine_config, engine_factory)
-    state = ServerState(engine, server_config_from_args(args, role))
+    state = ServerState(engine, server_config_from_args(args, role), registry)
     state.extensions.extend(extensions)
     app = build_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,

@@ -66,9 +66,11 @@ class _EngineCollector(Collector):
 class ServerMetrics:
     """The engine server's metrics in its own registry."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None],
+                 registry: CollectorRegistry | None = None) -> None:
         self.model_name = model_name
-        self.registry = CollectorRegistry(auto_describe=True)
+        # A worker role passes the registry its connector's metrics already live in.
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineCollector(model_name, stats))
         register_process_collectors(self.registry)
         labels = ["model_name"]

@@ -34,10 +34,10 @@ class ServerConfig:
 class ServerState:
     """Everything the routes need: the engine, config, metrics and the KV-event hub."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig) -> None:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, registry: Any = None) -> None:
         self.engine = engine
         self.config = config
-        self.metrics = ServerMetrics(config.model_name, lambda: engine.stats)
+        self.metrics = ServerMetrics(config.model_name, lambda: engine.stats, registry)
         self.kv_hub = KVEventHub(config.advertise_url, config.model_name, engine.config.cache.block_size)
         self.redis_publisher = RedisKVEventPublisher(self.kv_hub, config.kv_events_redis) \
             if config.kv_events_redis else None
