@@ -39,7 +39,8 @@ class RouterConfig:
     prefill_urls: tuple[str, ...] = ()
     decode_urls: tuple[str, ...] = ()
     worker_urls: tuple[str, ...] = ()
-    # vLLM workers (kind "vllm"): "URL" or "URL,kv-events=tcp://HOST:PORT" (default: URL's host, vllm_kv_events_port).
+    # vLLM workers (kind "vllm"): "URL[,kv-events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]" (default: the URL's
+    # host on vllm_kv_events_port, no replay).
     vllm_prefill_urls: tuple[str, ...] = ()
     vllm_decode_urls: tuple[str, ...] = ()
     vllm_worker_urls: tuple[str, ...] = ()
@@ -129,15 +130,18 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def parse_vllm_worker(spec: str) -> tuple[str, str | None]:
-    """``URL`` or ``URL,kv-events=tcp://HOST:PORT`` -> (normalized URL, KV-events endpoint or None)."""
-    url, sep, option = spec.partition(",")
-    endpoint = None
-    if sep:
+def parse_vllm_worker(spec: str) -> tuple[str, str | None, str | None]:
+    """``URL[,kv-events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]`` -> (normalized URL, KV-events endpoint or
+    None, vLLM's replay endpoint or None)."""
+    url, *options = spec.split(",")
+    found: dict[str, str] = {}
+    for option in options:
         key, eq, value = option.partition("=")
-        if key.strip() != "kv-events" or not eq or not value.strip().startswith("tcp://"):
-            raise ValueError(f"bad vLLM worker {spec!r}: expected URL or URL,kv-events=tcp://HOST:PORT")
-        endpoint = value.strip()
+        key, value = key.strip(), value.strip()
+        if key not in ("kv-events", "replay") or not eq or not value.startswith("tcp://") or key in found:
+            raise ValueError(f"bad vLLM worker {spec!r}: expected URL[,kv-events=tcp://HOST:PORT]"
+                             "[,replay=tcp://HOST:PORT]")
+        found[key] = value
     if not url.strip():
         raise ValueError(f"bad vLLM worker {spec!r}: empty URL")
-    return normalize_url(url), endpoint
+    return normalize_url(url), found.get("kv-events"), found.get("replay")

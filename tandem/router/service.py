@@ -371,8 +371,9 @@ class RouterService:
         for specs, pool in ((config.vllm_prefill_urls, Pool.PREFILL), (config.vllm_decode_urls, Pool.DECODE),
                             (config.vllm_worker_urls, Pool.AGGREGATED)):
             for spec in specs:
-                url, kv_events = parse_vllm_worker(spec)
-                self.datastore.add(url, pool, kind="vllm", kv_events_endpoint=kv_events)
+                url, kv_events, replay = parse_vllm_worker(spec)
+                worker = self.datastore.add(url, pool, kind="vllm", kv_events_endpoint=kv_events)
+                worker.kv_events_replay = replay
         self.index = PrefixIndex(config.kv_event_ttl_s, config.default_block_size)
         rng = random.Random()
         if config.policy == "round_robin":

@@ -14,7 +14,9 @@ vLLM hash -> Tandem hash to translate parents and removals. The index then recei
 snapshot/batch/heartbeat messages (the same ones Tandem workers send), so scorers, Redis replicas and metrics
 treat both engine kinds alike.
 
-Ordering: vLLM numbers batches 0, 1, 2, ... per process. A gap (a batch lost under the high-water mark, a
+Ordering: vLLM numbers batches 0, 1, 2, ... per process. Batches missed (before the router subscribed, or lost) are
+fetched from vLLM's replay socket when the worker has one (``replay=``), in order, before the batch that revealed
+the hole. Otherwise a gap (a batch lost under the high-water mark, a
 slow subscriber) drops the worker's index entries: what it stored or removed in the hole is unknown, so its
 cache is relearned from the next events on. A sequence that goes backwards is a restarted vLLM (a new stream):
 everything about the old process is forgotten. A publisher that goes silent keeps its entries only as long as
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 # What ``--vllm-kv-events-port`` defaults to: vLLM's own default endpoint, ``tcp://*:5557``.
 DEFAULT_KV_EVENTS_PORT = 5557
 DEFAULT_TOPIC = "kv-events"
+# vLLM's replay socket ends an answer with sequence number -1.
+_END_SEQ = (-1).to_bytes(8, "big", signed=True)
 
 
 class VllmEventError(ValueError):
@@ -120,6 +124,14 @@ class VllmEventTranslator:
         """Tandem hashes of the blocks the worker holds, as far as the events told us."""
         return list(self._ours.values())
 
+    def restart(self, seq: int) -> None:
+        """The publisher started again (its numbering went back to ``seq``): forget the old process entirely."""
+        self.restarts += 1
+        logger.info("vLLM KV events from %s: sequence restarted (%d after %s): a new process",
+                    self.worker, seq, self.last_seq)
+        self._ours.clear()
+        self.last_seq = None
+
     def snapshot(self) -> dict[str, Any]:
         """An index snapshot message stating everything this translator believes."""
         return {"kind": "snapshot", "worker": self.worker, "seq": None, "block_hashes": self.held(),
@@ -136,10 +148,7 @@ class VllmEventTranslator:
         elif seq != self.last_seq + 1:
             if seq <= self.last_seq:
                 # Numbers start again at 0 in a new vLLM process: nothing of the old one's cache survives.
-                self.restarts += 1
-                logger.info("vLLM KV events from %s: sequence restarted (%d after %d): a new process",
-                            self.worker, seq, self.last_seq)
-                self._ours.clear()
+                self.restart(seq)
             else:
                 # Batches were lost: what was stored or removed in the hole is unknown. Forget ownership and
                 # relearn from here (replaying is not possible without vLLM's replay endpoint).
@@ -241,6 +250,7 @@ class VllmEventConsumer:
         self.translators: dict[str, VllmEventTranslator] = {}
         self.batches = 0
         self.malformed = 0
+        self.replayed = 0
 
     def endpoint_of(self, worker: Any) -> str:
         """The worker's own endpoint if it has one, else its host on the default port."""
@@ -270,7 +280,8 @@ class VllmEventConsumer:
         for url in workers.keys() - self._tasks.keys():
             translator = self.translators[url] = VllmEventTranslator(url)
             self._tasks[url] = asyncio.create_task(
-                self._follow(context, self.endpoint_of(workers[url]), translator), name=f"vllm-kv-events {url}")
+                self._follow(context, self.endpoint_of(workers[url]), workers[url].kv_events_replay, translator),
+                name=f"vllm-kv-events {url}")
         for url in self._tasks.keys() - workers.keys():
             self._tasks.pop(url).cancel()
             self.translators.pop(url, None)
@@ -284,7 +295,7 @@ class VllmEventConsumer:
             if not self._index.apply({"kind": "heartbeat", "worker": url}):
                 self._index.apply(translator.snapshot())
 
-    async def _follow(self, context: Any, endpoint: str, translator: VllmEventTranslator) -> None:
+    async def _follow(self, context: Any, endpoint: str, replay: str | None, translator: VllmEventTranslator) -> None:
         import zmq
 
         socket = context.socket(zmq.SUB)
@@ -296,12 +307,61 @@ class VllmEventConsumer:
         socket.subscribe(self._topic.encode())
         socket.connect(endpoint)
         logger.info("vLLM KV events: subscribed to %s (topic %r) for %s", endpoint, self._topic, translator.worker)
+        # With a replay socket, what the worker published before we subscribed is fetched at once (a router replica
+        # started late learns the caches already there); batches the SUB socket also delivers are then skipped.
+        duplicates_through: int | None = None
+        if replay is not None:
+            for missed in await self._replay(context, replay, 0, 2**63, translator.worker):
+                self._on_message(translator, missed)
+            duplicates_through = translator.last_seq
         try:
             while True:
                 frames = await socket.recv_multipart()
+                if duplicates_through is not None and len(frames) == 3 and len(frames[1]) == 8:
+                    if int.from_bytes(frames[1], "big") <= duplicates_through:
+                        continue
+                    duplicates_through = None
+                if replay is not None and len(frames) == 3 and len(frames[1]) == 8:
+                    seq = int.from_bytes(frames[1], "big")
+                    if translator.last_seq is not None and seq <= translator.last_seq:
+                        translator.restart(seq)  # a new vLLM process: its earlier batches are replayed below
+                    expected = 0 if translator.last_seq is None else translator.last_seq + 1
+                    if seq > expected:
+                        # Batches were missed (before we subscribed, or dropped): fetch them from vLLM's replay
+                        # buffer first, so the stream is applied whole and in order.
+                        for missed in await self._replay(context, replay, expected, seq, translator.worker):
+                            self._on_message(translator, missed)
                 self._on_message(translator, frames)
         finally:
             socket.close(linger=0)
+
+    async def _replay(self, context: Any, endpoint: str, start: int, stop: int, worker: str,
+                      timeout_s: float = 2.0) -> list[list[bytes]]:
+        """Batches ``start`` .. ``stop - 1`` from vLLM's replay socket (ROUTER): we send ``[b"", start]``, it answers
+        ``[b"", topic, seq, payload]`` per buffered batch from ``start`` on, then ``[b"", b"", -1, b""]``."""
+        import zmq
+
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(endpoint)
+        batches: list[list[bytes]] = []
+        try:
+            await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                if not await dealer.poll(timeout_s * 1000):
+                    logger.warning("vLLM KV events from %s: replay from %d timed out after %d batches",
+                                   worker, start, len(batches))
+                    break
+                frames = await dealer.recv_multipart()
+                if len(frames) != 4 or frames[2] == _END_SEQ:
+                    break
+                seq = int.from_bytes(frames[2], "big")
+                if start <= seq < stop:
+                    batches.append(frames[1:])
+        finally:
+            dealer.close(linger=0)
+        self.replayed += len(batches)
+        return batches
 
     def _on_message(self, translator: VllmEventTranslator, frames: list[bytes]) -> None:
         if len(frames) != 3 or len(frames[1]) != 8:

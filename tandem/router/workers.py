@@ -40,6 +40,8 @@ class Worker:
     kind: str = "tandem"
     # vLLM only: its KV-event publisher when not the worker's host on --vllm-kv-events-port (tandem up).
     kv_events_endpoint: str | None = None
+    # vLLM only: its replay socket (ROUTER), from which missed KV-event batches can be fetched again.
+    kv_events_replay: str | None = None
     healthy: bool = False
     # Served model names from /v1/models; None until the first successful probe.
     models: frozenset[str] | None = None

@@ -160,8 +160,10 @@ def test_malformed_payloads_are_errors_not_index_changes():
 
 
 def test_worker_specs_and_endpoints():
-    assert parse_vllm_worker("127.0.0.1:8001") == ("http://127.0.0.1:8001", None)
-    assert parse_vllm_worker("http://h:1/,kv-events=tcp://h:7") == ("http://h:1", "tcp://h:7")
+    assert parse_vllm_worker("127.0.0.1:8001") == ("http://127.0.0.1:8001", None, None)
+    assert parse_vllm_worker("http://h:1/,kv-events=tcp://h:7") == ("http://h:1", "tcp://h:7", None)
+    assert parse_vllm_worker("http://h:1,replay=tcp://h:8,kv-events=tcp://h:7") == ("http://h:1", "tcp://h:7",
+                                                                                    "tcp://h:8")
     with pytest.raises(ValueError, match="kv-events=tcp://"):
         parse_vllm_worker("http://h:1,events=h:7")
     with pytest.raises(ValueError, match="bad vLLM worker"):
@@ -235,3 +237,69 @@ async def test_consumer_follows_a_zmq_publisher_and_keeps_healthy_idle_workers(v
         await asyncio.gather(task, return_exceptions=True)
         pub.close(0)
         context.term()
+
+
+_PUBLISHER = r"""
+import sys, time
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch, ZmqEventPublisher
+pub_port, replay_port = sys.argv[1], sys.argv[2]
+publisher = ZmqEventPublisher(0, endpoint=f"tcp://*:{pub_port}", replay_endpoint=f"tcp://*:{replay_port}",
+                              topic="kv-events")
+def stored(hashes, parent, tokens):
+    return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=32, lora_id=None,
+                       medium="GPU", lora_name=None)
+a, b, c = list(range(100, 132)), list(range(200, 232)), list(range(300, 332))
+publisher.publish(KVEventBatch(ts=time.time(), events=[stored([b"h1", b"h2"], None, a + b)]))
+publisher.publish(KVEventBatch(ts=time.time(), events=[stored([b"h3"], b"h2", c)]))
+time.sleep(0.5)
+print("published", flush=True)
+sys.stdin.readline()
+publisher.publish(KVEventBatch(ts=time.time(), events=[BlockRemoved(block_hashes=[b"h3"], medium="GPU")]))
+sys.stdin.readline()
+publisher.shutdown()
+"""
+
+
+@pytest.mark.slow  # runs vLLM's own ZmqEventPublisher in the vLLM venv
+async def test_a_router_subscribing_late_learns_earlier_batches_from_vllms_replay_socket():
+    python = require_vllm_python()
+    pub_port, replay_port = free_tcp_port(), free_tcp_port()
+    proc = subprocess.Popen([str(python), "-c", _PUBLISHER, str(pub_port), str(replay_port)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    task = None
+    try:
+        assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "published"
+        datastore = Datastore()
+        worker = datastore.add(WORKER, Pool.AGGREGATED, kind="vllm", kv_events_endpoint=f"tcp://127.0.0.1:{pub_port}")
+        worker.kv_events_replay = f"tcp://127.0.0.1:{replay_port}"
+        worker.healthy = True
+        index = PrefixIndex(ttl_s=10)
+        consumer = VllmEventConsumer(datastore, index, interval_s=0.05)
+        task = asyncio.create_task(consumer.run())
+        ours = hash_block_tokens(A + B + C, BS)
+        # Both batches were published before the router existed: the replay socket hands them over.
+        await _wait_for(lambda: index.matched_blocks(ours, WORKER) == 3, timeout_s=10)
+        assert consumer.replayed == 2
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        await _wait_for(lambda: index.matched_blocks(ours, WORKER) == 2, timeout_s=10)
+        assert consumer.translators[WORKER].last_seq == 2 and consumer.translators[WORKER].gaps == 0
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
