@@ -16,6 +16,7 @@ Torch-free and server-free: errors are ValueErrors naming the field (``tool_choi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,7 +49,29 @@ class TextPiece:
     text: str
 
 
-Event = TextPiece | ParsedCall
+@dataclass(frozen=True, slots=True)
+class CallStart:
+    """A streamed call begins: its function's name is known, its arguments follow as ``ArgsDelta`` pieces."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArgsDelta:
+    """The next piece of a streamed call's arguments (JSON text)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnd:
+    """The streamed call's arguments are complete."""
+
+
+Event = TextPiece | ParsedCall | CallStart | ArgsDelta | CallEnd
+# The head of a forced call, up to where its arguments object begins (the grammar writes "name" first).
+_FORCED_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+_TAIL = re.compile(r"[\s}]*\Z")
 
 
 def call_schema(tools: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
@@ -161,22 +184,50 @@ class HermesToolParser:
 
 @dataclass(slots=True)
 class ForcedCallParser:
-    """A grammar-forced call: the whole output is one ``{"name", "arguments"}`` JSON object."""
+    """A grammar-forced call: the whole output is one ``{"name", "arguments"}`` JSON object.
+
+    Streamed as OpenAI streams calls: ``CallStart`` once the name is written, then the arguments as they are
+    generated (``ArgsDelta``), then ``CallEnd``. NOTE: a run of closing braces and whitespace is held back until
+    more text comes or the output ends, since the last brace closes the call object, not the arguments.
+    """
 
     allowed: tuple[str, ...] | None = None
-    _buffer: list[str] = field(default_factory=list)
+    _buffer: str = ""
+    _started: bool = False
 
     def feed(self, text: str) -> list[Event]:
-        """Nothing until the end: a partial JSON object is not a call yet."""
-        self._buffer.append(text)
-        return []
+        """Events for the output so far, given its next piece ``text``."""
+        self._buffer += text
+        events: list[Event] = []
+        if not self._started:
+            head = _FORCED_HEAD.match(self._buffer)
+            if head is None:
+                return events
+            self._started = True
+            events.append(CallStart(json.loads(head.group(1))))
+            self._buffer = self._buffer[head.end():]
+        held = _TAIL.search(self._buffer).start()
+        if held:
+            events.append(ArgsDelta(self._buffer[:held]))
+            self._buffer = self._buffer[held:]
+        return events
 
     def finish(self) -> list[Event]:
-        """The call, or the raw text when the output was cut short (``max_tokens``) before the JSON ended."""
-        text = "".join(self._buffer)
-        self._buffer.clear()
+        """The rest: the call's last arguments and its end; without a call head, the whole call or the raw text
+        (when the output was cut short, by ``max_tokens``, before the JSON ended)."""
+        rest, self._buffer = self._buffer, ""
+        if self._started:
+            self._started = False
+            closing = rest.rstrip()
+            args = closing[:-1] if closing.endswith("}") else closing  # the call object's own closing brace
+            return ([ArgsDelta(args)] if args else []) + [CallEnd()]
+        call = _call_from_json(rest, self.allowed)
+        return [call] if call is not None else ([TextPiece(rest)] if rest else [])
+
+    def whole(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """A whole output -> (its text, or None; the call)."""
         call = _call_from_json(text, self.allowed)
-        return [call] if call is not None else ([TextPiece(text)] if text else [])
+        return (None, [call]) if call is not None else (text, [])
 
 
 def _partial_suffix(text: str, marker: str) -> int:
@@ -201,6 +252,8 @@ def make_parser(plan: ToolPlan, name: str = "hermes") -> HermesToolParser | Forc
 
 def parse(parser: HermesToolParser | ForcedCallParser, text: str) -> tuple[str | None, list[ParsedCall]]:
     """A whole output -> (its text outside tool calls, or None when empty; the calls)."""
+    if isinstance(parser, ForcedCallParser):
+        return parser.whole(text)
     events = parser.feed(text) + parser.finish()
     calls = [e for e in events if isinstance(e, ParsedCall)]
     content = "".join(e.text for e in events if isinstance(e, TextPiece))

@@ -97,3 +97,22 @@ def test_tool_plans():
     assert "".join(e.text for e in parser.feed("abc <tool")) == "abc "
     events = parser.finish()
     assert "".join(e.text for e in events) == "<tool"
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+def test_forced_calls_stream_name_then_arguments(step):
+    from tandem.protocol.tools import ArgsDelta, CallEnd, CallStart, ForcedCallParser
+
+    text = '{"name": "get_weather", "arguments": {"city": "Pa}ris", "n": {"x": 1}}}'
+    parser, events = ForcedCallParser(("get_weather",)), []
+    for i in range(0, len(text), step):
+        events += parser.feed(text[i:i + step])
+    events += parser.finish()
+    assert [e.name for e in events if isinstance(e, CallStart)] == ["get_weather"]
+    assert json.loads("".join(e.text for e in events if isinstance(e, ArgsDelta))) == \
+        {"city": "Pa}ris", "n": {"x": 1}}
+    assert isinstance(events[-1], CallEnd)
+    # Arguments written before the name: no stream head, the whole call at the end.
+    parser = ForcedCallParser(("get_weather",))
+    assert parser.feed('{"arguments": {}, "name": "get_weather"}') == []
+    assert parser.finish()[0].name == "get_weather"

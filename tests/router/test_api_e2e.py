@@ -16,6 +16,8 @@ import pytest
 from tandem.protocol.hashing import hash_block_tokens
 from tandem.router.tokenizer import PromptTokenizer
 
+from server.test_tools_and_structured import accumulate
+
 from .peers import free_port
 from .test_e2e import MODEL, Proc, engine_counters, router_metric, stop_all
 
@@ -76,20 +78,20 @@ def test_tools_structured_output_and_logit_bias_through_pd(pd, oai):
         kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
         if stream:
             chunks = [c for c in oai.chat.completions.create(stream=True, **kwargs) if c.choices]
-            calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+            calls = [(c["name"], c["arguments"]) for c in accumulate(chunks)]
             finish = chunks[-1].choices[0].finish_reason
         else:
             choice = oai.chat.completions.create(**kwargs).choices[0]
-            calls, finish = choice.message.tool_calls, choice.finish_reason
-        assert finish == "tool_calls" and calls[0].function.name == "get_weather"
-        jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER["function"]["parameters"])
+            calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+            finish = choice.finish_reason
+        assert finish == "tool_calls" and calls[0][0] == "get_weather"
+        jsonschema.validate(json.loads(calls[0][1]), WEATHER["function"]["parameters"])
     # auto: the model's hermes output (steered by a choice constraint) is parsed into a call, streamed too.
     hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     chunks = [c for c in oai.chat.completions.create(
         model=MODEL, messages=ASK, tools=[WEATHER], max_tokens=40, temperature=0, stream=True,
         extra_body={"structured_outputs": {"choice": [hermes]}}) if c.choices]
-    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert [(c["name"], json.loads(c["arguments"])) for c in accumulate(chunks)] == [("get_weather", {"city": "Oslo"})]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
               "additionalProperties": False}

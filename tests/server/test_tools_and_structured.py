@@ -49,14 +49,31 @@ def test_named_and_required_tool_calls_are_grammar_constrained(client):
         _check_call(call, WEATHER if call.function.name == "get_weather" else TIME)
 
 
+def accumulate(chunks) -> list[dict]:
+    """Streamed tool-call deltas put together as the openai client's users do: by index."""
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": "", "pieces": 0})
+            call["id"] = call["id"] or tc.id
+            call["name"] = call["name"] or (tc.function.name if tc.function else None)
+            call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            call["pieces"] += 1
+    return [calls[i] for i in sorted(calls)]
+
+
 def test_streamed_tool_call_deltas(client):
     stream = client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0,
                                             tool_choice="required", stream=True)
     chunks = [c for c in stream if c.choices]
-    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].id.startswith("call_")
-    assert deltas[0].function.name == "get_weather"
-    jsonschema.validate(json.loads(deltas[0].function.arguments), WEATHER["function"]["parameters"])
+    whole = client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER], max_tokens=60, temperature=0,
+                                           tool_choice="required").choices[0].message.tool_calls[0]
+    [call] = accumulate(chunks)
+    assert call["id"].startswith("call_") and call["name"] == "get_weather"
+    # The name first, then the arguments as they are generated (OpenAI's way), equal to the whole answer's.
+    assert call["pieces"] > 2
+    assert json.loads(call["arguments"]) == json.loads(whole.function.arguments)
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

@@ -27,7 +27,16 @@ from tandem.protocol.chat import chat_template_input, validate_tools
 from tandem.protocol.errors import from_value_error
 from tandem.protocol.openai import ChatCompletionRequest
 from tandem.protocol.structured_output import StructuredOutputSpec
-from tandem.protocol.tools import ParsedCall, TextPiece, ToolPlan, make_parser, parse, plan_tools
+from tandem.protocol.tools import (
+    ArgsDelta,
+    CallStart,
+    ParsedCall,
+    TextPiece,
+    ToolPlan,
+    make_parser,
+    parse,
+    plan_tools,
+)
 from tandem.web.errors import sse_event
 
 
@@ -122,6 +131,32 @@ def chat_logprobs(state: ServerState, token_ids: list[int], logprobs: list[dict[
     return {"content": content}
 
 
+def _deltas(events: list, calls_sent: dict[int, int], index: int) -> list[dict]:
+    """Stream deltas for parser events, in order, OpenAI's way: text as ``content``; a call as a first
+    ``tool_calls`` delta with its index, id, type and name, then its arguments piece by piece (a call parsed
+    whole comes as one delta). ``calls_sent[index]`` counts the choice's finished calls."""
+    deltas: list[dict] = []
+    for e in events:
+        if isinstance(e, TextPiece):
+            if not e.text:
+                continue
+            if deltas and "content" in deltas[-1]:
+                deltas[-1]["content"] += e.text
+            else:
+                deltas.append({"content": e.text})
+        elif isinstance(e, ParsedCall):
+            deltas.append({"tool_calls": [tool_call_json(e, new_call_id(), calls_sent[index])]})
+            calls_sent[index] += 1
+        elif isinstance(e, CallStart):
+            deltas.append({"tool_calls": [{"index": calls_sent[index], "id": new_call_id(), "type": "function",
+                                           "function": {"name": e.name, "arguments": ""}}]})
+        elif isinstance(e, ArgsDelta):
+            deltas.append({"tool_calls": [{"index": calls_sent[index], "function": {"arguments": e.text}}]})
+        else:  # CallEnd
+            calls_sent[index] += 1
+    return deltas
+
+
 def _response(ctx: GenContext, result: Collected, ids: list[int], params: SamplingParams, plan: ToolPlan) -> dict:
     choices = []
     completion_tokens = 0
@@ -181,14 +216,7 @@ async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, body,
             events = [TextPiece(new_text)] if new_text else []
         else:
             events = parser.feed(new_text) + (parser.finish() if d.finished else [])
-        # One delta for the text, one per complete tool call (OpenAI's shape: index, id, type, name, arguments).
-        deltas: list[dict] = []
-        text = "".join(e.text for e in events if isinstance(e, TextPiece))
-        if text:
-            deltas.append({"content": text})
-        for call in (e for e in events if isinstance(e, ParsedCall)):
-            deltas.append({"tool_calls": [tool_call_json(call, new_call_id(), calls_sent[d.index])]})
-            calls_sent[d.index] += 1
+        deltas = _deltas(events, calls_sent, d.index)
         if not deltas and (d.finished or lp is not None or (body.return_token_ids and d.new_token_ids)):
             deltas.append({})  # NOTE: with return_token_ids, tokens whose text is held back are sent too
         # NOTE: text held back (a possible stop string or tool call) still sends its tokens' logprobs.

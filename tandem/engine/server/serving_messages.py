@@ -28,7 +28,7 @@ from tandem.engine.server.serving_chat import render_chat, tool_plan
 from tandem.engine.server.state import ServerState
 from tandem.protocol.anthropic import CountTokensRequest, MessagesRequest, stop_reason, to_chat
 from tandem.protocol.errors import from_value_error
-from tandem.protocol.tools import ParsedCall, TextPiece, ToolPlan, make_parser, parse
+from tandem.protocol.tools import ArgsDelta, CallEnd, CallStart, ParsedCall, TextPiece, ToolPlan, make_parser, parse
 from tandem.web.errors import sse_event
 
 
@@ -143,9 +143,23 @@ async def _stream(ctx: GenContext, ids: list[int], params: SamplingParams, plan:
                 yield sse_event({"type": "content_block_delta", "index": index,
                                  "delta": {"type": "text_delta", "text": e.text}}, "content_block_delta")
                 continue
+            if isinstance(e, ArgsDelta):
+                yield sse_event({"type": "content_block_delta", "index": index,
+                                 "delta": {"type": "input_json_delta", "partial_json": e.text}}, "content_block_delta")
+                continue
+            if isinstance(e, CallEnd):
+                yield sse_event({"type": "content_block_stop", "index": index}, "content_block_stop")
+                index += 1
+                calls += 1
+                continue
             if text_open:
                 yield sse_event({"type": "content_block_stop", "index": index}, "content_block_stop")
                 text_open, index = False, index + 1
+            if isinstance(e, CallStart):  # a streamed call: its arguments follow as input_json_delta pieces
+                yield sse_event({"type": "content_block_start", "index": index, "content_block": {
+                    "type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:24], "name": e.name, "input": {}}},
+                    "content_block_start")
+                continue
             block = _tool_use(e)
             yield sse_event({"type": "content_block_start", "index": index,
                              "content_block": {**block, "input": {}}}, "content_block_start")
