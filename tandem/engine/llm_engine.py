@@ -7,6 +7,7 @@ thread (``async_engine.py``) and the offline ``LLM`` calls ``step()`` in a loop.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sys
 import time
@@ -80,6 +81,7 @@ def load_model(config: EngineConfig, progress: bool = True):
     try:
         resolved, weights_dir = prepare(name)
         mc = config_from_hf(load_config(weights_dir))
+        mc.eos_token_id = _all_eos_ids(mc.eos_token_id, weights_dir)
         t0 = time.monotonic()
         with torch.device("meta"):
             model = build_model(mc)
@@ -94,6 +96,27 @@ def load_model(config: EngineConfig, progress: bool = True):
         return mc, model, tokenizer, resolved.name
     except (ModelNotFoundError, WeightsError, ValueError, OSError) as exc:
         raise ModelLoadError(str(exc).splitlines()[0]) from exc
+
+
+def _all_eos_ids(eos: int | list[int] | None, weights_dir) -> int | list[int] | None:
+    """The model's end-of-sequence ids from config.json and generation_config.json together.
+
+    Why: instruct models often end a turn with a token other than the tokenizer's EOS (Gemma 3's
+    ``<end_of_turn>``, Llama 3's ``<|eot_id|>``), listed only in generation_config.json; vLLM stops on all of them.
+    """
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    path = weights_dir / "generation_config.json"
+    if path.exists():
+        try:
+            extra = json.loads(path.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            extra = None
+        for token in [extra] if isinstance(extra, int) else (extra or []):
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
 
 
 def _load_tokenizer(weights_dir):
@@ -140,6 +163,10 @@ class LLMEngine:
                   f"x {layout.block_size} tokens = {layout.num_blocks * layout.block_size} tokens "
                   f"({config.dtype})", file=sys.stderr)
         self.eos_token_id = self._eos_token_id()
+        # Other end-of-turn ids (generation_config.json) stop a request like stop_token_ids, unless ignore_eos.
+        eos_ids = self.model_config.eos_token_id
+        self.extra_eos_token_ids = tuple(t for t in (eos_ids if isinstance(eos_ids, list) else [eos_ids])
+                                         if t is not None and t != self.eos_token_id)
         # Grammars compile on their own thread; xgrammar is loaded on the first structured request.
         self.structured_output = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
                                                          eos_token_id=self.eos_token_id)
@@ -219,6 +246,9 @@ class LLMEngine:
             )
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is not in the vocabulary [0, {vocab})")
+        missing = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
+        if missing and not params.ignore_eos:
+            params = params.clone(stop_token_ids=[*params.stop_token_ids, *missing])
         first = self._handed_in_first_token(params, kv_transfer_params)
         grammars = self._grammars(params, first)
         children = []

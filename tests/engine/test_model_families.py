@@ -264,3 +264,19 @@ def test_padded_fresh_prefill_batch_keeps_the_window_and_softcap():
     full = LayerAttention(0, 4, 2, 8, 0.3, None, 2.0)
     qs, ks, vs = (t[26:66].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     assert not torch.allclose(dense_attention(qs, ks, vs, None, full, causal=True)[0].transpose(0, 1), got[26:66])
+
+
+def test_generation_config_end_of_turn_ids_stop_a_request(tmp_path):
+    """Gemma 3 instruct ends a turn with <end_of_turn>, listed only in generation_config.json: it must stop."""
+    save_random("gemma3", tmp_path)
+    end_of_turn = 106
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, end_of_turn]}))
+    llm = LLM(model=str(tmp_path), dtype="float32", max_model_len=128, num_blocks=32, progress=False)
+    forced = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logit_bias={end_of_turn: 100.0})
+    out = llm.generate([{"prompt_token_ids": prompts_for(4)[1]}], forced)[0].outputs[0]
+    assert out.token_ids[-1] == end_of_turn and len(out.token_ids) == 1 and out.finish_reason == "stop"
+    # ignore_eos runs through it, as for the tokenizer's own EOS.
+    free = forced.clone(ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": prompts_for(4)[1]}], free)[0].outputs[0]
+    assert len(out.token_ids) == MAX_NEW and out.finish_reason == "length"
+    assert_engine_idle(llm.engine)
