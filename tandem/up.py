@@ -190,7 +190,7 @@ def plan_vllm(args: argparse.Namespace, python: "VllmPython") -> list[ChildSpec]
     for role, cpus in zip(roles, cores):
         worker = vllm_worker(python, role, model_dir, served_name, free_port(), free_port(),
                              side_channel_port=None if role == "aggregated" else free_port(),
-                             engine_args=args.engine_arg, cpus=cpus)
+                             engine_args=args.engine_arg, cpus=cpus, replay_port=free_port())
         if args.threads is not None:
             worker.env["OMP_NUM_THREADS"] = str(args.threads)
         index = counters[role] = counters.get(role, -1) + 1

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="aggregated vLLM worker (repeatable)")
     parser.add_argument("--vllm-kv-events-port", type=int, default=5557,
                         help="port of vLLM workers' KV-event ZMQ publisher on their host (default 5557)")
+    parser.add_argument("--vllm-kv-events-replay-port", type=int, default=None,
+                        help="port of vLLM workers' KV-event replay socket on their host (their kv-events-config "
+                             "replay_endpoint; default: none, missed batches are relearned)")
     parser.add_argument("--vllm-kv-events-topic", default="kv-events", help="topic vLLM publishes KV events on")
     parser.add_argument("--k8s-namespace", default=None)
     parser.add_argument("--k8s-prefill-selector", default=None, metavar="K=V,...")
@@ -96,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
         vllm_decode_urls=tuple(args.vllm_decode),
         vllm_worker_urls=tuple(args.vllm_worker),
         vllm_kv_events_port=args.vllm_kv_events_port,
+        vllm_kv_events_replay_port=args.vllm_kv_events_replay_port,
         vllm_kv_events_topic=args.vllm_kv_events_topic,
         prefill_weights={**DEFAULT_PREFILL_WEIGHTS, **parse_weights(args.scorer_weights or "")},
         decode_weights={**DEFAULT_DECODE_WEIGHTS, **parse_weights(args.decode_scorer_weights or "")},

@@ -45,6 +45,8 @@ class RouterConfig:
     vllm_decode_urls: tuple[str, ...] = ()
     vllm_worker_urls: tuple[str, ...] = ()
     vllm_kv_events_port: int = 5557
+    # Port of vLLM workers' replay socket on their host, for workers not given one of their own (None: no replay).
+    vllm_kv_events_replay_port: int | None = None
     vllm_kv_events_topic: str = "kv-events"
     prefill_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PREFILL_WEIGHTS))
     decode_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DECODE_WEIGHTS))

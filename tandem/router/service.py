@@ -433,7 +433,8 @@ class RouterService:
                         "direct-events")
         # vLLM workers publish over ZMQ whatever carries Tandem workers' events (each router replica subscribes).
         self.vllm_consumer = VllmEventConsumer(self.datastore, self.index, cfg.vllm_kv_events_port,
-                                               cfg.vllm_kv_events_topic)
+                                               cfg.vllm_kv_events_topic,
+                                               default_replay_port=cfg.vllm_kv_events_replay_port)
         self._spawn(self.vllm_consumer.run(), "vllm-events")
         if self.tenants is not None:
             self._spawn(self.tenants.run(), "tenants-watch")

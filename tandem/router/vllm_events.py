@@ -240,10 +240,11 @@ class VllmEventConsumer:
     """
 
     def __init__(self, datastore: Any, index: Any, default_port: int = DEFAULT_KV_EVENTS_PORT,
-                 topic: str = DEFAULT_TOPIC, interval_s: float = 0.5) -> None:
+                 topic: str = DEFAULT_TOPIC, interval_s: float = 0.5, default_replay_port: int | None = None) -> None:
         self._datastore = datastore
         self._index = index
         self._default_port = default_port
+        self._default_replay_port = default_replay_port
         self._topic = topic
         self._interval_s = interval_s
         self._tasks: dict[str, asyncio.Task] = {}
@@ -255,6 +256,14 @@ class VllmEventConsumer:
     def endpoint_of(self, worker: Any) -> str:
         """The worker's own endpoint if it has one, else its host on the default port."""
         return worker.kv_events_endpoint or events_endpoint(worker.url, self._default_port)
+
+    def replay_of(self, worker: Any) -> str | None:
+        """The worker's own replay endpoint, else its host on the default replay port if there is one."""
+        if worker.kv_events_replay is not None:
+            return worker.kv_events_replay
+        if self._default_replay_port is None:
+            return None
+        return events_endpoint(worker.url, self._default_replay_port)
 
     async def run(self) -> None:
         import zmq.asyncio
@@ -280,7 +289,7 @@ class VllmEventConsumer:
         for url in workers.keys() - self._tasks.keys():
             translator = self.translators[url] = VllmEventTranslator(url)
             self._tasks[url] = asyncio.create_task(
-                self._follow(context, self.endpoint_of(workers[url]), workers[url].kv_events_replay, translator),
+                self._follow(context, self.endpoint_of(workers[url]), self.replay_of(workers[url]), translator),
                 name=f"vllm-kv-events {url}")
         for url in self._tasks.keys() - workers.keys():
             self._tasks.pop(url).cancel()

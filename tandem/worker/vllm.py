@@ -77,6 +77,7 @@ class VllmWorkerPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     side_channel_port: int | None = None
+    replay_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -90,7 +91,8 @@ class VllmWorkerPlan:
     def router_flag(self) -> list[str]:
         """How the router is told about this worker: ``--vllm-<role> URL,kv-events=tcp://...``."""
         flag = {"aggregated": "--vllm-worker"}.get(self.role, f"--vllm-{self.role}")
-        return [flag, f"{self.url},kv-events={self.kv_events_endpoint}"]
+        replay = f",replay=tcp://127.0.0.1:{self.replay_port}" if self.replay_port is not None else ""
+        return [flag, f"{self.url},kv-events={self.kv_events_endpoint}{replay}"]
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -99,7 +101,7 @@ def _has_flag(args: list[str], flag: str) -> bool:
 
 def vllm_worker(python: VllmPython, role: str, model_dir: str, served_model_name: str, port: int,
                 kv_events_port: int, side_channel_port: int | None = None, engine_args: list[str] | None = None,
-                cpus: list[int] | None = None) -> VllmWorkerPlan:
+                cpus: list[int] | None = None, replay_port: int | None = None) -> VllmWorkerPlan:
     """The command line and environment of one vLLM OpenAI server in ``role`` on 127.0.0.1.
 
     ``cpus``: the cores this worker may use (bound with ``VLLM_CPU_OMP_THREADS_BIND``); None shares all cores
@@ -119,7 +121,12 @@ def vllm_worker(python: VllmPython, role: str, model_dir: str, served_model_name
         # NOTE: vLLM binds its PUB only for a wildcard endpoint; "tcp://127.0.0.1:P" would make it *connect* there.
         events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{kv_events_port}",
                   "topic": KV_EVENTS_TOPIC}
+        if replay_port is not None:
+            # Its replay buffer lets a router that subscribes late (or lost batches) fetch what it missed.
+            events["replay_endpoint"] = f"tcp://*:{replay_port}"
         argv += ["--kv-events-config", json.dumps(events)]
+    else:
+        replay_port = None  # the user's own --kv-events-config: its endpoints are theirs to give the router
     env = {"VLLM_API_KEY": ""}  # the router holds the API key; its workers on 127.0.0.1 must not demand one
     if role != "aggregated":
         if side_channel_port is None:
@@ -139,7 +146,7 @@ def vllm_worker(python: VllmPython, role: str, model_dir: str, served_model_name
         env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus)) if cpus else "nobind"
         env["OMP_NUM_THREADS"] = str(len(cpus) if cpus else 1)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    return VllmWorkerPlan(role, port, kv_events_port, argv + extra, env, side_channel_port)
+    return VllmWorkerPlan(role, port, kv_events_port, argv + extra, env, side_channel_port, replay_port)
 
 
 def share_cores(count: int, available: list[int] | None = None) -> list[list[int] | None]:

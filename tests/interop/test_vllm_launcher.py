@@ -59,7 +59,9 @@ def test_plan_for_vllm_prefill_decode_and_its_router():
     assert all(w.env["VLLM_API_KEY"] == "" for w in workers)  # the router holds the key
     # The router knows each worker's kind, role and KV-event endpoint.
     port = events["endpoint"].rsplit(":", 1)[1]
-    assert f"http://127.0.0.1:{flag(prefill, '--port')},kv-events=tcp://127.0.0.1:{port}" in router.argv
+    replay = events["replay_endpoint"].rsplit(":", 1)[1]
+    assert (f"http://127.0.0.1:{flag(prefill, '--port')},kv-events=tcp://127.0.0.1:{port},"
+            f"replay=tcp://127.0.0.1:{replay}") in router.argv
     assert router.argv.count("--vllm-decode") == 2 and "--served-model-name" in router.argv
 
 

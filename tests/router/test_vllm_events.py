@@ -169,6 +169,10 @@ def test_worker_specs_and_endpoints():
     with pytest.raises(ValueError, match="bad vLLM worker"):
         RouterConfig(served_model_name="m", vllm_worker_urls=("http://h:1,kv-events=udp://x",))
     assert events_endpoint("http://10.0.0.5:8000", 5557) == "tcp://10.0.0.5:5557"
+    pod = Datastore().add("http://10.0.0.5:8000", Pool.DECODE, kind="vllm")
+    assert VllmEventConsumer(Datastore(), PrefixIndex(ttl_s=1)).replay_of(pod) is None
+    consumer = VllmEventConsumer(Datastore(), PrefixIndex(ttl_s=1), default_replay_port=5558)
+    assert consumer.endpoint_of(pod) == "tcp://10.0.0.5:5557" and consumer.replay_of(pod) == "tcp://10.0.0.5:5558"
     assert events_endpoint("http://[fd00::1]:8000", 5557) == "tcp://[fd00::1]:5557"
     with pytest.raises(ValueError, match="unknown worker kind"):
         Datastore().add("http://h:1", Pool.AGGREGATED, kind="sglang")
