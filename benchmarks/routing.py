@@ -676,8 +676,8 @@ def main() -> int:
     parser.add_argument("--engine-python", default=None,
                         help="--engine vllm: python of an environment with vLLM (default: `python` on PATH; "
                              "`make vllm-env` builds ~/.cache/tandem/vllm-venv)")
-    parser.add_argument("--vllm-kv-blocks", type=int, default=48,
-                        help="--engine vllm: KV-cache blocks (of 32 tokens) per worker, about half the tenants' prefixes")
+    parser.add_argument("--vllm-kv-blocks", type=int, default=96,
+                        help="--engine vllm: KV-cache blocks (of 32 tokens) per worker, about as many tokens as --kv-cache-memory gives Tandem")
     parser.add_argument("--overhead-clients", type=int, default=1000)
     parser.add_argument("--overhead-duration", type=float, default=10.0)
     parser.add_argument("--overhead-warmup", type=float, default=4.0)
