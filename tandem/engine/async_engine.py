@@ -19,6 +19,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.llm_engine import EngineStats, LLMEngine
 from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
+from tandem.protocol.kv_transfer import KVTransferParams
 from tandem.runtime import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    kv_transfer_params: dict | None
+    kv_transfer_params: KVTransferParams | dict | None
     arrival_time: float
     sink: Callable[[RequestDelta | BaseException], None]
     accepted: asyncio.Future
@@ -101,7 +102,7 @@ class AsyncEngine:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        kv_transfer_params: dict | None = None,
+        kv_transfer_params: KVTransferParams | dict | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Submit a request and yield its deltas. Leaving the iterator early aborts the request."""
         if not self.is_ready:

@@ -27,6 +27,7 @@ from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.structured_output import RequestGrammar, StructuredOutputManager
 from tandem.engine.weights import WeightsError, load_config, load_state_dict, prepare
+from tandem.protocol.kv_transfer import KVTransferParams
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +227,13 @@ class LLMEngine:
         request_id: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        kv_transfer_params: dict | None = None,
+        kv_transfer_params: KVTransferParams | dict | None = None,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a request (``params.n`` samples). Raises ValueError for an invalid one."""
+        """Queue a request (``params.n`` samples). Raises ValueError for an invalid one.
+
+        ``kv_transfer_params`` come typed from the HTTP edge (a wire-format dict from Python callers is parsed)."""
+        kv = KVTransferParams.parse(kv_transfer_params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._parents:
             raise ValueError(f"request_id: {request_id!r} is already running")
@@ -249,7 +253,7 @@ class LLMEngine:
         missing = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
         if missing and not params.ignore_eos:
             params = params.clone(stop_token_ids=[*params.stop_token_ids, *missing])
-        first = self._handed_in_first_token(params, kv_transfer_params)
+        first = self._handed_in_first_token(params, kv)
         grammars = self._grammars(params, first)
         children = []
         for i in range(params.n):
@@ -265,7 +269,7 @@ class LLMEngine:
                 arrival_time=arrival_time or time.monotonic(),
                 block_size=self.config.cache.block_size,
                 group_id=None if params.n == 1 or i == 0 else f"{request_id}-0",
-                kv_transfer_params=kv_transfer_params,
+                kv_transfer_params=kv.to_dict() if kv is not None else None,  # the connector reads the wire form
                 grammar=grammars[i],
             )
             children.append(req)
@@ -313,28 +317,23 @@ class LLMEngine:
         return grammars
 
     def _handed_in_first_token(self, params: SamplingParams,
-                               kv_transfer_params: dict | None) -> tuple[int, dict[int, float] | None] | None:
+                               kv: KVTransferParams | None) -> tuple[int, dict[int, float] | None] | None:
         """The prefill worker's first token that came with a disaggregated request, when it can be used:
         the decode side streams it at once and generates from the second token on (only with a KV connector,
         one sample and no prompt logprobs; without logprobs for it, when they are asked, it is sampled again).
         Raises ValueError for a malformed one."""
-        if (not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill")
-                or kv_transfer_params.get("first_token_id") is None or self.scheduler.connector is None
+        if (kv is None or not kv.do_remote_prefill or kv.first_token_id is None or self.scheduler.connector is None
                 or params.n != 1 or params.prompt_logprobs is not None):
             return None
-        token = kv_transfer_params["first_token_id"]
+        token = kv.first_token_id
         vocab = self.model_config.vocab_size
-        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+        if not 0 <= token < vocab:
             raise ValueError(f"kv_transfer_params.first_token_id: must be an integer in [0, {vocab})")
         if params.logprobs is None:
             return token, None
-        raw = kv_transfer_params.get("first_token_logprobs")
-        if raw is None:
+        logprobs = kv.first_token_logprobs
+        if logprobs is None:
             return None
-        try:
-            logprobs = {int(t): float(lp) for t, lp in raw.items()}
-        except (AttributeError, TypeError, ValueError):
-            raise ValueError("kv_transfer_params.first_token_logprobs: must map token ids to logprobs") from None
         if token not in logprobs:
             raise ValueError("kv_transfer_params.first_token_logprobs: must include first_token_id")
         return token, logprobs

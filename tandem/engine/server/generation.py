@@ -169,12 +169,12 @@ class GenContext:
 
     def streams(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[AsyncIterator[RequestDelta]]:
         """Submit every prompt; their delta streams, in prompt order."""
-        kv = self.kv_params.to_dict() if self.kv_params is not None else None
         streams = []
         for i, (ids, p) in enumerate(zip(prompt_ids, params)):
             self.tracker.on_prompt(len(ids))
             self.tracker.expected += p.n
-            streams.append(self.state.engine.generate(self.engine_id(i, len(prompt_ids)), ids, p, kv))
+            # NOTE: typed, as parsed at the edge; the engine does not parse it again.
+            streams.append(self.state.engine.generate(self.engine_id(i, len(prompt_ids)), ids, p, self.kv_params))
         return streams
 
 
