@@ -71,7 +71,7 @@ def start_cluster(vllm_python: VllmPython, model_dir: str, roles: list[str], eng
     for role, cpus in zip(roles, share_cores(len(roles))):
         workers.append(vllm_worker(vllm_python, role, model_dir, SERVED, free_port(), free_port(),
                                    side_channel_port=None if role == "aggregated" else free_port(),
-                                   engine_args=engine_args, cpus=cpus))
+                                   engine_args=engine_args, cpus=cpus, replay_port=free_port()))
     try:
         children = [supervisor.start(up.ChildSpec(f"vllm-{w.role} {w.url}", w.argv, w.url + "/health", w.env))
                     for w in workers]
