@@ -307,3 +307,19 @@ def free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_load_gauges_read_from_vllms_metrics_exposition():
+    from tandem.router.workers import parse_engine_metrics
+
+    # The lines vLLM 0.32's /metrics serves (names and labels as it writes them; values set for the test).
+    text = "\n".join([
+        '# HELP vllm:num_requests_running Number of requests in model execution batches.',
+        'vllm:num_requests_running{engine="0",model_name="smol"} 3.0',
+        'vllm:num_requests_waiting{engine="0",model_name="smol"} 2.0',
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="smol",reason="capacity"} 2.0',
+        'vllm:num_requests_waiting_by_reason{engine="0",model_name="smol",reason="deferred"} 0.0',
+        'vllm:kv_cache_usage_perc{engine="0",model_name="smol"} 0.25',
+        'vllm:prefix_cache_queries_total{engine="0",model_name="smol"} 704.0',
+    ])
+    assert parse_engine_metrics(text) == {"num_running": 3.0, "num_waiting": 2.0, "kv_usage": 0.25}
