@@ -255,6 +255,13 @@ class LLMEngine:
             params = params.clone(stop_token_ids=[*params.stop_token_ids, *missing])
         first = self._handed_in_first_token(params, kv)
         grammars = self._grammars(params, first)
+        if params.prior_output_tokens and params.structured_output is not None:
+            # A resumed stream: its grammar state is rebuilt by advancing over the earlier output.
+            for grammar in grammars:
+                grammar.advance_when_ready(list(prompt_token_ids[-params.prior_output_tokens:]),  # type: ignore[union-attr]
+                                           "tandem_continuation.prompt_token_ids")
+            if grammars[0].error is not None:  # type: ignore[union-attr]
+                raise ValueError(grammars[0].error)  # type: ignore[union-attr]
         children = []
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}-{i}"

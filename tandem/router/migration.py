@@ -22,10 +22,10 @@ import orjson
 
 from tandem.protocol.continuation import CONTINUATION_FIELD, RETURN_TOKEN_IDS
 
-# Fields that make a request's output depend on state a continuation cannot rebuild yet (a grammar matcher, a
-# tool-call parser): such streams end with an error event if their worker fails, as before.
-_UNRESUMABLE = ("tools", "functions", "response_format", "structured_outputs", "guided_json", "guided_regex",
-                "guided_choice", "guided_grammar", "guided_json_object")
+# Fields that make a request's output depend on state a continuation cannot rebuild yet (the engine's tool-call
+# parser reads the whole text): such streams end with an error event if their worker fails, as before.
+# Structured output resumes: the engine advances the grammar over the earlier output.
+_UNRESUMABLE = ("tools", "functions")
 
 DONE = b"data: [DONE]\n\n"
 

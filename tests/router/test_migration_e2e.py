@@ -178,6 +178,7 @@ def engine_stream(url: str, body: dict[str, Any]) -> tuple[str, list[int], list[
     {"temperature": 0, "stop": [" the sea"]},  # a stop string that ends after the seam, held back across it
     {"temperature": 0, "frequency_penalty": 1.5, "presence_penalty": 0.5},  # penalties count earlier output
     {"temperature": 0.9, "seed": 1234},  # seeded sampling: the continuation skips the earlier draws
+    {"temperature": 0, "structured_outputs": {"regex": "[A-Za-z ,]{30,80}"}},  # the grammar advanced over it
 ])
 def test_a_continuation_resumes_exactly_where_the_output_was(aggregated, params):
     url = next(iter(aggregated[1]))

@@ -13,15 +13,15 @@ def continuation_overrides(continuation: Continuation | None) -> dict[str, Any]:
     return {"prior_output_tokens": continuation.num_output_tokens} if continuation is not None else {}
 
 
-def check_resumable(continuation: Continuation | None, n: int, *, tools: bool = False, structured: bool = False,
-                    echo: bool = False) -> None:
-    """A continuation resumes one plain sample: ValueError naming the field otherwise."""
+def check_resumable(continuation: Continuation | None, n: int, *, tools: bool = False, echo: bool = False) -> None:
+    """A continuation resumes one sample, without tools (their parser reads the whole text): ValueError naming
+    the field otherwise. Structured output resumes: the engine advances the grammar over the earlier output."""
     if continuation is None:
         return
     if n != 1:
         raise ValueError("tandem_continuation: only a single-choice request (n == 1) can be resumed")
-    if tools or structured:
-        raise ValueError("tandem_continuation: a request with tools or structured output cannot be resumed")
+    if tools:
+        raise ValueError("tandem_continuation: a request with tools cannot be resumed")
     if echo:
         raise ValueError("tandem_continuation: an echoed prompt cannot be resumed")
 

@@ -83,7 +83,7 @@ async def serve_chat(state: ServerState, body: ChatCompletionRequest, request: R
         kv_params = body.kv_params()
         plan, spec = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, structured_output(body))
         resumed = body.tandem_continuation
-        check_resumable(resumed, body.n, tools=plan.mode != "none", structured=spec is not None)
+        check_resumable(resumed, body.n, tools=plan.mode != "none")
         # A resumed stream's prompt is the rendered conversation's token ids plus the output so far.
         ids = list(resumed.prompt_token_ids) if resumed is not None else render_chat(
             state, body.messages, body.tools, body.add_generation_prompt, body.continue_final_message,

@@ -38,7 +38,7 @@ async def serve_completion(state: ServerState, body: CompletionRequest, request:
             raise ValueError("suffix: not supported")
         kv_params = body.kv_params()
         spec = structured_output(body)
-        check_resumable(resumed, body.n, structured=spec is not None, echo=body.echo)
+        check_resumable(resumed, body.n, echo=body.echo)
         prompt_ids = [p if isinstance(p, list) else engine.tokenize(p, body.add_special_tokens) for p in prompts]
         if any(not ids for ids in prompt_ids):
             raise APIError(400, "prompt: must not be empty", param="prompt")
