@@ -31,6 +31,7 @@ HF_TOKEN_PATH = f"{HF_TOKEN_DIR}/token"  # huggingface_hub reads the file named 
 TENANTS_FILE = "/var/run/secrets/tandem/tenants/tenants.yaml"  # router.tenantsSecretRef, read by --tenants-file
 MODELS_MOUNT = "/models"
 VLLM_KV_EVENTS_PORT = 5557  # the router's --vllm-kv-events-port default
+VLLM_KV_EVENTS_REPLAY_PORT = 5558  # vLLM's replay socket: a router that missed batches (or starts late) catches up
 VLLM_KV_EVENTS_TOPIC = "kv-events"
 RUN_AS_USER = 10001  # the image's non-root user (see Dockerfile)
 REDIS_UID = 999  # the redis image's own user
@@ -161,9 +162,11 @@ def _tandem_worker_command(name: str, namespace: str, spec: LLMDeploymentSpec, r
 
 
 def vllm_kv_events_config() -> str:
-    """vLLM's ``--kv-events-config``: ZMQ PUB on every interface, where the routers subscribe."""
+    """vLLM's ``--kv-events-config``: ZMQ PUB on every interface, where the routers subscribe, and the replay
+    socket a router asks for the batches it missed (a gap, or a replica that started after the caches filled)."""
     return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
-                       "endpoint": f"tcp://*:{VLLM_KV_EVENTS_PORT}", "topic": VLLM_KV_EVENTS_TOPIC})
+                       "endpoint": f"tcp://*:{VLLM_KV_EVENTS_PORT}",
+                       "replay_endpoint": f"tcp://*:{VLLM_KV_EVENTS_REPLAY_PORT}", "topic": VLLM_KV_EVENTS_TOPIC})
 
 
 def vllm_kv_transfer_config(spec: LLMDeploymentSpec, device: str) -> str:
@@ -253,6 +256,9 @@ def _router_command(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[
     weights = ",".join(f"{k}={v:g}" for k, v in spec.router.scorer_weights.model_dump().items())
     args += ["--scorer-weights", weights, "--disagg-threshold", str(spec.router.disagg_threshold)]
     args += ["--max-migrations", str(spec.router.max_migrations)]
+    if spec.engine.kind == "vllm":
+        args += ["--vllm-kv-events-port", str(VLLM_KV_EVENTS_PORT),
+                 "--vllm-kv-events-replay-port", str(VLLM_KV_EVENTS_REPLAY_PORT)]
     if spec.router.max_queue_per_worker is not None:
         args += ["--max-queue-per-worker", str(spec.router.max_queue_per_worker)]
     if spec.router.tenants_secret_ref is not None:
@@ -441,6 +447,7 @@ def _worker_shape(name: str, namespace: str, spec: LLMDeploymentSpec, component:
         ports.append({"name": "kv", "containerPort": spec.kv_transfer.port, "protocol": "TCP"})
     if spec.engine.kind == "vllm":
         ports.append({"name": "kv-events", "containerPort": VLLM_KV_EVENTS_PORT, "protocol": "TCP"})
+        ports.append({"name": "kv-replay", "containerPort": VLLM_KV_EVENTS_REPLAY_PORT, "protocol": "TCP"})
     return _PodShape(
         image=worker_image(spec, device),
         command=_worker_command(name, namespace, spec, component, device),

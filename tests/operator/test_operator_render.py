@@ -344,7 +344,8 @@ def pod_labels(manifests: list[dict[str, Any]], deployment: str) -> dict[str, st
     return by_kind(manifests)[("Deployment", deployment)]["spec"]["template"]["metadata"]["labels"]
 
 
-VLLM_EVENTS = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "kv-events"}
+VLLM_EVENTS = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557",
+               "replay_endpoint": "tcp://*:5558", "topic": "kv-events"}
 
 
 def test_vllm_aggregated_on_cpu():
@@ -366,14 +367,17 @@ def test_vllm_aggregated_on_cpu():
     assert c["image"] == "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:v0.32.0"
     assert pod_labels(manifests, "m-decode")["tandem.dev/engine-kind"] == "vllm"
     assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in c["ports"]
+    assert {"name": "kv-replay", "containerPort": 5558, "protocol": "TCP"} in c["ports"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert env_of(c)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "keys", "key": "api-key"}
     assert mounts_of(c)["dshm"] == "/dev/shm" and mounts_of(c)["hf-cache"] == "/cache/huggingface"
     # The Tandem image downloads the weights; vLLM reads them from the same cache, offline.
     assert pod_spec["initContainers"][0]["image"] == "ghcr.io/tandem-llm/tandem:0.1.0"
     assert env_of(c)["HF_HUB_OFFLINE"]["value"] == "1"
-    # The router stays ours.
-    assert command(manifests, "m-router")[:2] == ["tandem", "router"]
+    # The router stays ours, subscribing to the workers' events and asking their replay sockets for gaps.
+    router = command(manifests, "m-router")
+    assert router[:2] == ["tandem", "router"]
+    assert flag(router, "--vllm-kv-events-port") == "5557" and flag(router, "--vllm-kv-events-replay-port") == "5558"
 
 
 def test_vllm_prefill_decode_on_gpus():
@@ -546,7 +550,8 @@ for argv in json.load(sys.stdin):
                 "prefix_caching": e.enable_prefix_caching, "chunked_prefill": e.enable_chunked_prefill,
                 "tensor_parallel_size": e.tensor_parallel_size,
                 "events": [e.kv_events_config.enable_kv_cache_events, e.kv_events_config.publisher,
-                           e.kv_events_config.endpoint, e.kv_events_config.topic],
+                           e.kv_events_config.endpoint, e.kv_events_config.replay_endpoint,
+                           e.kv_events_config.topic],
                 "transfer": t and [t.kv_connector, t.kv_role, t.kv_load_failure_policy,
                                    t.get_from_extra_config("kv_lease_duration", None)],
                 "buffer_device": t and t.kv_buffer_device})
@@ -580,7 +585,7 @@ def test_rendered_vllm_commands_parse_with_vllms_own_cli(tmp_path):
                                                          "VLLM_TARGET_DEVICE": "cpu", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     prefill, decode, aggregated, cpu_decode = json.loads(result.stdout.strip().splitlines()[-1])
-    events = [True, "zmq", "tcp://*:5557", "kv-events"]
+    events = [True, "zmq", "tcp://*:5557", "tcp://*:5558", "kv-events"]
     for parsed in (prefill, decode):
         assert parsed.pop("tensor_parallel_size") == (2 if parsed is prefill else 1)
         assert parsed | {"events": None, "transfer": None, "buffer_device": None} == {
@@ -616,6 +621,7 @@ def test_router_discovery_reads_what_render_puts_on_worker_pods(kind):
         assert pod_kind(V1Pod(metadata=V1ObjectMeta(name="p", labels=labels))) == kind
         ports = {p["name"]: p["containerPort"] for p in pod(manifests, dep)["containers"][0]["ports"]}
         assert ports.get("kv-events") == (router.vllm_kv_events_port if kind == "vllm" else None)
+        assert ports.get("kv-replay") == (router.vllm_kv_events_replay_port if kind == "vllm" else None)
 
 
 def test_router_resilience_fields_become_flags_and_the_tenants_secret_a_watched_file():
