@@ -175,13 +175,14 @@ def _router_spec(args: argparse.Namespace, model: str, served: list[str], router
 def plan_vllm(args: argparse.Namespace, python: "VllmPython") -> list[ChildSpec]:
     """``--engine vllm``: vLLM OpenAI servers as the workers (each given its share of the cores), then the router."""
     from tandem.engine.model_files import DEFAULT_MODEL, ensure_converted
+    from tandem.protocol.model_source import default_served_name
     from tandem.worker.vllm import share_cores, vllm_worker
 
     model = args.model or DEFAULT_MODEL
     n_prefill, n_decode, n_workers = _worker_counts(args)
     # vLLM loads a directory: the bundled GGUF (or any GGUF) goes through Tandem's converter first.
     model_dir = str(ensure_converted(model).weights_dir)
-    served_name = args.served_model_name or model
+    served_name = args.served_model_name or default_served_name(model)
     roles = ["prefill"] * n_prefill + ["decode"] * n_decode + ["aggregated"] * n_workers
     cores = share_cores(len(roles)) if args.threads is None else [None] * len(roles)
     specs: list[ChildSpec] = []

@@ -120,6 +120,16 @@ def parse_hub_model(name: str) -> HubModel | None:
     return HubModel(repo_id, revision or None)
 
 
+def default_served_name(model: str) -> str:
+    """The name clients send when ``--served-model-name`` is not given: the repository id for ``hf://ORG/NAME[@REV]``
+    (what a vLLM user of ``vllm serve ORG/NAME`` sends, and what the operator renders), else ``model`` as given."""
+    try:
+        hub = parse_hub_model(model)
+    except ModelNotFoundError:
+        return model
+    return hub.repo_id if hub is not None else model
+
+
 def _bundled(name: str) -> ResolvedModel:
     package, filename = _BUNDLED[name]
     spec = importlib.util.find_spec(package)  # NOTE: never import it: its __init__ pulls the `llm` CLI.

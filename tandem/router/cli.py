@@ -81,13 +81,15 @@ def config_from_args(args: argparse.Namespace) -> "RouterConfig":
 
     # Like `tandem serve`: repeatable --api-key, else TANDEM_API_KEY (comma-separated).
     keys = list(args.api_key) or [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
+    from tandem.protocol.model_source import default_served_name
+
     model = args.model
     if model is None and args.tokenizer is None:
         from tandem.protocol.model_source import DEFAULT_MODEL
 
         model = DEFAULT_MODEL
     return RouterConfig(
-        served_model_name=args.served_model_name or model or "model",
+        served_model_name=args.served_model_name or (default_served_name(model) if model else "model"),
         model=model,
         tokenizer_dir=args.tokenizer,
         api_keys=tuple(keys),

@@ -210,6 +210,9 @@ def test_serve_downloads_then_restarts_offline_from_the_cache(tiny_llama_dir, tm
         try:
             first = complete(server.url)
             assert "Fetching 6 files" in server.output() and "100%" in server.output()
+            # Clients name the model by its repository id, as with `vllm serve ORG/NAME` and in a cluster.
+            models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+            assert [m["id"] for m in models] == [TINY_REPO]
         finally:
             server.terminate()
     finally:

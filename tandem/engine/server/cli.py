@@ -44,10 +44,11 @@ def api_keys_from(args: argparse.Namespace) -> list[str]:
 
 def server_config_from_args(args: argparse.Namespace, role: str):
     from tandem.engine.server.app import ServerConfig
+    from tandem.protocol.model_source import default_served_name
 
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     return ServerConfig(
-        served_model_names=args.served_model_name or [args.model],
+        served_model_names=args.served_model_name or [default_served_name(args.model) if args.model else args.model],
         api_keys=api_keys_from(args),
         max_waiting_requests=args.max_waiting_requests,
         advertise_url=args.advertise_url or f"http://{host}:{args.port}",
