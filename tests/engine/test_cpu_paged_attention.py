@@ -59,6 +59,21 @@ def test_operator_equals_reference_fp32(backend, q_len, window, softcap):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_scalar_path_for_head_dims_not_a_multiple_of_16(backend):
+    """head_dim 12 takes the portable loop instead of the AVX-512 one; same answers."""
+    from tandem.engine.attention.cpu_paged import paged_attention
+
+    d = 12
+    layout = KVCacheLayout(1, BLOCKS, BS, KVH, d, "float32")
+    kv_rows = torch.randn(layout.shape, generator=torch.Generator().manual_seed(7)).view(-1, BS * d)
+    ctx_lens = [6, 19, 11]
+    rows, mask = PagedKVIndexer(layout).paged_batch(list(zip(block_tables(ctx_lens), ctx_lens)), 2, 5)
+    spec = LayerAttention(0, H, KVH, d, d ** -0.5, window=5, softcap=3.0)
+    q = torch.randn(3, 2, H, d, generator=torch.Generator().manual_seed(8))
+    want = reference_paged_attention(q, kv_rows, rows[0], mask, spec)
+    torch.testing.assert_close(paged_attention(q, kv_rows, rows[0], mask, spec), want, rtol=1e-5, atol=1e-5)
+
+
 def test_backend_equals_reference_on_a_mixed_step(backend):
     """Decodes, a prefill chunk with a cached prefix and a fresh prefill chunk in one step, through forward()."""
     layout, kv_rows = make_cache(torch.float32, seed=3)
@@ -135,8 +150,9 @@ def _greedy(llm, prompts, max_tokens):
 
 @pytest.mark.slow
 def test_real_model_fp32_greedy_identical_to_transformers(backend, smol_dir, smol_prompts_and_refs):
-    """Decodes, 256-token chunks over a cached prefix (the 1,500-token prompt) and prefix-cache hits all go
-    through the operator; fp32 greedy output equals transformers' token for token."""
+    """Decodes and the short chunks left after prefix-cache hits go through the operator (256-token chunks of the
+    1,500-token prompt through the reference, see OPERATOR_MAX_CHUNK); fp32 greedy output equals transformers'
+    token for token."""
     from tandem import LLM
 
     from test_correctness import MAX_NEW

@@ -11,7 +11,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -56,7 +59,10 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
   for (int64_t blk = key_lo / bs; blk * bs < key_hi; ++blk) {
     const scalar_t* kp = kv + rows[k_base + blk] * bs * D;
     const scalar_t* vp = kv + rows[v_base + blk] * bs * D;
-    for (int64_t i = 0; i < bs * D; ++i) kf[i] = static_cast<float>(kp[i]);
+    // K transposed to [D, bs]: the scores of a block's keys are then bs independent sums over d, which the
+    // compiler vectorizes across keys (a dot product over d is a serial reduction it may not reorder).
+    for (int64_t t = 0; t < bs; ++t)
+      for (int64_t i = 0; i < D; ++i) kf[i * bs + t] = static_cast<float>(kp[t * D + i]);
     for (int64_t i = 0; i < bs * D; ++i) vf[i] = static_cast<float>(vp[i]);
     for (int64_t qi = 0; qi < n_q; ++qi) {
       const int64_t t_lo = std::max<int64_t>(lo[qi] - blk * bs, 0), t_hi = std::min<int64_t>(hi[qi] - blk * bs, bs);
@@ -65,13 +71,15 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
         const int64_t r = qi * d.group + g;
         const float* qr = qf.data() + r * D;
         float block_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < bs; ++t) s[t] = 0.f;
+        for (int64_t i = 0; i < D; ++i) {
+          const float qi_d = qr[i];
+          const float* kt = kf.data() + i * bs;
+          for (int64_t t = 0; t < bs; ++t) s[t] += qi_d * kt[t];
+        }
         for (int64_t t = t_lo; t < t_hi; ++t) {
-          const float* kt = kf.data() + t * D;
-          float dot = 0.f;
-          for (int64_t i = 0; i < D; ++i) dot += qr[i] * kt[i];
-          if (has_cap) dot = cap * std::tanh(dot / cap);
-          s[t] = dot;
-          block_max = std::max(block_max, dot);
+          if (has_cap) s[t] = cap * std::tanh(s[t] / cap);
+          block_max = std::max(block_max, s[t]);
         }
         const float new_max = std::max(run_max[r], block_max);
         const float rescale = std::exp(run_max[r] - new_max);  // exp(-inf) = 0 on the first block
@@ -93,6 +101,114 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
     for (int64_t g = 0; g < d.group; ++g) {
       const int64_t r = qi * d.group + g;
       // NOTE: a row with no key to attend (never built by the runner) is written as zeros, not NaN.
+      const float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;
+      scalar_t* dst = out + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[r * D + i] * inv);
+    }
+  }
+}
+
+// ---- AVX-512 path (head_dim a multiple of 16, up to 256): K/V rows widened to fp32 in registers once per key and
+// shared by every query row of the item; a score is 4 (D=64) fused multiply-adds and one horizontal sum.
+constexpr int64_t kMaxVecs = 16;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 = top half of fp32
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename scalar_t>
+constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                             std::is_same_v<scalar_t, c10::Half>;
+
+template <typename scalar_t>
+void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows, const bool* mask, scalar_t* out,
+                     const Dims& d, int64_t b, int64_t h, int64_t q0, int64_t q1, float scale, bool has_cap,
+                     float cap) {
+  const int64_t D = d.D, bs = d.bs, n_q = q1 - q0, n_rows = d.group * n_q, nv = D / 16;
+  std::vector<int64_t> lo(n_q), hi(n_q);
+  int64_t key_lo = d.L, key_hi = 0;
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    const bool* m = mask + (b * d.Q + q0 + qi) * d.L;
+    int64_t first = 0;
+    while (first < d.L && !m[first]) ++first;
+    int64_t last = first;
+    while (last < d.L && m[last]) ++last;
+    lo[qi] = first;
+    hi[qi] = last;
+    key_lo = std::min(key_lo, first);
+    key_hi = std::max(key_hi, last);
+  }
+  std::vector<float> qf(n_rows * D), acc(n_rows * D, 0.f), sc(n_rows * bs);
+  std::vector<float> run_max(n_rows, -std::numeric_limits<float>::infinity()), run_sum(n_rows, 0.f);
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    for (int64_t g = 0; g < d.group; ++g) {
+      const scalar_t* src = q + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
+      float* dst = qf.data() + (qi * d.group + g) * D;
+      for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<float>(src[i]) * scale;
+    }
+  }
+  const int64_t k_base = (h * d.B + b) * d.nb, v_base = ((d.kvh + h) * d.B + b) * d.nb;
+  __m512 vecs[kMaxVecs];
+  for (int64_t blk = key_lo / bs; blk * bs < key_hi; ++blk) {
+    const scalar_t* kp = kv + rows[k_base + blk] * bs * D;
+    const scalar_t* vp = kv + rows[v_base + blk] * bs * D;
+    const int64_t t_begin = std::max<int64_t>(key_lo - blk * bs, 0), t_end = std::min<int64_t>(key_hi - blk * bs, bs);
+    for (int64_t t = t_begin; t < t_end; ++t) {  // scores: every row against key t, K widened once
+      for (int64_t j = 0; j < nv; ++j) vecs[j] = load16(kp + t * D + 16 * j);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const float* qr = qf.data() + r * D;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), vecs[0]);
+        for (int64_t j = 1; j < nv; ++j) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * j), vecs[j], a);
+        sc[r * bs + t] = _mm512_reduce_add_ps(a);
+      }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {  // online softmax; sc becomes the probabilities (0 outside a row's run)
+      const int64_t qi = r / d.group;
+      const int64_t t_lo = std::max<int64_t>(lo[qi] - blk * bs, t_begin), t_hi = std::min<int64_t>(hi[qi] - blk * bs, t_end);
+      float* sr = sc.data() + r * bs;
+      if (t_lo >= t_hi) {
+        for (int64_t t = t_begin; t < t_end; ++t) sr[t] = 0.f;
+        continue;
+      }
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t t = t_lo; t < t_hi; ++t) {
+        if (has_cap) sr[t] = cap * std::tanh(sr[t] / cap);
+        block_max = std::max(block_max, sr[t]);
+      }
+      const float new_max = std::max(run_max[r], block_max);
+      const float rescale = std::exp(run_max[r] - new_max);
+      float block_sum = 0.f;
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        sr[t] = (t >= t_lo && t < t_hi) ? std::exp(sr[t] - new_max) : 0.f;
+        block_sum += sr[t];
+      }
+      if (rescale != 1.f) {
+        float* ar = acc.data() + r * D;
+        for (int64_t i = 0; i < D; ++i) ar[i] *= rescale;
+      }
+      run_sum[r] = run_sum[r] * rescale + block_sum;
+      run_max[r] = new_max;
+    }
+    for (int64_t t = t_begin; t < t_end; ++t) {  // values: V widened once per key, added to every row
+      for (int64_t j = 0; j < nv; ++j) vecs[j] = load16(vp + t * D + 16 * j);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const float p = sc[r * bs + t];
+        if (p == 0.f) continue;
+        const __m512 pv = _mm512_set1_ps(p);
+        float* ar = acc.data() + r * D;
+        for (int64_t j = 0; j < nv; ++j)
+          _mm512_storeu_ps(ar + 16 * j, _mm512_fmadd_ps(pv, vecs[j], _mm512_loadu_ps(ar + 16 * j)));
+      }
+    }
+  }
+  for (int64_t qi = 0; qi < n_q; ++qi) {
+    for (int64_t g = 0; g < d.group; ++g) {
+      const int64_t r = qi * d.group + g;
       const float inv = run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f;
       scalar_t* dst = out + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
       for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[r * D + i] * inv);
@@ -125,6 +241,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
   d.L = d.nb * d.bs;
   TORCH_CHECK(mask.size(0) == d.B && mask.size(1) == d.Q && mask.size(2) == d.L, "mask: expected [B, Q, blocks * bs]");
   auto out = torch::empty_like(q);
+  const bool vectorize = d.D % 16 == 0 && d.D / 16 <= kMaxVecs;
   const int64_t tiles = (d.Q + kQueryTile - 1) / kQueryTile;
   const int64_t items = d.B * d.kvh * tiles;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tandem_paged_attention", [&] {
@@ -137,6 +254,13 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
       for (int64_t item = begin; item < end; ++item) {
         const int64_t tile = item % tiles, h = (item / tiles) % d.kvh, b = item / (tiles * d.kvh);
         const int64_t q0 = tile * kQueryTile, q1 = std::min(d.Q, q0 + kQueryTile);
+        if constexpr (kVectorized<scalar_t>) {
+          if (vectorize) {
+            attend_item_vec<scalar_t>(qp, kvp, rp, mp, op, d, b, h, q0, q1, static_cast<float>(scale), has_cap,
+                                      static_cast<float>(cap));
+            continue;
+          }
+        }
         attend_item<scalar_t>(qp, kvp, rp, mp, op, d, b, h, q0, q1, static_cast<float>(scale), has_cap,
                               static_cast<float>(cap));
       }
