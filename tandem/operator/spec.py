@@ -353,18 +353,18 @@ def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
     return value
 
 
-def _json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+def crd_json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     """The structural OpenAPI schema as JSON Schema: Kubernetes extensions dropped, unknown fields refused."""
     out: dict[str, Any] = {}
     for key, sub in schema.items():
         if key.startswith("x-kubernetes-") or key in ("default", "format"):
             continue
         if key == "properties":
-            out[key] = {k: _json_schema(v) for k, v in sub.items()}
+            out[key] = {k: crd_json_schema(v) for k, v in sub.items()}
         elif key in ("items", "additionalProperties") and isinstance(sub, Mapping):
-            out[key] = _json_schema(sub)
+            out[key] = crd_json_schema(sub)
         elif key in ("anyOf", "allOf", "oneOf"):
-            out[key] = [_json_schema(s) for s in sub]
+            out[key] = [crd_json_schema(s) for s in sub]
         else:
             out[key] = sub
     if schema.get("x-kubernetes-int-or-string"):
@@ -376,7 +376,7 @@ def _json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 @functools.cache
 def _spec_validator() -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(_json_schema(object_schema()["properties"]["spec"]))
+    return jsonschema.Draft7Validator(crd_json_schema(object_schema()["properties"]["spec"]))
 
 
 def _describe(error: jsonschema.ValidationError, root: str) -> list[str]:

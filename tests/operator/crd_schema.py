@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,10 @@ from typing import Any
 import celpy
 import jsonschema
 import yaml
+
+# NOTE: the API server's defaulting and the structural-schema translation are the operator's own (one copy);
+# this module adds what only the server does: strict validation of whole objects and the CEL rules.
+from tandem.operator.spec import apply_defaults, crd_json_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "tandem.dev_llmdeployments.yaml"
@@ -30,40 +33,6 @@ def storage_schema(crd: Mapping[str, Any]) -> dict[str, Any]:
     """The openAPIV3Schema of the storage version."""
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
     return version["schema"]["openAPIV3Schema"]
-
-
-def apply_defaults(schema: Mapping[str, Any], value: Any) -> Any:
-    """A copy of ``value`` with the schema's defaults filled in, as the API server does before validating."""
-    value = copy.deepcopy(value)
-    if isinstance(value, dict) and "properties" in schema:
-        for key, sub in schema["properties"].items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = apply_defaults(sub, value[key])
-    elif isinstance(value, list) and "items" in schema:
-        value = [apply_defaults(schema["items"], item) for item in value]
-    return value
-
-
-def _to_json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, sub in schema.items():
-        if key.startswith("x-kubernetes-") or key in ("description", "default", "format"):
-            continue
-        if key == "properties":
-            out[key] = {k: _to_json_schema(v) for k, v in sub.items()}
-        elif key in ("items", "additionalProperties") and isinstance(sub, Mapping):
-            out[key] = _to_json_schema(sub)
-        elif key in ("anyOf", "allOf", "oneOf"):
-            out[key] = [_to_json_schema(s) for s in sub]
-        else:
-            out[key] = sub
-    if schema.get("x-kubernetes-int-or-string"):
-        out.pop("type", None)
-    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        out.setdefault("additionalProperties", False)
-    return out
 
 
 def _cel_errors(schema: Mapping[str, Any], value: Any, path: str, env: celpy.Environment) -> list[str]:
@@ -88,7 +57,7 @@ def check(obj: Mapping[str, Any], crd: Mapping[str, Any] | None = None) -> tuple
     crd = crd or load_crd()
     schema = storage_schema(crd)
     defaulted = apply_defaults(schema, obj)
-    validator = jsonschema.Draft7Validator(_to_json_schema(schema))
+    validator = jsonschema.Draft7Validator(crd_json_schema(schema))
     errors = [f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
               for e in validator.iter_errors(defaulted)]
     if not errors:  # the API server runs CEL only on schema-valid objects
