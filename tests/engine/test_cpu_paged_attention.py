@@ -59,6 +59,27 @@ def test_operator_equals_reference_fp32(backend, q_len, window, softcap):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_context_split_across_threads(backend, window, threads):
+    """One decode over 61 keys (16 blocks) with 2 KV heads is split into block ranges on several threads and
+    combined; with a window, some splits see no key of the query at all."""
+    from tandem.engine.attention.cpu_paged import paged_attention
+
+    layout, kv_rows = make_cache(torch.float32, seed=9)
+    ctx_lens = [61]
+    rows, mask = PagedKVIndexer(layout).paged_batch(list(zip(block_tables(ctx_lens), ctx_lens)), 1, window)
+    spec = LayerAttention(0, H, KVH, D, D ** -0.5, window=window)
+    q = torch.randn(1, 1, H, D, generator=torch.Generator().manual_seed(10))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention(q, kv_rows, rows[0], mask, spec)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, reference_paged_attention(q, kv_rows, rows[0], mask, spec), rtol=1e-5, atol=1e-5)
+
+
 def test_scalar_path_for_head_dims_not_a_multiple_of_16(backend):
     """head_dim 12 takes the portable loop instead of the AVX-512 one; same answers."""
     from tandem.engine.attention.cpu_paged import paged_attention

@@ -111,11 +111,16 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
 // ---- AVX-512 path (head_dim a multiple of 16, up to 256): K/V rows widened to fp32 in registers once per key and
 // shared by every query row of the item; a score is 4 (D=64) fused multiply-adds and one horizontal sum.
 constexpr int64_t kMaxVecs = 16;
+constexpr int64_t kMinSplitBlocks = 4;  // a split of a long context covers at least this many blocks
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 = top half of fp32
+}
+inline __m512 load16(const double* p) {  // fp64 caches are only for tests; narrowed to fp32 like the others
+  const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(p)), hi = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -125,10 +130,17 @@ template <typename scalar_t>
 constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
                              std::is_same_v<scalar_t, c10::Half>;
 
+// Where a split of a long context leaves its unnormalised result: running max, sum and accumulator per row.
+struct Partial {
+  float* max;  // [n_rows]
+  float* sum;  // [n_rows]
+  float* acc;  // [n_rows, D]
+};
+
 template <typename scalar_t>
 void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows, const bool* mask, scalar_t* out,
                      const Dims& d, int64_t b, int64_t h, int64_t q0, int64_t q1, float scale, bool has_cap,
-                     float cap) {
+                     float cap, int64_t blk_from, int64_t blk_to, const Partial* partial) {
   const int64_t D = d.D, bs = d.bs, n_q = q1 - q0, n_rows = d.group * n_q, nv = D / 16;
   std::vector<int64_t> lo(n_q), hi(n_q);
   int64_t key_lo = d.L, key_hi = 0;
@@ -154,7 +166,7 @@ void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows,
   }
   const int64_t k_base = (h * d.B + b) * d.nb, v_base = ((d.kvh + h) * d.B + b) * d.nb;
   __m512 vecs[kMaxVecs];
-  for (int64_t blk = key_lo / bs; blk * bs < key_hi; ++blk) {
+  for (int64_t blk = std::max(key_lo / bs, blk_from); blk < blk_to && blk * bs < key_hi; ++blk) {
     const scalar_t* kp = kv + rows[k_base + blk] * bs * D;
     const scalar_t* vp = kv + rows[v_base + blk] * bs * D;
     const int64_t t_begin = std::max<int64_t>(key_lo - blk * bs, 0), t_end = std::min<int64_t>(key_hi - blk * bs, bs);
@@ -206,6 +218,12 @@ void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows,
       }
     }
   }
+  if (partial != nullptr) {
+    std::copy(run_max.begin(), run_max.end(), partial->max);
+    std::copy(run_sum.begin(), run_sum.end(), partial->sum);
+    std::copy(acc.begin(), acc.end(), partial->acc);
+    return;
+  }
   for (int64_t qi = 0; qi < n_q; ++qi) {
     for (int64_t g = 0; g < d.group; ++g) {
       const int64_t r = qi * d.group + g;
@@ -213,6 +231,29 @@ void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows,
       scalar_t* dst = out + (((b * d.Q + q0 + qi) * d.H) + h * d.group + g) * D;
       for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[r * D + i] * inv);
     }
+  }
+}
+
+// Combine the splits of one decode item (Q == 1): rescale each split's sum and accumulator to the common max.
+template <typename scalar_t>
+void combine_splits(const float* pmax, const float* psum, const float* pacc, int64_t splits, int64_t n_rows,
+                    int64_t D, scalar_t* out, const Dims& d, int64_t b, int64_t h) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, pmax[sp * n_rows + r]);
+    float total = 0.f;
+    std::vector<float> acc(D, 0.f);
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const float mx = pmax[sp * n_rows + r];
+      if (mx == -std::numeric_limits<float>::infinity()) continue;  // this split saw no key of the row
+      const float w = std::exp(mx - m);
+      total += w * psum[sp * n_rows + r];
+      const float* a = pacc + (sp * n_rows + r) * D;
+      for (int64_t i = 0; i < D; ++i) acc[i] += w * a[i];
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    scalar_t* dst = out + ((b * d.Q) * d.H + h * d.group + r) * D;  // Q == 1: row r is head g = r
+    for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<scalar_t>(acc[i] * inv);
   }
 }
 
@@ -244,12 +285,42 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
   const bool vectorize = d.D % 16 == 0 && d.D / 16 <= kMaxVecs;
   const int64_t tiles = (d.Q + kQueryTile - 1) / kQueryTile;
   const int64_t items = d.B * d.kvh * tiles;
+  // Long contexts with few items (one decode, few KV heads) split their blocks across threads, then combine.
+  int64_t splits = 1;
+  if (vectorize && d.Q == 1) {
+    const int64_t want = (4 * at::get_num_threads() + items - 1) / items;
+    splits = std::max<int64_t>(1, std::min<int64_t>(want, d.nb / kMinSplitBlocks));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tandem_paged_attention", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kvp = kv_rows.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* rp = rows.data_ptr<int64_t>();
     const bool* mp = mask.data_ptr<bool>();
+    if constexpr (kVectorized<scalar_t>) {
+      if (splits > 1) {
+        const int64_t n_rows = d.group;
+        std::vector<float> pmax(items * splits * n_rows), psum(items * splits * n_rows);
+        std::vector<float> pacc(items * splits * n_rows * d.D);
+        at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t w = begin; w < end; ++w) {
+            const int64_t item = w / splits, sp = w % splits, h = item % d.kvh, b = item / d.kvh;
+            const int64_t off = (item * splits + sp) * n_rows;
+            const Partial part{pmax.data() + off, psum.data() + off, pacc.data() + off * d.D};
+            attend_item_vec<scalar_t>(qp, kvp, rp, mp, op, d, b, h, 0, 1, static_cast<float>(scale), has_cap,
+                                      static_cast<float>(cap), sp * d.nb / splits, (sp + 1) * d.nb / splits, &part);
+          }
+        });
+        at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t item = begin; item < end; ++item) {
+            const int64_t off = item * splits * n_rows;
+            combine_splits<scalar_t>(pmax.data() + off, psum.data() + off, pacc.data() + off * d.D, splits, n_rows,
+                                     d.D, op, d, item / d.kvh, item % d.kvh);
+          }
+        });
+        return;
+      }
+    }
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t tile = item % tiles, h = (item / tiles) % d.kvh, b = item / (tiles * d.kvh);
@@ -257,7 +328,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
         if constexpr (kVectorized<scalar_t>) {
           if (vectorize) {
             attend_item_vec<scalar_t>(qp, kvp, rp, mp, op, d, b, h, q0, q1, static_cast<float>(scale), has_cap,
-                                      static_cast<float>(cap));
+                                      static_cast<float>(cap), 0, d.nb, nullptr);
             continue;
           }
         }
