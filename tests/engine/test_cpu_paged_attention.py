@@ -95,6 +95,19 @@ def test_scalar_path_for_head_dims_not_a_multiple_of_16(backend):
     torch.testing.assert_close(paged_attention(q, kv_rows, rows[0], mask, spec), want, rtol=1e-5, atol=1e-5)
 
 
+def test_auto_falls_back_to_the_reference_when_the_operator_cannot_be_built(monkeypatch, tmp_path, caplog):
+    """A cache directory that cannot be created: auto logs why and uses torch; asking for cpu-paged is an error."""
+    from tandem.engine.attention import select_backend
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(blocker / "cache"))  # under a regular file: mkdir fails
+    assert select_backend(torch.device("cpu"), "auto").name == "torch"
+    assert "using the torch reference" in caplog.text
+    with pytest.raises(ValueError, match="attention backend: CPU paged attention operator"):
+        select_backend(torch.device("cpu"), "cpu-paged")
+
+
 def test_backend_equals_reference_on_a_mixed_step(backend):
     """Decodes, a prefill chunk with a cached prefix and a fresh prefill chunk in one step, through forward()."""
     layout, kv_rows = make_cache(torch.float32, seed=3)

@@ -49,12 +49,12 @@ def build_dir() -> Path:
 def load_extension(verbose: bool = False) -> ModuleType:
     """Build (first time, ~1 minute) or load (cached) the C++ operator; raises ``OperatorBuildError``."""
     directory = build_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     logger.info("CPU paged attention: building or loading the operator in %s ...", directory)
     from torch.utils import cpp_extension
 
     try:
+        directory.mkdir(parents=True, exist_ok=True)  # a read-only cache is a build failure (fallback), not a crash
         module = cpp_extension.load(
             name=EXTENSION_NAME, sources=[str(SOURCE)], build_directory=str(directory), verbose=verbose,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"], extra_ldflags=["-fopenmp"],
