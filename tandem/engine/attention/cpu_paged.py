@@ -21,8 +21,7 @@ from types import ModuleType
 import torch
 
 from tandem.engine.attention.backend import LayerAttention
-from tandem.engine.attention.metadata import AttentionMetadata, PrefillSeq
-from tandem.engine.attention.paged import write_kv
+from tandem.engine.attention.metadata import PrefillSeq
 from tandem.engine.attention.torch_ref import TorchReferenceBackend
 from tandem.protocol.model_source import cache_root
 
@@ -90,14 +89,12 @@ def paged_attention(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, 
                                             spec.scale, spec.softcap, spec.num_kv_heads)
 
 
-class CpuPagedBackend:
+class CpuPagedBackend(TorchReferenceBackend):
     """Attention through the C++ operator for decodes, verify chunks and short chunks over a cached prefix; the
-    torch reference for longer prefill chunks (see ``OPERATOR_MAX_CHUNK``)."""
+    torch reference for longer prefill chunks (see ``OPERATOR_MAX_CHUNK``). NOTE: the step's structure (KV
+    writes, decodes, verify groups, prefill chunks) is the reference's; only the kernels differ."""
 
     name = "cpu-paged"
-
-    def __init__(self) -> None:
-        self._fresh = TorchReferenceBackend()
 
     @classmethod
     def create(cls, verbose: bool = False) -> CpuPagedBackend:
@@ -105,31 +102,19 @@ class CpuPagedBackend:
         register_op(load_extension(verbose=verbose or bool(os.environ.get("TANDEM_VERBOSE_BUILD"))))
         return cls()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
-                spec: LayerAttention, meta: AttentionMetadata) -> torch.Tensor:
-        layer = spec.layer
-        write_kv(kv_rows, meta.write_index[layer], k, v)
-        reads = meta.for_window(spec.window)
-        T, H, D = q.shape
-        out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-        if meta.num_decode:
-            bd = meta.num_decode
-            o = paged_attention(q[:bd].view(bd, 1, H, D), kv_rows, reads.decode_gather_rows[layer],
-                                reads.decode_mask, spec)
-            out[:bd] = o.view(bd, H, D)
-        for grp in reads.verify:
-            qv = q.index_select(0, grp.token_index).view(grp.num_seqs, grp.q_len, H, D)
-            o = paged_attention(qv, kv_rows, grp.gather_rows[layer], grp.mask, spec)
-            out.index_copy_(0, grp.token_index, o.view(-1, H, D))
-        for seq in reads.prefills:
-            chunk = slice(seq.q_start, seq.q_start + seq.q_len)
-            if seq.gather_rows is None or seq.q_len > OPERATOR_MAX_CHUNK:
-                out[chunk] = self._fresh._prefill(q, k, v, kv_rows, seq, spec)
-            else:
-                o = paged_attention(q[chunk].unsqueeze(0), kv_rows, seq.gather_rows[layer],
-                                    prefix_mask(seq, spec.window, kv_rows.shape[1] // D), spec)
-                out[chunk] = o[0]
-        return out
+    def paged(self, q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+              spec: LayerAttention) -> torch.Tensor:
+        return paged_attention(q, kv_rows, rows, mask, spec)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor, seq: PrefillSeq,
+                 spec: LayerAttention) -> torch.Tensor:
+        if seq.gather_rows is None or seq.q_len > OPERATOR_MAX_CHUNK:
+            return super()._prefill(q, k, v, kv_rows, seq, spec)
+        chunk = slice(seq.q_start, seq.q_start + seq.q_len)
+        D = q.shape[2]
+        o = paged_attention(q[chunk].unsqueeze(0), kv_rows, seq.gather_rows[spec.layer],
+                            prefix_mask(seq, spec.window, kv_rows.shape[1] // D), spec)
+        return o[0]
 
 
 def prefix_mask(seq: PrefillSeq, window: int | None, block_size: int) -> torch.Tensor:

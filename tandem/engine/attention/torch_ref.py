@@ -19,6 +19,11 @@ class TorchReferenceBackend:
 
     name = "torch"
 
+    def paged(self, q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
+              spec: LayerAttention) -> torch.Tensor:
+        """Decode rows and verify chunks over their blocks (see :func:`paged_attention`); backends override it."""
+        return paged_attention(q, kv_rows, rows, mask, spec)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
                 spec: LayerAttention, meta: AttentionMetadata) -> torch.Tensor:
         layer = spec.layer
@@ -28,12 +33,12 @@ class TorchReferenceBackend:
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         if meta.num_decode:
             bd = meta.num_decode
-            o = paged_attention(q[:bd].view(bd, 1, H, D), kv_rows, reads.decode_gather_rows[layer],
-                                reads.decode_mask, spec)
+            o = self.paged(q[:bd].view(bd, 1, H, D), kv_rows, reads.decode_gather_rows[layer], reads.decode_mask,
+                           spec)
             out[:bd] = o.view(bd, H, D)
         for grp in reads.verify:
             qv = q.index_select(0, grp.token_index).view(grp.num_seqs, grp.q_len, H, D)
-            o = paged_attention(qv, kv_rows, grp.gather_rows[layer], grp.mask, spec)
+            o = self.paged(qv, kv_rows, grp.gather_rows[layer], grp.mask, spec)
             out.index_copy_(0, grp.token_index, o.view(-1, H, D))
         fresh = reads.fresh_batch
         if fresh is not None:
