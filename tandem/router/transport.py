@@ -18,6 +18,7 @@ import asyncio
 import collections
 import socket
 import typing
+from typing import Any
 
 import httptools
 import httpx
@@ -342,3 +343,33 @@ class AsyncioHTTPTransport(httpx.AsyncBaseTransport):
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing: what a worker sets must never ride along on another client's request."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Ignore the response's ``Set-Cookie`` headers (httpx calls this after every response)."""
+
+    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
+        """Refuse to store a cookie set through the API as well."""
+
+
+_NO_COOKIES = _NoCookies()
+
+
+class ProxyClient(httpx.AsyncClient):
+    """The request path's httpx client: without a cookie jar.
+
+    A proxy must not keep cookies: one client's upstream ``Set-Cookie`` would ride along on every other client's
+    requests. NOTE: it also saves httpx's per-response cookie extraction (it builds urllib request and response
+    stand-ins for every response), one of the larger costs of ``send`` on the router's request path.
+    """
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        """httpx's constructor assigns a jar (``cookies=`` included): this client never keeps one."""

@@ -9,8 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tandem.router.service import ProxyClient
-from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport
+from tandem.router.transport import BODY_COMPLETE, AsyncioHTTPTransport, ProxyClient
 
 
 class ScriptedServer:
