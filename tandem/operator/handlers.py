@@ -17,7 +17,7 @@ import kopf
 from tandem.kube import KubeConnection
 from tandem.operator.kube import KINDS, KubeClient
 from tandem.operator.reconcile import PRUNABLE_KINDS, EventSink, Reconciler
-from tandem.operator.render import MANAGED_BY
+from tandem.operator.naming import MANAGED_BY
 from tandem.operator.spec import GROUP, KIND, PLURAL, VERSION
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from typing import Any
 
 from tandem.operator.kube import KINDS, ApiError, KubeClient
 from tandem.operator.metrics import OperatorMetrics
-from tandem.operator.render import LABEL_DEPLOYMENT, MANAGED_BY, child_name, endpoint_url, render, selector_string
+from tandem.operator.naming import LABEL_DEPLOYMENT, MANAGED_BY, child_name, endpoint_url, selector_string
+from tandem.operator.render import render
 from tandem.operator.spec import API_VERSION, KIND, SpecError
 
 logger = logging.getLogger(__name__)

@@ -13,26 +13,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.operator.spec import (API_VERSION, DEFAULT_KV_CACHE_MEMORY, GPU_RESOURCE, KIND, VLLM_CPU_IMAGE,
-                                  VLLM_CUDA_IMAGE, LLMDeploymentSpec, Role, SpecError, kv_cache_memory_arg,
-                                  parse_spec, validate_name)
+from tandem.operator.commands import _router_command, _worker_command, worker_image
+from tandem.operator.naming import (
+    ANNOTATION_CONFIG_HASH,
+    HF_HOME,
+    HF_TOKEN_DIR,
+    HF_TOKEN_PATH,
+    HTTP_PORT,
+    LABEL_ENGINE_KIND,
+    MODELS_MOUNT,
+    REDIS_PORT,
+    TENANTS_FILE,
+    VLLM_KV_EVENTS_PORT,
+    VLLM_KV_EVENTS_REPLAY_PORT,
+    child_name,
+    common_labels,
+    selector_labels,
+)
+from tandem.operator.spec import (
+    API_VERSION,
+    GPU_RESOURCE,
+    KIND,
+    LLMDeploymentSpec,
+    Role,
+    SpecError,
+    parse_spec,
+    validate_name,
+)
 
-HTTP_PORT = 8000
-REDIS_PORT = 6379
-MANAGED_BY = "tandem-operator"
-LABEL_DEPLOYMENT = "tandem.dev/deployment"
-LABEL_ROLE = "tandem.dev/role"
-# Worker pods say which engine they run; the router's Kubernetes discovery reads it (absent means tandem).
-LABEL_ENGINE_KIND = "tandem.dev/engine-kind"
-ANNOTATION_CONFIG_HASH = "tandem.dev/config-hash"
-HF_HOME = "/cache/huggingface"
-HF_TOKEN_DIR = "/var/run/secrets/tandem/hf"
-HF_TOKEN_PATH = f"{HF_TOKEN_DIR}/token"  # huggingface_hub reads the file named by HF_TOKEN_PATH
-TENANTS_FILE = "/var/run/secrets/tandem/tenants/tenants.yaml"  # router.tenantsSecretRef, read by --tenants-file
-MODELS_MOUNT = "/models"
-VLLM_KV_EVENTS_PORT = 5557  # the router's --vllm-kv-events-port default
-VLLM_KV_EVENTS_REPLAY_PORT = 5558  # vLLM's replay socket: a router that missed batches (or starts late) catches up
-VLLM_KV_EVENTS_TOPIC = "kv-events"
 RUN_AS_USER = 10001  # the image's non-root user (see Dockerfile)
 REDIS_UID = 999  # the redis image's own user
 
@@ -40,48 +48,6 @@ _DEFAULT_WORKER_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits"
 _DEFAULT_ROUTER_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
 _DEFAULT_REDIS_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 _DOWNLOAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}}
-
-
-def child_name(name: str, role: str | None = None) -> str:
-    """Name of a child object: the router's OpenAI Service carries the deployment's own name."""
-    return name if role is None else f"{name}-{role}"
-
-
-def common_labels(name: str, component: str) -> dict[str, str]:
-    """Labels every child carries (the recommended ``app.kubernetes.io`` set plus ours)."""
-    return {
-        "app.kubernetes.io/name": "tandem",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/component": component,
-        "app.kubernetes.io/part-of": "tandem",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        LABEL_DEPLOYMENT: name,
-        LABEL_ROLE: component,
-    }
-
-
-def selector_labels(name: str, component: str) -> dict[str, str]:
-    """The immutable subset of labels Deployments, Services, PDBs and the router select pods by."""
-    return {LABEL_DEPLOYMENT: name, LABEL_ROLE: component}
-
-
-def selector_string(name: str, component: str) -> str:
-    """``k=v,k=v`` form of :func:`selector_labels` (router flags, status, the scale subresource)."""
-    return ",".join(f"{k}={v}" for k, v in selector_labels(name, component).items())
-
-
-def endpoint_url(name: str, namespace: str) -> str:
-    """The in-cluster OpenAI base URL of a deployment."""
-    return f"http://{child_name(name)}.{namespace}.svc.cluster.local:{HTTP_PORT}/v1"
-
-
-def redis_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str | None:
-    """The Redis every component uses for KV events, or None for direct worker streams."""
-    if spec.redis.mode == "External":
-        return spec.redis.url
-    if spec.redis.mode == "Managed":
-        return f"redis://{child_name(name, 'redis')}.{namespace}.svc.cluster.local:{REDIS_PORT}/0"
-    return None
 
 
 def _owner_reference(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,125 +74,6 @@ def _metadata(obj: Mapping[str, Any], name: str, component: str, **extra: Any) -
     return out
 
 
-def _engine_args(spec: LLMDeploymentSpec, device: str) -> list[str]:
-    """Flags of ``tandem serve|prefill|decode`` that every worker role shares."""
-    e, m = spec.engine, spec.model
-    args = [
-        "--model", m.model_arg,
-        "--served-model-name", m.served_model_name,
-        "--host", "0.0.0.0",
-        "--port", str(HTTP_PORT),
-        "--dtype", m.dtype,
-        "--max-model-len", str(m.max_model_len),
-        "--block-size", str(e.block_size),
-        "--max-num-seqs", str(e.max_num_seqs),
-        "--max-num-batched-tokens", str(e.max_num_batched_tokens),
-    ]
-    if device == "cuda":
-        # Without a size, the KV cache gets what the weights leave of this share of the GPU.
-        args += ["--device", "cuda", "--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}"]
-        if e.kv_cache_memory_arg is not None:  # a size (parse_spec refuses a fraction on CUDA)
-            args += ["--kv-cache-memory", e.kv_cache_memory_arg]
-    else:
-        # A fraction is a share of the container's memory limit (the engine reads its cgroup).
-        args += ["--kv-cache-memory", e.kv_cache_memory_arg or kv_cache_memory_arg(DEFAULT_KV_CACHE_MEMORY)]
-    if not e.enable_prefix_caching:
-        args.append("--no-enable-prefix-caching")
-    if not e.enable_chunked_prefill:
-        args.append("--no-enable-chunked-prefill")
-    return args
-
-
-def _role(spec: LLMDeploymentSpec, component: str) -> Role:
-    return spec.prefill if component == "prefill" else spec.decode
-
-
-def _tandem_worker_command(name: str, namespace: str, spec: LLMDeploymentSpec, role: str, device: str) -> list[str]:
-    """The full command of a Tandem worker pod: ``tandem serve|prefill|decode`` with its flags."""
-    subcommand = "serve" if not spec.disaggregated else role
-    args = ["tandem", subcommand, *_engine_args(spec, device)]
-    url = redis_url(name, namespace, spec)
-    if url:
-        args += ["--kv-events-redis", url]
-    # NOTE: Kubernetes expands $(POD_IP) from the container's env (POD_IP is set from the downward API).
-    args += ["--advertise-url", f"http://$(POD_IP):{HTTP_PORT}"]
-    kv = spec.kv_transfer
-    transports = ",".join(kv.transports_for(device))  # type: ignore[arg-type]
-    if subcommand == "prefill":
-        args += ["--kv-host", "0.0.0.0", "--kv-port", str(kv.port), "--kv-lease-seconds", str(kv.lease_seconds),
-                 "--ucx-transports", transports]
-    elif subcommand == "decode":
-        args += ["--kv-host", "0.0.0.0", "--kv-port", str(kv.port), "--kv-load-failure-policy",
-                 kv.load_failure_policy, "--ucx-transports", transports]
-    return args + list(_role(spec, role).extra_args)
-
-
-def vllm_kv_events_config() -> str:
-    """vLLM's ``--kv-events-config``: ZMQ PUB on every interface, where the routers subscribe, and the replay
-    socket a router asks for the batches it missed (a gap, or a replica that started after the caches filled)."""
-    return json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
-                       "endpoint": f"tcp://*:{VLLM_KV_EVENTS_PORT}",
-                       "replay_endpoint": f"tcp://*:{VLLM_KV_EVENTS_REPLAY_PORT}", "topic": VLLM_KV_EVENTS_TOPIC})
-
-
-def vllm_kv_transfer_config(spec: LLMDeploymentSpec, device: str) -> str:
-    """vLLM's ``--kv-transfer-config`` for P/D: NixlConnector, both roles in every pod (the router picks), with
-    the spec's failure policy and lease (vLLM's ``kv_load_failure_policy`` and ``kv_lease_duration`` mean what
-    ``kvTransfer.loadFailurePolicy`` and ``leaseSeconds`` mean for Tandem's workers)."""
-    kv = spec.kv_transfer
-    config: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both",
-                              "kv_load_failure_policy": kv.load_failure_policy,
-                              "kv_connector_extra_config": {"kv_lease_duration": kv.lease_seconds}}
-    if device == "cpu":
-        config["kv_buffer_device"] = "cpu"  # vLLM's CPU platform keeps KV in host memory
-    return json.dumps(config)
-
-
-def _vllm_worker_command(spec: LLMDeploymentSpec, role: str, device: str) -> list[str]:
-    """The command of a vLLM worker pod: ``vllm serve`` with the flags the spec implies."""
-    e, m = spec.engine, spec.model
-    model = m.hf_repo if m.scheme == "hf" else m.model_arg
-    args = ["vllm", "serve", model,
-            "--served-model-name", m.served_model_name,
-            "--host", "0.0.0.0",
-            "--port", str(HTTP_PORT),
-            "--dtype", m.dtype,
-            "--max-model-len", str(m.max_model_len),
-            "--block-size", str(e.block_size),
-            "--max-num-seqs", str(e.max_num_seqs),
-            "--max-num-batched-tokens", str(e.max_num_batched_tokens)]
-    if m.hf_revision:
-        args += ["--revision", m.hf_revision]
-    role_spec = _role(spec, role)
-    if device == "cuda":
-        args += ["--gpu-memory-utilization", f"{e.gpu_memory_utilization:g}"]
-        if role_spec.gpus > 1 and "--tensor-parallel-size" not in role_spec.extra_args:
-            args += ["--tensor-parallel-size", str(role_spec.gpus)]  # every GPU the pod holds
-    if e.kv_cache_memory_arg is not None:  # a size: parse_spec refuses a fraction for vLLM
-        args += ["--kv-cache-memory-bytes", e.kv_cache_memory_arg]
-    args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-enable-prefix-caching")
-    args.append("--enable-chunked-prefill" if e.enable_chunked_prefill else "--no-enable-chunked-prefill")
-    args += ["--kv-events-config", vllm_kv_events_config()]
-    if spec.disaggregated:
-        args += ["--kv-transfer-config", vllm_kv_transfer_config(spec, device)]
-    return args + list(role_spec.extra_args)
-
-
-def _worker_command(name: str, namespace: str, spec: LLMDeploymentSpec, role: str, device: str) -> list[str]:
-    if spec.engine.kind == "vllm":
-        return _vllm_worker_command(spec, role, device)
-    return _tandem_worker_command(name, namespace, spec, role, device)
-
-
-def worker_image(spec: LLMDeploymentSpec, device: str) -> str:
-    """The worker image: ``engine.image`` if set, else the default for the engine kind and the device."""
-    if spec.engine.image:
-        return spec.engine.image
-    if spec.engine.kind == "vllm":
-        return VLLM_CUDA_IMAGE if device == "cuda" else VLLM_CPU_IMAGE
-    return spec.engine.cuda_image if device == "cuda" else spec.image
-
-
 def _worker_resources(role: Role, device: str) -> dict[str, Any]:
     """The role's resources; CUDA workers always carry an ``nvidia.com/gpu`` limit (1 unless asked for more),
     with any request equal to it, as Kubernetes requires of extended resources."""
@@ -237,33 +84,6 @@ def _worker_resources(role: Role, device: str) -> dict[str, Any]:
         if GPU_RESOURCE in (resources.get("requests") or {}):
             resources["requests"][GPU_RESOURCE] = gpus
     return resources
-
-
-def _router_command(name: str, namespace: str, spec: LLMDeploymentSpec) -> list[str]:
-    args = [
-        "tandem", "router", "--host", "0.0.0.0", "--port", str(HTTP_PORT),
-        "--model", spec.model.model_arg, "--served-model-name", spec.model.served_model_name,
-    ]
-    url = redis_url(name, namespace, spec)
-    if url:
-        args += ["--redis-url", url]
-    args += ["--k8s-namespace", namespace]
-    if spec.disaggregated:
-        args += ["--k8s-prefill-selector", selector_string(name, "prefill"),
-                 "--k8s-decode-selector", selector_string(name, "decode")]
-    else:
-        args += ["--k8s-worker-selector", selector_string(name, "decode")]
-    weights = ",".join(f"{k}={v:g}" for k, v in spec.router.scorer_weights.model_dump().items())
-    args += ["--scorer-weights", weights, "--disagg-threshold", str(spec.router.disagg_threshold)]
-    args += ["--max-migrations", str(spec.router.max_migrations)]
-    if spec.engine.kind == "vllm":
-        args += ["--vllm-kv-events-port", str(VLLM_KV_EVENTS_PORT),
-                 "--vllm-kv-events-replay-port", str(VLLM_KV_EVENTS_REPLAY_PORT)]
-    if spec.router.max_queue_per_worker is not None:
-        args += ["--max-queue-per-worker", str(spec.router.max_queue_per_worker)]
-    if spec.router.tenants_secret_ref is not None:
-        args += ["--tenants-file", TENANTS_FILE]
-    return args + list(spec.router.extra_args)
 
 
 def _hf_env(spec: LLMDeploymentSpec, offline: bool) -> list[dict[str, Any]]:
