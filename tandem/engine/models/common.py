@@ -8,6 +8,7 @@ through the backend the runner chose (``tandem.engine.attention``) with the step
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 from collections.abc import Collection
@@ -177,7 +178,7 @@ _FUSED = {
 _LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(nn.Module, abc.ABC):
     """A decoder-only language model over the paged KV cache; families subclass it and build their layers.
 
     A family's layer takes ``(h, rope, kv_rows, meta, backend)`` and returns the new hidden states ``[T, hidden]``.
@@ -200,8 +201,9 @@ class DecoderLM(nn.Module):
         self.rope_inv_freq: dict[str, torch.Tensor] = {}
         self.init_rope(torch.device("cpu"))
 
+    @abc.abstractmethod
     def make_layer(self, cfg: ModelConfig, index: int) -> nn.Module:
-        raise NotImplementedError
+        """Decoder layer ``index`` of this family (each family file defines it)."""
 
     def init_rope(self, device: torch.device) -> None:
         """(Re)build the RoPE frequency tables in fp32 on ``device`` (after a move or a dtype cast)."""
