@@ -58,6 +58,7 @@ class Worker:
     trial_inflight: bool = False
     # Time to first byte, smoothed (seconds); a worker far slower than its peers is down-weighted, not ejected.
     ttft_ewma_s: float | None = None
+    ttft_samples: int = 0
     weight: float = 1.0
 
     def admits(self, now: float) -> bool:
@@ -91,6 +92,9 @@ class OutlierPolicy:
     ttft_ratio: float = 3.0  # TTFT this many times the peers' median -> down-weighted
     # ... and at least this much slower in seconds: at millisecond TTFTs, a ratio is noise (prompt lengths vary).
     ttft_min_gap_s: float = 0.2
+    # ... and judged only once it and its peers have answered this many streams: a cold start or one slow
+    # request on a busy host must not send a tenant away from the worker holding its prefix.
+    ttft_min_samples: int = 5
     min_weight: float = 0.1
 
     def __post_init__(self) -> None:
@@ -174,11 +178,12 @@ class Datastore:
             worker.readmitted_at = time.monotonic()
         if ttft_s is not None:
             worker.ttft_ewma_s = ttft_s if worker.ttft_ewma_s is None else 0.8 * worker.ttft_ewma_s + 0.2 * ttft_s
+            worker.ttft_samples += 1
             self._reweigh(worker.pool)
 
     def _reweigh(self, pool: Pool) -> None:
         """Down-weight workers whose smoothed TTFT is far above the median of their pool's other workers."""
-        workers = [w for w in self.pool(pool) if w.ttft_ewma_s is not None]
+        workers = [w for w in self.pool(pool) if w.ttft_samples >= self.outlier.ttft_min_samples]
         if len(workers) < 2:
             return
         for w in workers:

@@ -169,7 +169,7 @@ async def test_a_worker_far_slower_than_its_peers_is_down_weighted_not_ejected()
     try:
         await asyncio.wait_for(service.health.checked.wait(), 10)
         async with httpx.AsyncClient(timeout=10) as client:
-            for _ in range(12):  # sequential: load is equal, only latency (of streams) tells them apart
+            for _ in range(24):  # sequential: load is equal, only latency (of streams) tells them apart
                 await stream(client, url)
             workers = service.datastore.workers
             assert workers[slow.url].weight < 0.5 and workers[fast.url].weight == 1.0
