@@ -202,24 +202,24 @@ def test_real_model_fp32_greedy_identical_to_transformers(backend, smol_dir, smo
 
 
 @pytest.mark.slow
-def test_real_model_bf16_agreement_with_reference(backend, smol_dir, smol_tokenizer):
-    """bf16: the operator (fp32 accumulation) and the reference (bf16 matmuls) agree on nearly every greedy token.
-    The rate is tokens before a sequence's first divergence over all tokens (after a divergence the two continue
-    from different texts, so later tokens say nothing about attention)."""
+def test_real_model_bf16_agreement_with_fp32(backend, smol_dir, smol_tokenizer):
+    """bf16 through the operators (fp32 accumulation; bf16 probabilities in the prefill kernel's value products) agrees
+    with the fp32 model's greedy tokens about as often as bf16 through the reference (SDPA's bf16 kernels). The rate
+    is tokens before a sequence's first divergence over all tokens (after a divergence the two continue from
+    different texts, so later tokens say nothing about attention). Measured here: reference 0.839, operators 0.909
+    on these prompts, 0.876 and 0.843 on a set of 12: bf16 logits make near-ties flip either way."""
     from tandem import LLM
 
     from test_correctness import smol_prompts
 
     prompts = smol_prompts(smol_tokenizer)
-    common = dict(model=str(smol_dir), dtype="bfloat16", max_model_len=2048, num_blocks=400, progress=False)
-    outs = {}
+    common = dict(model=str(smol_dir), max_model_len=2048, num_blocks=400, progress=False)
+    fp32 = _greedy(LLM(**common, dtype="float32", attention_backend="torch"), prompts, 32)
+    rates = {}
     for name in ("torch", "cpu-paged"):
-        outs[name] = _greedy(LLM(**common, attention_backend=name), prompts, 32)
-    agreed = total = 0
-    for ref, got in zip(outs["torch"], outs["cpu-paged"]):
-        same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
-        agreed += same
-        total += len(ref)
-    rate = agreed / total
-    print(f"bf16 greedy agreement cpu-paged vs torch: {agreed}/{total} = {rate:.3f}")
-    assert rate >= 0.8
+        got = _greedy(LLM(**common, dtype="bfloat16", attention_backend=name), prompts, 32)
+        agreed = sum(next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), min(len(r), len(g)))
+                     for r, g in zip(fp32, got))
+        rates[name] = agreed / sum(map(len, fp32))
+    print(f"bf16 greedy agreement with fp32: torch {rates['torch']:.3f}, cpu-paged {rates['cpu-paged']:.3f}")
+    assert rates["cpu-paged"] >= 0.7

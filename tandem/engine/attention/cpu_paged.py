@@ -1,13 +1,20 @@
-"""The CPU paged-attention backend: a small C++ operator that reads KV blocks where they lie in the cache.
+"""The CPU paged-attention backend: small C++ operators that read KV blocks where they lie in the cache.
 
-The operator (``csrc/paged_attention_cpu.cpp``) is built once with ``torch.utils.cpp_extension`` into
-``TANDEM_CACHE_DIR/torch_extensions`` (progress logged; later starts load the cached build in well under a second)
-and registered as the custom op ``tandem::paged_attention``, opaque to ``torch.compile``. It serves decodes,
-speculative verify chunks and short prefill chunks (up to ``OPERATOR_MAX_CHUNK`` tokens) over a cached prefix;
-longer chunks, and chunks without a cached prefix, go to the torch reference (SDPA's blocked GEMMs win there).
+The operators (``csrc/paged_attention_cpu.cpp``, ``csrc/prefill_attention_cpu.cpp``) are built once with
+``torch.utils.cpp_extension`` into ``TANDEM_CACHE_DIR/torch_extensions`` (progress logged; later starts load the cached
+build in well under a second) and registered as custom ops (``tandem::paged_attention``, ``tandem::prefill_dense``,
+``tandem::prefill_paged``), opaque to ``torch.compile``.
 
-Build at start-up, never on the request path: ``CpuPagedBackend.create()`` builds (or loads) the operator, and
-``select_backend`` falls back to the torch reference, logged, when it cannot be built.
+Which kernel attends what:
+- decodes, speculative verify chunks and chunks of up to ``OPERATOR_MAX_CHUNK`` tokens over a cached prefix: the
+  paged operator (fp32 arithmetic, one work item per sequence, KV head and 16-query tile);
+- longer prefill chunks, in bf16 on cores with AVX-512 bf16: the prefill kernels (``vdpbf16ps`` tiles, online
+  softmax): every chunk without a cached prefix of the step in one call, each chunk after a cached prefix over its
+  blocks in place;
+- anything else (other dtypes, head sizes not a multiple of 64, no AVX-512 bf16): the torch reference.
+
+Build at start-up, never on the request path: ``CpuPagedBackend.create()`` builds (or loads) the operators, and
+``select_backend`` falls back to the torch reference, logged, when they cannot be built.
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ from tandem.protocol.model_source import cache_root
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
-# NOTE: prefill chunks with a cached prefix longer than this go to the reference (gather + SDPA, blocked GEMMs):
-# measured here (bf16, 2 threads) a 256-token chunk over 768 cached tokens took 1.57 s per step through the
-# operator vs 0.29 s through the reference, while decodes (one query) ran 1.5x faster through the operator.
-# Verify chunks and short chunks (one 16-query tile) stay on the operator.
+PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp"
+# NOTE: chunks over a cached prefix longer than this leave the paged operator (one 16-query tile: its fp32 scores
+# are per key, not tiled): measured here (bf16, 2 threads) a 256-token chunk over 768 cached tokens took 1.57 s per
+# step through it vs 0.29 s through the reference (gather + SDPA). In bf16 they go to the prefill kernel instead.
 OPERATOR_MAX_CHUNK = 16
 EXTENSION_NAME = "tandem_paged_attention_cpu"
 
@@ -55,7 +62,7 @@ def load_extension(verbose: bool = False) -> ModuleType:
     try:
         directory.mkdir(parents=True, exist_ok=True)  # a read-only cache is a build failure (fallback), not a crash
         module = cpp_extension.load(
-            name=EXTENSION_NAME, sources=[str(SOURCE)], build_directory=str(directory), verbose=verbose,
+            name=EXTENSION_NAME, sources=[str(SOURCE), str(PREFILL_SOURCE)], build_directory=str(directory), verbose=verbose,
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"], extra_ldflags=["-fopenmp"],
         )
     except (RuntimeError, OSError, ImportError) as exc:
@@ -79,6 +86,25 @@ def register_op(module: ModuleType) -> None:
     def _(q, kv_rows, rows, mask, scale, softcap, num_kv_heads):  # noqa: ANN001, ANN202 (shape only)
         return torch.empty_like(q)
 
+    @torch.library.custom_op("tandem::prefill_dense", mutates_args=())
+    def prefill_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
+                      scale: float, window: int, softcap: float | None) -> torch.Tensor:
+        return module.prefill_attention_dense(q, k, v, starts, lens, scale, window, softcap is not None, softcap or 0.0)
+
+    @prefill_dense.register_fake
+    def _(q, k, v, starts, lens, scale, window, softcap):  # noqa: ANN001, ANN202 (shape only)
+        return torch.empty_like(q)
+
+    @torch.library.custom_op("tandem::prefill_paged", mutates_args=())
+    def prefill_paged(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, kv_start: int, ctx_len: int,
+                      scale: float, window: int, softcap: float | None, num_kv_heads: int) -> torch.Tensor:
+        return module.prefill_attention_paged(q, kv_rows, rows, kv_start, ctx_len, scale, window, softcap is not None,
+                                              softcap or 0.0, num_kv_heads)
+
+    @prefill_paged.register_fake
+    def _(q, kv_rows, rows, kv_start, ctx_len, scale, window, softcap, num_kv_heads):  # noqa: ANN001, ANN202
+        return torch.empty_like(q)
+
 
 def paged_attention(q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
                     spec: LayerAttention) -> torch.Tensor:
@@ -96,11 +122,43 @@ class CpuPagedBackend(TorchReferenceBackend):
 
     name = "cpu-paged"
 
+    def __init__(self, bf16_prefill: bool = False) -> None:
+        self.bf16_prefill = bf16_prefill  # the build has the AVX-512 bf16 prefill kernels
+
     @classmethod
     def create(cls, verbose: bool = False) -> CpuPagedBackend:
-        """Build or load the operator now (start-up), register the custom op, return the backend."""
-        register_op(load_extension(verbose=verbose or bool(os.environ.get("TANDEM_VERBOSE_BUILD"))))
-        return cls()
+        """Build or load the operators now (start-up), register the custom ops, return the backend."""
+        module = load_extension(verbose=verbose or bool(os.environ.get("TANDEM_VERBOSE_BUILD")))
+        register_op(module)
+        bf16_prefill = bool(module.bf16_prefill_available())
+        logger.info("CPU paged attention: bf16 prefill kernels %s", "on" if bf16_prefill else
+                    "off (no AVX-512 bf16 at build time): long bf16 chunks use the torch reference")
+        return cls(bf16_prefill)
+
+    def attend_prefills(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
+                        prefills: list[PrefillSeq], spec: LayerAttention, out: torch.Tensor) -> None:
+        if not (self.bf16_prefill and q.dtype == torch.bfloat16 and spec.head_dim % 64 == 0 and spec.head_dim <= 256):
+            super().attend_prefills(q, k, v, kv_rows, prefills, spec, out)
+            return
+        window = spec.window or 0
+        fresh = [seq for seq in prefills if seq.gather_rows is None]
+        if fresh:  # every chunk without a cached prefix in one call
+            starts = torch.tensor([seq.q_start for seq in fresh], dtype=torch.long)
+            lens = torch.tensor([seq.q_len for seq in fresh], dtype=torch.long)
+            o = torch.ops.tandem.prefill_dense(q.contiguous(), k.contiguous(), v.contiguous(), starts, lens,
+                                               spec.scale, window, spec.softcap)
+            for seq in fresh:
+                out[seq.q_start : seq.q_start + seq.q_len] = o[seq.q_start : seq.q_start + seq.q_len]
+        for seq in prefills:
+            if seq.gather_rows is None:
+                continue
+            chunk = slice(seq.q_start, seq.q_start + seq.q_len)
+            if seq.q_len <= OPERATOR_MAX_CHUNK:
+                out[chunk] = self._prefill(q, k, v, kv_rows, seq, spec)
+            else:
+                out[chunk] = torch.ops.tandem.prefill_paged(q[chunk].contiguous(), kv_rows, seq.gather_rows[spec.layer],
+                                                            seq.kv_start, seq.ctx_len, spec.scale, window,
+                                                            spec.softcap, spec.num_kv_heads)
 
     def paged(self, q: torch.Tensor, kv_rows: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor,
               spec: LayerAttention) -> torch.Tensor:

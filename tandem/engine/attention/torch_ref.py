@@ -43,11 +43,18 @@ class TorchReferenceBackend:
         fresh = reads.fresh_batch
         if fresh is not None:
             attend_fresh_batch(q, k, v, fresh, out, spec)
-        for seq in reads.prefills:
-            if fresh is not None and seq.gather_rows is None:
-                continue  # attended in the padded batch above
-            out[seq.q_start : seq.q_start + seq.q_len] = self._prefill(q, k, v, kv_rows, seq, spec)
+            prefills = [seq for seq in reads.prefills if seq.gather_rows is not None]  # the rest: attended above
+        else:
+            prefills = reads.prefills
+        if prefills:
+            self.attend_prefills(q, k, v, kv_rows, prefills, spec, out)
         return out
+
+    def attend_prefills(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
+                        prefills: list[PrefillSeq], spec: LayerAttention, out: torch.Tensor) -> None:
+        """Every prefill chunk of the step into its rows of ``out``; here one call per chunk (backends override)."""
+        for seq in prefills:
+            out[seq.q_start : seq.q_start + seq.q_len] = self._prefill(q, k, v, kv_rows, seq, spec)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor, seq: PrefillSeq,
                  spec: LayerAttention) -> torch.Tensor:

@@ -340,6 +340,17 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
   return out;
 }
 
+// prefill_attention_cpu.cpp: many-query chunks in bf16.
+bool bf16_prefill_available();
+torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
+                                      torch::Tensor lens, double scale, int64_t window, bool has_cap, double cap);
+torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, int64_t kv_start,
+                                      int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
+                                      int64_t num_kv_heads);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)");
+  m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels");
+  m.def("prefill_attention_dense", &prefill_attention_dense, "causal attention of chunks to themselves (bf16)");
+  m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)");
 }

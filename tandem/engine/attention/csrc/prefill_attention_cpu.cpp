@@ -1,0 +1,317 @@
+// Prefill attention on the CPU in bf16: many queries per sequence, attended tile by tile with AVX-512 bf16 dot
+// products (vdpbf16ps), online softmax in fp32, never a score matrix the size of the context.
+//
+// Design: one work item per (sequence, KV head, tile of kQTile queries). The query heads that share the KV head are
+// the item's rows, so each tile of kKeyTile keys is packed once and used by group * kQTile rows. A key tile is
+// packed into the pair-interleaved ("VNNI") layouts vdpbf16ps multiplies: K as [D/2][keys] (a score vector holds
+// 16 keys), V as [keys/2][D] (an output vector holds 16 dimensions). Four rows are scored together so that each
+// packed K vector loaded feeds four independent accumulations. Items run largest-first under a dynamic schedule
+// (causal rows near the end of a prompt see the most keys).
+//
+// Keys come either from the step's own k/v (a chunk without a cached prefix: `dense`) or from the paged cache
+// (a chunk after a cached prefix: `paged`; its own keys were written to the cache before attention runs).
+// Masking: a query at position p sees keys at positions in (p - window, p] (window <= 0: no window).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+namespace {
+
+constexpr int64_t kKeyTile = 32;  // keys packed together: two score vectors of 16
+constexpr int64_t kQTile = 32;    // queries per work item
+constexpr int64_t kMaxD = 256;
+constexpr int64_t kRowBlock = 4;  // query rows scored together
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp for fp32 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (relative error ~2e-7).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// Keys of one KV head read from the step's own k or v ([T, kvh, D]): key j of the chunk at base + j * stride.
+struct DenseKeys {
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t stride;
+  const uint16_t* key(int64_t j) const { return k + j * stride; }
+  const uint16_t* value(int64_t j) const { return v + j * stride; }
+};
+
+// Keys of one KV head read from the paged cache: key j lies in block j / bs of the head's K (V) rows.
+struct PagedKeys {
+  const uint16_t* kv;
+  const int64_t* krows;
+  const int64_t* vrows;
+  int64_t bs, D;
+  const uint16_t* key(int64_t j) const { return kv + (krows[j / bs] * bs + j % bs) * D; }
+  const uint16_t* value(int64_t j) const { return kv + (vrows[j / bs] * bs + j % bs) * D; }
+};
+
+struct Tile {
+  const uint16_t* q;  // the tile's first query token, at its KV head's first query head
+  uint16_t* out;      // same layout as q
+  int64_t token_stride;  // elements between consecutive tokens of q / out (H * D)
+  int64_t n_q, group, D;
+  int64_t q_pos0, k_pos0, n_keys;  // position of the first query, of key 0; keys available
+  int64_t window;
+  float scale, cap;
+  bool has_cap;
+};
+
+template <class Keys>
+void attend_tile(const Keys& keys, const Tile& t) {
+  const int64_t D = t.D, P = D / 2, n_rows = t.n_q * t.group;
+  alignas(64) uint32_t kp[kMaxD / 2 * kKeyTile];  // [P][kKeyTile]: key pairs of dimensions
+  alignas(64) uint32_t vp[kKeyTile / 2 * kMaxD];  // [kKeyTile / 2][D]: dimension pairs of keys
+  alignas(64) uint32_t pb[kRowBlock][kKeyTile / 2];
+  alignas(64) float sc[kKeyTile];
+  std::vector<float> acc(n_rows * D, 0.f), run_max(n_rows, kNegInf), run_sum(n_rows, 0.f);
+  auto row_q = [&](int64_t r) {
+    return reinterpret_cast<const uint32_t*>(t.q + (r / t.group) * t.token_stride + (r % t.group) * D);
+  };
+  const int64_t last_pos = t.q_pos0 + t.n_q - 1;
+  const int64_t j_end = std::min(t.n_keys, last_pos - t.k_pos0 + 1);
+  const int64_t j_begin = t.window > 0 ? std::max<int64_t>(0, t.q_pos0 - t.window + 1 - t.k_pos0) : 0;
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyTile) {
+    const int64_t count = std::min(kKeyTile, j_end - j0);
+    for (int64_t x = 0; x < count; ++x) {
+      const uint32_t* kr = reinterpret_cast<const uint32_t*>(keys.key(j0 + x));
+      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = kr[p];
+    }
+    for (int64_t x = count; x < kKeyTile; ++x)
+      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = 0;
+    const int64_t pairs = (count + 1) / 2;
+    for (int64_t jj = 0; jj < pairs; ++jj) {
+      const uint16_t* va = keys.value(j0 + 2 * jj);
+      uint32_t* dst = vp + jj * D;
+      if (2 * jj + 1 < count) {
+        const uint16_t* vb = keys.value(j0 + 2 * jj + 1);
+        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]) | (uint32_t(vb[d]) << 16);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]);
+      }
+    }
+    const __m512i kpos_lo = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(t.k_pos0 + j0)));
+    const __m512i kpos_hi = _mm512_add_epi32(kpos_lo, _mm512_set1_epi32(16));
+    const __m512i limit = _mm512_set1_epi32(int32_t(t.k_pos0 + j0 + count));  // keys past the tile's count
+    for (int64_t r0 = 0; r0 < n_rows; r0 += kRowBlock) {
+      const int64_t nr = std::min(kRowBlock, n_rows - r0);
+      const uint32_t* qr[kRowBlock];
+      for (int64_t i = 0; i < kRowBlock; ++i) qr[i] = row_q(r0 + std::min(i, nr - 1));
+      __m512 s[kRowBlock][2];
+      for (int64_t i = 0; i < kRowBlock; ++i) s[i][0] = s[i][1] = _mm512_setzero_ps();
+      for (int64_t p = 0; p < P; ++p) {
+        const __m512bh k0 = as_bh(_mm512_load_si512(kp + p * kKeyTile));
+        const __m512bh k1 = as_bh(_mm512_load_si512(kp + p * kKeyTile + 16));
+        for (int64_t i = 0; i < kRowBlock; ++i) {
+          const __m512bh qb = as_bh(_mm512_set1_epi32(int32_t(qr[i][p])));
+          s[i][0] = _mm512_dpbf16_ps(s[i][0], qb, k0);
+          s[i][1] = _mm512_dpbf16_ps(s[i][1], qb, k1);
+        }
+      }
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t r = r0 + i;
+        const int64_t qpos = t.q_pos0 + r / t.group;
+        const __m512i qp = _mm512_set1_epi32(int32_t(qpos));
+        __mmask16 m0 = _mm512_cmple_epi32_mask(kpos_lo, qp) & _mm512_cmplt_epi32_mask(kpos_lo, limit);
+        __mmask16 m1 = _mm512_cmple_epi32_mask(kpos_hi, qp) & _mm512_cmplt_epi32_mask(kpos_hi, limit);
+        if (t.window > 0) {
+          const __m512i lo = _mm512_set1_epi32(int32_t(qpos - t.window));
+          m0 &= _mm512_cmpgt_epi32_mask(kpos_lo, lo);
+          m1 &= _mm512_cmpgt_epi32_mask(kpos_hi, lo);
+        }
+        if ((m0 | m1) == 0) {
+          std::fill(pb[i], pb[i] + kKeyTile / 2, 0u);
+          continue;
+        }
+        __m512 s0 = _mm512_mul_ps(s[i][0], _mm512_set1_ps(t.scale));
+        __m512 s1 = _mm512_mul_ps(s[i][1], _mm512_set1_ps(t.scale));
+        if (t.has_cap) {
+          _mm512_store_ps(sc, s0);
+          _mm512_store_ps(sc + 16, s1);
+          for (int64_t x = 0; x < kKeyTile; ++x) sc[x] = t.cap * std::tanh(sc[x] / t.cap);
+          s0 = _mm512_load_ps(sc);
+          s1 = _mm512_load_ps(sc + 16);
+        }
+        const float block_max = std::max(_mm512_mask_reduce_max_ps(m0, s0), _mm512_mask_reduce_max_ps(m1, s1));
+        const float new_max = std::max(run_max[r], block_max);
+        const float rescale = std::exp(run_max[r] - new_max);
+        const __m512 nm = _mm512_set1_ps(new_max);
+        const __m512 p0 = _mm512_maskz_mov_ps(m0, exp_ps(_mm512_sub_ps(s0, nm)));
+        const __m512 p1 = _mm512_maskz_mov_ps(m1, exp_ps(_mm512_sub_ps(s1, nm)));
+        run_sum[r] = run_sum[r] * rescale + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+        run_max[r] = new_max;
+        if (rescale != 1.f) {
+          float* ar = acc.data() + r * D;
+          const __m512 rs = _mm512_set1_ps(rescale);
+          for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), rs));
+        }
+        _mm512_store_si512(pb[i], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      // Values: output dimensions in chunks of 64 (four vectors), each row's probabilities broadcast by key pair.
+      for (int64_t c = 0; c < D; c += 64) {
+        __m512 a[kRowBlock][4];
+        for (int64_t i = 0; i < kRowBlock; ++i)
+          for (int64_t x = 0; x < 4; ++x)
+            a[i][x] = i < nr ? _mm512_loadu_ps(acc.data() + (r0 + i) * D + c + 16 * x) : _mm512_setzero_ps();
+        for (int64_t jj = 0; jj < pairs; ++jj) {
+          const uint32_t* vrow = vp + jj * D + c;
+          const __m512bh v0 = as_bh(_mm512_loadu_si512(vrow)), v1 = as_bh(_mm512_loadu_si512(vrow + 16));
+          const __m512bh v2 = as_bh(_mm512_loadu_si512(vrow + 32)), v3 = as_bh(_mm512_loadu_si512(vrow + 48));
+          for (int64_t i = 0; i < kRowBlock; ++i) {
+            const __m512bh pv = as_bh(_mm512_set1_epi32(int32_t(pb[i][jj])));
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], pv, v0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], pv, v1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], pv, v2);
+            a[i][3] = _mm512_dpbf16_ps(a[i][3], pv, v3);
+          }
+        }
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t x = 0; x < 4; ++x) _mm512_storeu_ps(acc.data() + (r0 + i) * D + c + 16 * x, a[i][x]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    // NOTE: a row that saw no key (never built by the runner) is written as zeros, not NaN.
+    const __m512 inv = _mm512_set1_ps(run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f);
+    uint16_t* dst = t.out + (r / t.group) * t.token_stride + (r % t.group) * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)o);
+    }
+  }
+}
+
+struct Work {
+  int64_t seq, head, q0, cost;
+};
+
+// Run `fn(work)` over every (sequence, KV head, query tile), most keys first, dynamically scheduled.
+template <class Fn>
+void run_items(const std::vector<int64_t>& q_lens, const std::vector<int64_t>& key_ends, int64_t kvh, Fn fn) {
+  std::vector<Work> items;
+  for (int64_t s = 0; s < int64_t(q_lens.size()); ++s)
+    for (int64_t q0 = 0; q0 < q_lens[s]; q0 += kQTile)
+      for (int64_t h = 0; h < kvh; ++h)
+        items.push_back({s, h, q0, std::min(key_ends[s], key_ends[s] - q_lens[s] + q0 + kQTile)});
+  std::sort(items.begin(), items.end(), [](const Work& a, const Work& b) { return a.cost > b.cost; });
+  const int64_t n = items.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < n; ++i) fn(items[i]);
+}
+
+void check_common(const torch::Tensor& q, int64_t kvh) {
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "prefill attention: bf16 only");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [T, H, D] tensor");
+  TORCH_CHECK(q.size(2) % 64 == 0 && q.size(2) <= kMaxD, "head_dim: a multiple of 64, at most 256");
+  TORCH_CHECK(kvh > 0 && q.size(1) % kvh == 0, "num_kv_heads must divide the query heads");
+}
+
+}  // namespace
+
+bool bf16_prefill_available() { return true; }
+
+// Every chunk attends causally to itself: chunk s is tokens starts[s] .. starts[s] + lens[s] of q/k/v.
+torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
+                                      torch::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
+  const int64_t kvh = k.size(1), H = q.size(1), D = q.size(2);
+  check_common(q, kvh);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == D,
+              "k, v: expected [T, kv_heads, D] like q");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == q.scalar_type() &&
+              v.scalar_type() == q.scalar_type(), "k, v: expected contiguous tensors of q's dtype");
+  TORCH_CHECK(starts.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64 &&
+              starts.numel() == lens.numel(), "starts, lens: expected int64 tensors of one length");
+  auto out = torch::zeros_like(q);
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  std::vector<int64_t> q_lens(lp, lp + lens.numel());
+  for (int64_t s = 0; s < int64_t(q_lens.size()); ++s)
+    TORCH_CHECK(sp[s] >= 0 && q_lens[s] >= 0 && sp[s] + q_lens[s] <= q.size(0), "a chunk lies outside q");
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t group = H / kvh;
+  run_items(q_lens, q_lens, kvh, [&](const Work& w) {
+    const int64_t base = sp[w.seq];
+    const DenseKeys keys{kp + base * kvh * D + w.head * D, vp + base * kvh * D + w.head * D, kvh * D};
+    const int64_t off = (base + w.q0) * H * D + w.head * group * D;
+    const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_lens[w.seq] - w.q0), group, D,
+                    w.q0, 0, q_lens[w.seq], window, float(scale), float(cap), has_cap};
+    attend_tile(keys, tile);
+  });
+  return out;
+}
+
+// One chunk of q_len tokens (q [q_len, H, D]) ending at ctx_len, over the cache blocks listed by `rows`
+// ([2 * kvh * nb] in (K/V, head, block) order) covering keys kv_start .. ctx_len, the chunk's own included.
+torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, int64_t kv_start,
+                                      int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
+                                      int64_t num_kv_heads) {
+  const int64_t kvh = num_kv_heads, H = q.size(1), D = q.size(2), q_len = q.size(0);
+  check_common(q, kvh);
+  TORCH_CHECK(kv_rows.dim() == 2 && kv_rows.is_contiguous() && kv_rows.size(1) % D == 0 &&
+              kv_rows.scalar_type() == q.scalar_type(), "kv_rows: expected a contiguous [R, bs * D] tensor of q's dtype");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() % (2 * kvh) == 0,
+              "rows: expected contiguous int64, 2 * kv_heads * blocks");
+  const int64_t bs = kv_rows.size(1) / D, nb = rows.numel() / (2 * kvh);
+  TORCH_CHECK(kv_start >= 0 && ctx_len >= kv_start + q_len && ctx_len - kv_start <= nb * bs,
+              "the blocks do not cover keys kv_start .. ctx_len");
+  auto out = torch::zeros_like(q);
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kvp = reinterpret_cast<const uint16_t*>(kv_rows.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t group = H / kvh, n_keys = ctx_len - kv_start;
+  run_items({q_len}, {n_keys}, kvh, [&](const Work& w) {
+    const PagedKeys keys{kvp, rp + w.head * nb, rp + (kvh + w.head) * nb, bs, D};
+    const int64_t off = w.q0 * H * D + w.head * group * D;
+    const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_len - w.q0), group, D,
+                    ctx_len - q_len + w.q0, kv_start, n_keys, window, float(scale), float(cap), has_cap};
+    attend_tile(keys, tile);
+  });
+  return out;
+}
+
+#else  // built without AVX-512 bf16: the Python side keeps these chunks on the torch reference
+
+bool bf16_prefill_available() { return false; }
+
+torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                                      double, int64_t, bool, double) {
+  TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
+  return q;
+}
+
+torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor, torch::Tensor, int64_t, int64_t, double,
+                                      int64_t, bool, double, int64_t) {
+  TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
+  return q;
+}
+
+#endif

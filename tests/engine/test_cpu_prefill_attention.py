@@ -1,0 +1,137 @@
+"""The CPU bf16 prefill kernels (``csrc/prefill_attention_cpu.cpp``) against the torch reference backend run in fp32
+on the same bf16 values: ragged chunks (shorter than a tile, not tile-aligned, longer than several), GQA groups,
+head sizes 64-256, sliding windows, softcapping, chunks over a cached prefix in scattered blocks, and a whole mixed
+step through ``forward``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine.attention import AttentionMetadata, LayerAttention, PagedKVIndexer, PagedReads, TorchReferenceBackend
+from tandem.engine.core.kv_layout import KVCacheLayout
+
+BS = 16
+# bf16 inputs, fp32 accumulation in both; the kernel rounds probabilities to bf16 for the value products.
+TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from tandem.engine.attention.cpu_paged import CpuPagedBackend, OperatorBuildError
+
+    try:
+        backend = CpuPagedBackend.create()
+    except OperatorBuildError as exc:  # the test machine has g++ and ninja: a failed build is a failure
+        pytest.fail(str(exc))
+    if not backend.bf16_prefill:
+        pytest.skip("this CPU has no AVX-512 bf16: the prefill kernels are not built")
+    return backend
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def layout_and_cache(heads: tuple[int, int, int], blocks: int, seed: int) -> tuple[KVCacheLayout, torch.Tensor]:
+    _, kvh, d = heads
+    layout = KVCacheLayout(2, blocks, BS, kvh, d, "bfloat16")
+    return layout, rand(*layout.shape, seed=seed).view(-1, BS * d)
+
+
+def scattered(n: int, blocks: int, seed: int) -> list[list[int]]:
+    perm = torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [perm[i * n : (i + 1) * n] for i in range(blocks // n)]
+
+
+def step(layout: KVCacheLayout, chunks: list[tuple[int, int]], window: int | None, seed: int):
+    """Metadata for one step of prefill chunks, each ``(cached prefix, chunk length)``, in scattered blocks."""
+    indexer = PagedKVIndexer(layout)
+    per_seq = max(-(-(p + n) // BS) for p, n in chunks)
+    tables = scattered(per_seq, layout.num_blocks, seed)
+    slots, prefills, start = [], [], 0
+    for (prefix, n), table in zip(chunks, tables):
+        slots += [table[p // BS] * BS + p % BS for p in range(prefix, prefix + n)]
+        prefills.append(indexer.prefill_seq(start, table, prefix + n, n, window))
+        start += n
+    meta = AttentionMetadata(write_index=indexer.token_slots(torch.tensor(slots)),
+                             reads={window: PagedReads(window=window, prefills=prefills)})
+    return meta, start
+
+
+def compare(backend, heads, chunks, window=None, softcap=None, seed=0):
+    h, kvh, d = heads
+    blocks = len(chunks) * max(-(-(p + n) // BS) for p, n in chunks) + 3
+    layout, kv_rows = layout_and_cache(heads, blocks, seed)
+    meta, T = step(layout, chunks, window, seed + 1)
+    q, k, v = rand(T, h, d, seed=seed + 2), rand(T, kvh, d, seed=seed + 3), rand(T, kvh, d, seed=seed + 4)
+    spec = LayerAttention(1, h, kvh, d, d ** -0.5, window=window, softcap=softcap)
+    kv_ref = kv_rows.float()
+    want = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), kv_ref, spec, meta)
+    got = backend.forward(q, k, v, kv_rows, spec, meta)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, **TOL)
+    assert torch.equal(kv_rows.float(), kv_ref)  # the step's keys and values stored at the same slots
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 128), (4, 1, 256)])
+def test_chunks_without_a_prefix_in_one_call(backend, heads):
+    """Ragged fresh prompts (1 token, under a tile, tile-aligned, over several tiles) attended together."""
+    compare(backend, heads, [(0, 1), (0, 5), (0, 32), (0, 33), (0, 100), (0, 257)])
+
+
+@pytest.mark.parametrize("prefix", [16, 48, 200])
+def test_chunks_over_a_cached_prefix_read_blocks_in_place(backend, prefix):
+    """Chunks longer than the paged operator's tile after a cached prefix, beside a fresh chunk."""
+    compare(backend, (9, 3, 64), [(prefix, 70), (0, 40), (prefix + 16, 17)], seed=5)
+
+
+@pytest.mark.parametrize("window", [7, 40])
+def test_sliding_window(backend, window):
+    compare(backend, (8, 2, 128), [(0, 90), (64, 50)], window=window, seed=7)
+
+
+def test_softcapping(backend):
+    compare(backend, (4, 1, 256), [(0, 45), (32, 33)], softcap=3.0, seed=9)
+
+
+def test_a_long_prompt_split_between_threads(backend):
+    """One 700-token prompt over several threads (dynamically scheduled tiles) equals the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compare(backend, (9, 3, 64), [(0, 700)], seed=11)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_dtypes_and_head_sizes_use_the_reference(backend):
+    """fp32, or a head size not a multiple of 64: the backend keeps the exact reference path."""
+    heads = (6, 2, 16)
+    layout, kv_rows = layout_and_cache(heads, 32, 0)
+    kv_rows = kv_rows.float()
+    meta, T = step(layout, [(0, 20), (16, 30)], None, 1)
+    q, k, v = (rand(T, n, 16, seed=s).float() for n, s in ((6, 2), (2, 3), (2, 4)))
+    spec = LayerAttention(0, 6, 2, 16, 0.25)
+    want = TorchReferenceBackend().forward(q, k, v, kv_rows.clone(), spec, meta)
+    torch.testing.assert_close(backend.forward(q, k, v, kv_rows, spec, meta), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_refused_not_read_out_of_bounds(backend):
+    q, k = rand(10, 4, 64, seed=0), rand(10, 2, 64, seed=1)
+    with pytest.raises(RuntimeError, match="a chunk lies outside q"):
+        torch.ops.tandem.prefill_dense(q, k, k, torch.tensor([5]), torch.tensor([6]), 0.125, 0, None)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.tandem.prefill_dense(q[..., :32].contiguous(), k[..., :32].contiguous(), k[..., :32].contiguous(),
+                                       torch.tensor([0]), torch.tensor([10]), 0.125, 0, None)
+    kv_rows = rand(8, BS * 64, seed=2)
+    with pytest.raises(RuntimeError, match="do not cover"):
+        torch.ops.tandem.prefill_paged(q, kv_rows, torch.arange(4), 0, 40, 0.125, 0, None, 2)
+
+
+def test_prefill_ops_are_opaque_to_torch_compile(backend):
+    q, k = rand(40, 4, 64, seed=0), rand(40, 2, 64, seed=1)
+    starts, lens = torch.tensor([0, 15]), torch.tensor([15, 25])
+    explained = torch._dynamo.explain(
+        lambda x: torch.ops.tandem.prefill_dense(x * 2, k, k, starts, lens, 0.125, 0, None))(q)
+    assert explained.graph_break_count == 0
