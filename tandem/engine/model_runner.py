@@ -58,6 +58,12 @@ class ModelRunner:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.init_rope(self.device)  # plain fp32 tensors, not buffers: .to() above does not move them
         self.model.attention_backend = select_backend(self.device, config.attention_backend)
+        if self.model.attention_backend.name == "cpu-paged":
+            # NOTE: the native CPU path: its attention operators and the fused norm/RoPE/activation kernels. The
+            # torch backend stays all-torch, the reference the kernels are tested against.
+            from tandem.engine.ops import fused
+
+            self.model.use_fused_ops(fused.load())
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears()
         self.block_size = config.cache.block_size

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +29,7 @@ import torch
 from tandem.engine.attention.backend import LayerAttention
 from tandem.engine.attention.metadata import PrefillSeq
 from tandem.engine.attention.torch_ref import TorchReferenceBackend
-from tandem.protocol.model_source import cache_root
+from tandem.engine.ops.build import OperatorBuildError, build_extension
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +42,9 @@ OPERATOR_MAX_CHUNK = 16
 EXTENSION_NAME = "tandem_paged_attention_cpu"
 
 
-class OperatorBuildError(RuntimeError):
-    """The C++ operator could not be built or loaded here (no compiler, no ninja, a compile error)."""
-
-
-def build_dir() -> Path:
-    """Where the built operator is cached: ``<tandem cache>/torch_extensions/<torch version>``."""
-    return cache_root() / "torch_extensions" / torch.__version__.replace("+", "_")
-
-
 def load_extension(verbose: bool = False) -> ModuleType:
-    """Build (first time, ~1 minute) or load (cached) the C++ operator; raises ``OperatorBuildError``."""
-    directory = build_dir()
-    started = time.monotonic()
-    logger.info("CPU paged attention: building or loading the operator in %s ...", directory)
-    from torch.utils import cpp_extension
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)  # a read-only cache is a build failure (fallback), not a crash
-        module = cpp_extension.load(
-            name=EXTENSION_NAME, sources=[str(SOURCE), str(PREFILL_SOURCE)], build_directory=str(directory), verbose=verbose,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"], extra_ldflags=["-fopenmp"],
-        )
-    except (RuntimeError, OSError, ImportError) as exc:
-        raise OperatorBuildError(f"CPU paged attention operator: {str(exc).strip().splitlines()[-1]}") from exc
-    logger.info("CPU paged attention: operator ready in %.1fs", time.monotonic() - started)
-    return module
+    """Build (first time, ~1 minute) or load (cached) the C++ operators; raises ``OperatorBuildError``."""
+    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE], "CPU paged attention", verbose)
 
 
 def register_op(module: ModuleType) -> None:

@@ -12,6 +12,7 @@ import abc
 import math
 import re
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata, LayerAttention, TorchReferenceBackend
 from tandem.engine.models.config import ModelConfig
+from tandem.engine.ops.fused import FusedOps
 
 GLOBAL_ROPE = "global"
 LOCAL_ROPE = "local"
@@ -54,14 +56,25 @@ def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in fp32, cast back, then scale by ``weight``."""
+    """Llama's RMSNorm: normalise in fp32, cast back, then scale by ``weight``. With fused CPU ops (``fused``), one
+    kernel for contiguous rows (and for the residual add before it, ``add_norm``)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused: FusedOps | None = None
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual + x`` and its norm; the fused kernel adds into ``residual`` in place."""
+        if self.fused is not None and self.fused.applies(x) and x.is_contiguous() and residual.is_contiguous():
+            return self.fused.rms_norm(x, self.weight, self.eps, residual), residual
+        residual = residual + x
+        return self(residual), residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.fused.applies(x) and x.is_contiguous():
+            return self.fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -103,6 +116,23 @@ def rope_inv_freq(theta: float, head_dim: int, scaling: dict | None,
     return inv.float()
 
 
+@dataclass(frozen=True, slots=True)
+class Rope:
+    """One step's RoPE tables for every token: fp32 ``[T, D/2]`` (the fused kernel's) and ``[T, 1, D/2]`` in the
+    activations' dtype (the torch ops', rounded as transformers rounds them)."""
+
+    cos32: torch.Tensor
+    sin32: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> Rope:
+        freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
+        cos32, sin32 = freqs.cos(), freqs.sin()
+        return cls(cos32, sin32, cos32.to(dtype).unsqueeze(1), sin32.to(dtype).unsqueeze(1))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, D]; cos/sin: [T, 1, D/2] in x's dtype (rotate-half convention, as HF computes it)."""
     half = x.shape[-1] // 2
@@ -134,11 +164,12 @@ class SelfAttention(nn.Module):
         self.spec = LayerAttention(layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale, cfg.window(layer),
                                    cfg.attn_logit_softcapping)
         self.rope_key = LOCAL_ROPE if self.spec.window is not None and cfg.local_rope_theta is not None else GLOBAL_ROPE
+        self.fused: FusedOps | None = None
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [T, 1, D/2]
+        rope: Rope,
         kv_rows: torch.Tensor,  # the whole KV buffer as [rows, block_size * D] (block-major, see kv_layout.py)
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -149,7 +180,10 @@ class SelfAttention(nn.Module):
         q, k, v = q.view(T, self.num_heads, D), k.view(T, self.num_kv_heads, D), v.view(T, self.num_kv_heads, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.fused is not None and self.fused.applies(q) and D % 32 == 0:
+            self.fused.rope_(q, k, rope.cos32, rope.sin32)  # in place, on the projection's output
+        else:
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         out = backend.forward(q, k, v, kv_rows, self.spec, meta)
         return self.o_proj(out.view(T, self.q_size))
 
@@ -163,9 +197,14 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gelu = cfg.hidden_act == "gelu_tanh"
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if (self.fused is not None and not self.gelu and self.fused.applies(x) and gate_up.dim() == 2
+                and self.intermediate % 16 == 0):
+            return self.down_proj(self.fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.down_proj(act * up)
 
@@ -224,10 +263,7 @@ class DecoderLM(nn.Module, abc.ABC):
         h = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
-        ropes = {}
-        for key, inv_freq in self.rope_inv_freq.items():
-            freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
-            ropes[key] = (freqs.cos().to(h.dtype).unsqueeze(1), freqs.sin().to(h.dtype).unsqueeze(1))
+        ropes = {key: Rope.at(positions, inv_freq, h.dtype) for key, inv_freq in self.rope_inv_freq.items()}
         kv_rows = kv_buffer.view(-1, kv_buffer.shape[-2] * kv_buffer.shape[-1])
         for layer in self.layers:
             h = layer(h, ropes[layer.self_attn.rope_key], kv_rows, meta, self.attention_backend)
@@ -241,6 +277,12 @@ class DecoderLM(nn.Module, abc.ABC):
             logits = F.linear(hidden, weight)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def use_fused_ops(self, ops: FusedOps | None) -> None:
+        """Route the norms, RoPE and gated activations through the fused CPU kernels (None: their torch ops)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, SelfAttention, GatedMLP)):
+                module.fused = ops
 
     @torch.no_grad()
     def pack_linears(self) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.models.common import DecoderLM, GatedMLP, GemmaRMSNorm, SelfAttention
+from tandem.engine.models.common import DecoderLM, GatedMLP, GemmaRMSNorm, Rope, SelfAttention
 from tandem.engine.models.config import ModelConfig, base_fields, hf_layer_windows
 
 # Gemma3TextConfig's defaults, for the fields a Hub config.json may leave out (its text_config often does).
@@ -40,7 +40,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_rows: torch.Tensor,
+    def forward(self, h: torch.Tensor, rope: Rope, kv_rows: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(h), rope, kv_rows, meta, backend)
         h = h + self.post_attention_layernorm(a)

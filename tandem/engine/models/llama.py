@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.models.common import DecoderLM, GatedMLP, RMSNorm, SelfAttention
+from tandem.engine.models.common import DecoderLM, GatedMLP, RMSNorm, Rope, SelfAttention
 from tandem.engine.models.config import ModelConfig, base_fields, hf_layer_windows
 
 
@@ -23,10 +23,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_rows: torch.Tensor,
+    def forward(self, h: torch.Tensor, rope: Rope, kv_rows: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_rows, meta, backend)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), rope, kv_rows, meta, backend)
+        x, h = self.post_attention_layernorm.add_norm(a, h)  # h + a, and its norm
+        return h + self.mlp(x)
 
 
 class LlamaForCausalLM(DecoderLM):

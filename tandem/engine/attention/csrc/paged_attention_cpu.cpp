@@ -19,6 +19,8 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int64_t kQueryTile = 16;  // queries of one sequence per work item (prefill chunks split into tiles)
@@ -113,11 +115,7 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
 constexpr int64_t kMaxVecs = 16;
 constexpr int64_t kMinSplitBlocks = 4;  // a split of a long context covers at least this many blocks
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 = top half of fp32
-}
+using tandem_simd::load16;
 inline __m512 load16(const double* p) {  // fp64 caches are only for tests; narrowed to fp32 like the others
   const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(p)), hi = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 8));
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);

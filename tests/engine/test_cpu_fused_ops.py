@@ -1,0 +1,103 @@
+"""The fused CPU kernels (``tandem/engine/ops/csrc/fused_cpu.cpp``) against the torch ops they replace: equal to
+fp32 rounding in fp32, within one bf16 rounding in bf16; bad shapes refused with the argument named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tandem.engine.models.common import RMSNorm, apply_rope, rope_inv_freq
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from tandem.engine.ops import fused
+
+    loaded = fused.load()
+    if loaded is None:  # the test machine has g++ and ninja: a failed build is a failure
+        pytest.fail("the fused CPU ops did not build")
+    return loaded
+
+
+def rand(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+    else:  # the same value up to one bf16 rounding step (fused: one rounding where torch rounds twice)
+        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_residual_add(ops, dtype):
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(rand(576, dtype=torch.float32, seed=1))
+    norm = norm.to(dtype)
+    x, residual = rand(37, 576, dtype=dtype, seed=2), rand(37, 576, dtype=dtype, seed=3)
+    close(ops.rms_norm(x, norm.weight, norm.eps), norm(x))
+    want_sum = residual + x
+    want = norm(want_sum)
+    got = ops.rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(residual, want_sum)  # added in place, rounded as `h + x` rounds
+    close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rope_in_place_on_projection_views(ops, dtype, head_dim):
+    """q and k are views into one fused qkv projection (strided tokens), rotated in place."""
+    T, hq, hk = 13, 9, 3
+    qkv = rand(T, (hq + 2 * hk) * head_dim, dtype=dtype, seed=4)
+    q, k, _ = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+    q, k = q.view(T, hq, head_dim), k.view(T, hk, head_dim)
+    positions = torch.arange(100, 100 + T)
+    freqs = positions.float().unsqueeze(1) * rope_inv_freq(10000.0, head_dim, None).unsqueeze(0)
+    cos, sin = freqs.cos(), freqs.sin()
+    want_q = apply_rope(q.float(), cos.unsqueeze(1), sin.unsqueeze(1))
+    want_k = apply_rope(k.float(), cos.unsqueeze(1), sin.unsqueeze(1))
+    ops.rope_(q, k, cos, sin)
+    close(q, want_q.to(dtype))
+    close(k, want_k.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(ops, dtype):
+    gate_up = rand(21, 2 * 1536, dtype=dtype, seed=5)
+    gate, up = gate_up.split(1536, dim=-1)
+    close(ops.silu_mul(gate_up), F.silu(gate) * up)
+    extreme = torch.tensor([[-200.0, -30.0, 0.0, 30.0, 200.0] * 16 + [1.0] * 80], dtype=dtype)
+    got = ops.silu_mul(torch.cat([extreme[:, :80], torch.ones(1, 80, dtype=dtype)], dim=1))
+    assert torch.isfinite(got).all()
+    close(got, F.silu(extreme[:, :80]))
+
+
+def test_bad_shapes_are_refused(ops):
+    with pytest.raises(RuntimeError, match="rms_norm: last dimension a multiple of 16"):
+        ops.rms_norm(torch.ones(2, 10), torch.ones(10), 1e-5)
+    with pytest.raises(RuntimeError, match="rms_norm: residual must match x"):
+        ops.rms_norm(torch.ones(2, 16), torch.ones(16), 1e-5, torch.ones(3, 16))
+    with pytest.raises(RuntimeError, match="rope: cos, sin"):
+        ops.rope_(torch.ones(2, 1, 64), torch.ones(2, 1, 64), torch.ones(2, 16), torch.ones(2, 16))
+    with pytest.raises(RuntimeError, match="silu_mul: bf16 or fp32 only"):
+        ops.silu_mul(torch.ones(2, 64, dtype=torch.float64))
+
+
+def test_real_model_fp32_greedy_identical_with_fused_ops(smol_dir, smol_tokenizer):
+    """The native CPU path (operators + fused kernels) in fp32 gives the torch reference path's greedy tokens."""
+    from tandem import LLM, SamplingParams
+
+    from test_correctness import smol_prompts
+
+    prompts = smol_prompts(smol_tokenizer)[:6]
+    common = dict(model=str(smol_dir), dtype="float32", max_model_len=2048, num_blocks=400, progress=False)
+    outs = {}
+    for name in ("torch", "cpu-paged"):
+        llm = LLM(**common, attention_backend=name)
+        assert (llm.engine.runner.model.layers[0].mlp.fused is not None) == (name == "cpu-paged")
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24))
+        outs[name] = [o.outputs[0].token_ids for o in got]
+    assert outs["cpu-paged"] == outs["torch"]
