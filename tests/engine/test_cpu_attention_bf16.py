@@ -1,7 +1,9 @@
-"""The CPU bf16 prefill kernels (``csrc/prefill_attention_cpu.cpp``) against the torch reference backend run in fp32
-on the same bf16 values: ragged chunks (shorter than a tile, not tile-aligned, longer than several), GQA groups,
-head sizes 64-256, sliding windows, softcapping, chunks over a cached prefix in scattered blocks, and a whole mixed
-step through ``forward``."""
+"""The CPU bf16 attention kernels against the torch reference run in fp32 on the same bf16 values.
+
+Prefill (``csrc/prefill_attention_cpu.cpp``): ragged chunks (shorter than a tile, not tile-aligned, longer than
+several), GQA groups, head sizes 64-256, sliding windows, softcapping, chunks over a cached prefix in scattered blocks,
+a whole step through ``forward``. Decode (the bf16 path of ``csrc/paged_attention_cpu.cpp``): ragged contexts,
+windows, softcapping, long contexts split across threads, and never-written cache slots (NaN) beside the keys."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from tandem.engine.attention import AttentionMetadata, LayerAttention, PagedKVIndexer, PagedReads, TorchReferenceBackend
+from tandem.engine.attention.torch_ref import paged_attention as reference_paged_attention
 from tandem.engine.core.kv_layout import KVCacheLayout
 
 BS = 16
@@ -135,3 +138,51 @@ def test_prefill_ops_are_opaque_to_torch_compile(backend):
     explained = torch._dynamo.explain(
         lambda x: torch.ops.tandem.prefill_dense(x * 2, k, k, starts, lens, 0.125, 0, None))(q)
     assert explained.graph_break_count == 0
+
+
+# ---- decodes ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 128), (16, 2, 256), (12, 1, 64)])  # the last: group 12, generic
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_decodes(backend, heads, window, softcap):
+    from tandem.engine.attention.cpu_paged import paged_attention
+
+    h, kvh, d = heads
+    ctx_lens = [1, 15, 16, 17, 100, 300]
+    per_seq = -(-max(ctx_lens) // BS)
+    layout, kv_rows = layout_and_cache(heads, per_seq * len(ctx_lens) + 2, seed=13)
+    tables = scattered(per_seq, layout.num_blocks, seed=14)[: len(ctx_lens)]
+    # The slots after each context in its last block were never written: NaN there must not reach the output.
+    clean = kv_rows.clone()
+    cache = kv_rows.view(layout.shape)
+    for table, ctx in zip(tables, ctx_lens):
+        if ctx % BS:
+            cache[table[(ctx - 1) // BS], :, :, :, ctx % BS :] = float("nan")
+    rows, mask = PagedKVIndexer(layout).paged_batch(list(zip(tables, ctx_lens)), 1, window)
+    spec = LayerAttention(1, h, kvh, d, d ** -0.5, window=window, softcap=softcap)
+    q = rand(len(ctx_lens), 1, h, d, seed=15)
+    want = reference_paged_attention(q.float(), clean.float(), rows[1], mask, spec)
+    got = paged_attention(q, kv_rows, rows[1], mask, spec)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, **TOL)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_long_decode_split_between_threads(backend, threads):
+    from tandem.engine.attention.cpu_paged import paged_attention
+
+    heads = (9, 3, 64)
+    layout, kv_rows = layout_and_cache(heads, 80, seed=16)
+    table = scattered(70, 80, seed=17)[0]
+    rows, mask = PagedKVIndexer(layout).paged_batch([(table, 1111)], 1, None)
+    spec = LayerAttention(0, 9, 3, 64, 0.125)
+    q = rand(1, 1, 9, 64, seed=18)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention(q, kv_rows, rows[0], mask, spec)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.float(), reference_paged_attention(q.float(), kv_rows.float(), rows[0], mask, spec),
+                               **TOL)
