@@ -201,25 +201,35 @@ def test_real_model_fp32_greedy_identical_to_transformers(backend, smol_dir, smo
     assert llm.engine.kv_manager.prefix_stats.hits > hits
 
 
+def _top1_per_position(llm, sequences):
+    """The model's top-1 next token at every position of each sequence (teacher-forced, from prompt logprobs)."""
+    from tandem import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": s} for s in sequences],
+                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
+    return [[max(d, key=d.get) for d in o.prompt_logprobs[1:]] for o in outs]
+
+
 @pytest.mark.slow
 def test_real_model_bf16_agreement_with_fp32(backend, smol_dir, smol_tokenizer):
-    """bf16 through the operators (fp32 accumulation; bf16 probabilities in the prefill kernel's value products) agrees
-    with the fp32 model's greedy tokens about as often as bf16 through the reference (SDPA's bf16 kernels). The rate
-    is tokens before a sequence's first divergence over all tokens (after a divergence the two continue from
-    different texts, so later tokens say nothing about attention). Measured here: reference 0.839, operators 0.909
-    on these prompts, 0.876 and 0.843 on a set of 12: bf16 logits make near-ties flip either way."""
+    """bf16 through the operators agrees with the fp32 model's top-1 token at nearly every position, as bf16 through
+    the reference (SDPA's bf16 kernels) does. Teacher-forced: every position of the fp32 greedy texts (the test
+    prompts, 5 to 1,500 tokens, and 32 generated tokens each) is scored in one prefill, so an early near-tie does not
+    decide the rest. Measured here on a wider set (5,087 positions): reference 0.993, operators 0.998."""
     from tandem import LLM
 
     from test_correctness import smol_prompts
 
     prompts = smol_prompts(smol_tokenizer)
-    common = dict(model=str(smol_dir), max_model_len=2048, num_blocks=400, progress=False)
-    fp32 = _greedy(LLM(**common, dtype="float32", attention_backend="torch"), prompts, 32)
+    common = dict(model=str(smol_dir), max_model_len=2048, num_blocks=600, progress=False, enable_prefix_caching=False)
+    fp32 = LLM(**common, dtype="float32", attention_backend="torch")
+    sequences = [p + list(g) for p, g in zip(prompts, _greedy(fp32, prompts, 32))]
+    want = _top1_per_position(fp32, sequences)
     rates = {}
     for name in ("torch", "cpu-paged"):
-        got = _greedy(LLM(**common, dtype="bfloat16", attention_backend=name), prompts, 32)
-        agreed = sum(next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), min(len(r), len(g)))
-                     for r, g in zip(fp32, got))
-        rates[name] = agreed / sum(map(len, fp32))
-    print(f"bf16 greedy agreement with fp32: torch {rates['torch']:.3f}, cpu-paged {rates['cpu-paged']:.3f}")
-    assert rates["cpu-paged"] >= 0.7
+        got = _top1_per_position(LLM(**common, dtype="bfloat16", attention_backend=name), sequences)
+        pairs = [(a, b) for w, g in zip(want, got) for a, b in zip(w, g)]
+        rates[name] = sum(a == b for a, b in pairs) / len(pairs)
+    print(f"bf16 top-1 agreement with fp32: torch {rates['torch']:.4f}, cpu-paged {rates['cpu-paged']:.4f}")
+    assert rates["cpu-paged"] >= 0.98
+    assert rates["cpu-paged"] >= rates["torch"] - 0.005
