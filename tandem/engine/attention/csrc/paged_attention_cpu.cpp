@@ -500,9 +500,14 @@ torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, to
                                       int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
                                       int64_t num_kv_heads);
 
+// The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)");
-  m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels");
-  m.def("prefill_attention_dense", &prefill_attention_dense, "causal attention of chunks to themselves (bf16)");
-  m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)");
+  m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_dense", &prefill_attention_dense, "causal attention of chunks to themselves (bf16)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -150,8 +150,12 @@ torch::Tensor silu_mul(torch::Tensor x) {
   return out;
 }
 
+// The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm (optionally after adding into a residual, in place)");
-  m.def("rope_", &rope_, "rotate-half RoPE on q and k, in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("rms_norm", &rms_norm, "RMSNorm (optionally after adding into a residual, in place)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope_", &rope_, "rotate-half RoPE on q and k, in place",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up",
+        py::call_guard<py::gil_scoped_release>());
 }
