@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -256,6 +257,14 @@ inline __m512 sum16(const __m512* v) {
 
 constexpr int64_t kMaxDecodeGroup = 8;  // query heads per KV head this path holds
 
+// 32 bf16 from unaligned memory. NOTE: a cast of `_mm512_loadu_si512` to __m512bh made GCC bounce every vector
+// through the stack; a memcpy into the bf16 vector is one unaligned load.
+inline __m512bh loadu_bh(const void* p) {
+  __m512bh v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 template <int64_t NV>  // head_dim = 16 * NV
 void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const int64_t* rows, const bool* mask,
                         c10::BFloat16* out, const Dims& d, int64_t b, int64_t h, float scale, bool has_cap, float cap,
@@ -289,13 +298,12 @@ void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const i
       const auto* kp = reinterpret_cast<const uint16_t*>(kv) + (rows[k_base + blk] * bs + o) * D;
       const c10::BFloat16* vp = kv + (rows[v_base + blk] * bs + o) * D;
       for (int64_t g = 0; g < G; ++g) {
-        __m512i qv[NP];
-        for (int64_t j = 0; j < NP; ++j) qv[j] = _mm512_loadu_si512(qrow + g * D + 32 * j);
+        __m512bh qv[NP];
+        for (int64_t j = 0; j < NP; ++j) qv[j] = loadu_bh(qrow + g * D + 32 * j);
         __m512 part[16];
         for (int64_t t = 0; t < 16; ++t) {
           __m512 a = _mm512_setzero_ps();
-          for (int64_t j = 0; j < NP; ++j)
-            a = _mm512_dpbf16_ps(a, (__m512bh)qv[j], (__m512bh)_mm512_loadu_si512(kp + t * D + 32 * j));
+          for (int64_t j = 0; j < NP; ++j) a = _mm512_dpbf16_ps(a, qv[j], loadu_bh(kp + t * D + 32 * j));
           part[t] = a;
         }
         __m512 s = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
