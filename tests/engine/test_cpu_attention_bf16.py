@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from tandem.engine.attention import AttentionMetadata, LayerAttention, PagedKVIndexer, PagedReads, TorchReferenceBackend
 from tandem.engine.attention.torch_ref import paged_attention as reference_paged_attention
@@ -100,12 +101,8 @@ def test_softcapping(backend):
 
 def test_a_long_prompt_split_between_threads(backend):
     """One 700-token prompt over several threads (dynamically scheduled tiles) equals the reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         compare(backend, (9, 3, 64), [(0, 700)], seed=11)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_other_dtypes_and_head_sizes_use_the_reference(backend):
@@ -178,11 +175,7 @@ def test_one_long_decode_split_between_threads(backend, threads):
     rows, mask = PagedKVIndexer(layout).paged_batch([(table, 1111)], 1, None)
     spec = LayerAttention(0, 9, 3, 64, 0.125)
     q = rand(1, 1, 9, 64, seed=18)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = paged_attention(q, kv_rows, rows[0], mask, spec)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got.float(), reference_paged_attention(q.float(), kv_rows.float(), rows[0], mask, spec),
                                **TOL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import torch_threads
 
 from tandem.engine.attention import AttentionMetadata, LayerAttention, PagedKVIndexer, PagedReads, TorchReferenceBackend
 from tandem.engine.attention.torch_ref import paged_attention as reference_paged_attention
@@ -71,12 +72,8 @@ def test_long_context_split_across_threads(backend, window, threads):
     rows, mask = PagedKVIndexer(layout).paged_batch(list(zip(block_tables(ctx_lens), ctx_lens)), 1, window)
     spec = LayerAttention(0, H, KVH, D, D ** -0.5, window=window)
     q = torch.randn(1, 1, H, D, generator=torch.Generator().manual_seed(10))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = paged_attention(q, kv_rows, rows[0], mask, spec)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got, reference_paged_attention(q, kv_rows, rows[0], mask, spec), rtol=1e-5, atol=1e-5)
 
 
