@@ -22,7 +22,8 @@ TOL = dict(rtol=2e-2, atol=2e-2)
 
 @pytest.fixture(scope="module")
 def backend():
-    from tandem.engine.attention.cpu_paged import CpuPagedBackend, OperatorBuildError
+    from tandem.engine.attention.cpu_paged import CpuPagedBackend
+    from tandem.engine.ops.build import OperatorBuildError
 
     try:
         backend = CpuPagedBackend.create()

@@ -16,7 +16,8 @@ LAYERS, BLOCKS, BS, KVH, H, D = 2, 64, 4, 2, 6, 16
 
 @pytest.fixture(scope="module")
 def backend():
-    from tandem.engine.attention.cpu_paged import CpuPagedBackend, OperatorBuildError
+    from tandem.engine.attention.cpu_paged import CpuPagedBackend
+    from tandem.engine.ops.build import OperatorBuildError
 
     try:
         return CpuPagedBackend.create()

@@ -60,7 +60,8 @@ def select_backend(device: torch.device, name: str | None = None) -> AttentionBa
         raise ValueError(f"attention backend: cpu-paged runs on the CPU, not on {device}")
     backend: AttentionBackend = TorchReferenceBackend()
     if chosen == "cpu-paged" or (chosen is None and device.type == "cpu"):
-        from tandem.engine.attention.cpu_paged import CpuPagedBackend, OperatorBuildError
+        from tandem.engine.attention.cpu_paged import CpuPagedBackend
+        from tandem.engine.ops.build import OperatorBuildError
 
         try:
             backend = CpuPagedBackend.create()

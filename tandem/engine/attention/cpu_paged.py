@@ -29,7 +29,7 @@ import torch
 from tandem.engine.attention.backend import LayerAttention
 from tandem.engine.attention.metadata import PrefillSeq
 from tandem.engine.attention.torch_ref import TorchReferenceBackend
-from tandem.engine.ops.build import OperatorBuildError, build_extension
+from tandem.engine.ops.build import build_extension
 
 logger = logging.getLogger(__name__)
 
