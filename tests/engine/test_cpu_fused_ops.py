@@ -101,3 +101,19 @@ def test_real_model_fp32_greedy_identical_with_fused_ops(smol_dir, smol_tokenize
         got = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24))
         outs[name] = [o.outputs[0].token_ids for o in got]
     assert outs["cpu-paged"] == outs["torch"]
+
+
+def test_modules_keep_their_torch_ops_where_the_kernels_do_not_apply(ops):
+    """A width that is not a multiple of 16, or non-contiguous rows: the module's torch code, same result."""
+    norm = RMSNorm(24, 1e-6)
+    x = rand(5, 24, dtype=torch.float32, seed=7)
+    want = norm(x)
+    norm.fused = ops
+    torch.testing.assert_close(norm(x), want)
+    wide = RMSNorm(32, 1e-6)
+    strided = rand(5, 64, dtype=torch.float32, seed=8)[:, :32]
+    want = wide(strided)
+    wide.fused = ops
+    torch.testing.assert_close(wide(strided), want)
+    got, summed = wide.add_norm(strided, strided.contiguous())
+    torch.testing.assert_close(got, RMSNorm(32, 1e-6)(strided + strided))

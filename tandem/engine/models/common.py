@@ -67,13 +67,16 @@ class RMSNorm(nn.Module):
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``residual + x`` and its norm; the fused kernel adds into ``residual`` in place."""
-        if self.fused is not None and self.fused.applies(x) and x.is_contiguous() and residual.is_contiguous():
+        if self._fusable(x) and residual.is_contiguous():
             return self.fused.rms_norm(x, self.weight, self.eps, residual), residual
         residual = residual + x
         return self(residual), residual
 
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return self.fused is not None and self.fused.applies(x) and x.is_contiguous() and x.shape[-1] % 16 == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None and self.fused.applies(x) and x.is_contiguous():
+        if self._fusable(x):
             return self.fused.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
