@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -30,6 +32,15 @@ struct Dims {
   int64_t B, Q, H, D, kvh, group, nb, bs, L;
 };
 
+// The keys a query may attend: its mask row's one run of True, as [first, end).
+inline std::pair<int64_t, int64_t> key_run(const bool* m, int64_t L) {
+  int64_t first = 0;
+  while (first < L && !m[first]) ++first;
+  int64_t last = first;
+  while (last < L && m[last]) ++last;
+  return {first, last};
+}
+
 template <typename scalar_t>
 void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, const bool* mask, scalar_t* out,
                  const Dims& d, int64_t b, int64_t h, int64_t q0, int64_t q1, float scale, bool has_cap,
@@ -39,15 +50,9 @@ void attend_item(const scalar_t* q, const scalar_t* kv, const int64_t* rows, con
   std::vector<int64_t> lo(n_q), hi(n_q);
   int64_t key_lo = d.L, key_hi = 0;
   for (int64_t qi = 0; qi < n_q; ++qi) {
-    const bool* m = mask + (b * d.Q + q0 + qi) * d.L;
-    int64_t first = 0;
-    while (first < d.L && !m[first]) ++first;
-    int64_t last = first;
-    while (last < d.L && m[last]) ++last;
-    lo[qi] = first;
-    hi[qi] = last;
-    key_lo = std::min(key_lo, first);
-    key_hi = std::max(key_hi, last);
+    std::tie(lo[qi], hi[qi]) = key_run(mask + (b * d.Q + q0 + qi) * d.L, d.L);
+    key_lo = std::min(key_lo, lo[qi]);
+    key_hi = std::max(key_hi, hi[qi]);
   }
   std::vector<float> qf(n_rows * D), acc(n_rows * D, 0.f), kf(bs * D), vf(bs * D), s(bs);
   std::vector<float> run_max(n_rows, -std::numeric_limits<float>::infinity()), run_sum(n_rows, 0.f);
@@ -144,15 +149,9 @@ void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows,
   std::vector<int64_t> lo(n_q), hi(n_q);
   int64_t key_lo = d.L, key_hi = 0;
   for (int64_t qi = 0; qi < n_q; ++qi) {
-    const bool* m = mask + (b * d.Q + q0 + qi) * d.L;
-    int64_t first = 0;
-    while (first < d.L && !m[first]) ++first;
-    int64_t last = first;
-    while (last < d.L && m[last]) ++last;
-    lo[qi] = first;
-    hi[qi] = last;
-    key_lo = std::min(key_lo, first);
-    key_hi = std::max(key_hi, last);
+    std::tie(lo[qi], hi[qi]) = key_run(mask + (b * d.Q + q0 + qi) * d.L, d.L);
+    key_lo = std::min(key_lo, lo[qi]);
+    key_hi = std::max(key_hi, hi[qi]);
   }
   std::vector<float> qf(n_rows * D), acc(n_rows * D, 0.f), sc(n_rows * bs);
   std::vector<float> run_max(n_rows, -std::numeric_limits<float>::infinity()), run_sum(n_rows, 0.f);
@@ -271,11 +270,7 @@ void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const i
                         int64_t blk_from, int64_t blk_to, const Partial* partial) {
   constexpr int64_t D = 16 * NV, NP = NV / 2;  // NP vectors of 32 bf16 per row
   const int64_t bs = d.bs, G = d.group;
-  const bool* m = mask + b * d.Q * d.L;
-  int64_t lo = 0;
-  while (lo < d.L && !m[lo]) ++lo;
-  int64_t hi = lo;
-  while (hi < d.L && m[hi]) ++hi;
+  const auto [lo, hi] = key_run(mask + b * d.Q * d.L, d.L);
   alignas(64) float acc[kMaxDecodeGroup][D];
   alignas(64) float vf[16 * D];
   alignas(64) float pb[kMaxDecodeGroup][16];
