@@ -27,11 +27,16 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(100, vocab - 100, (length,), generator=g).tolist() for _ in range(n)]
 
 
+WARMUP_TOKENS = 8  # each arm first runs the whole batch for this many tokens, untimed
+
+
 def bench_tandem(llm, prompts, output_len: int) -> float:
     from tandem import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(temperature=0, max_tokens=2))
+    # Warm-up on the whole batch (its prefill shapes, the KV pages it touches), as the transformers arm below.
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS,
+                                                                            ignore_eos=True))
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     dt = time.perf_counter() - t0
@@ -60,7 +65,7 @@ def bench_hf_batched(model, prompts, output_len: int) -> float:
 
     ids = torch.tensor(prompts, device=model.device)  # equal lengths: no padding needed
     with torch.inference_mode():
-        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=2, do_sample=False)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=WARMUP_TOKENS, do_sample=False)
         t0 = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                              min_new_tokens=output_len, do_sample=False)
