@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import operator
 import os
 import threading
 import time
@@ -38,6 +37,14 @@ import numpy as np
 import torch
 
 from tandem.engine.core.kv_layout import KVCacheLayout
+from tandem.kvtransfer.blocks import (
+    block_descs,
+    check_buffer,
+    check_range,
+    check_same_blocks,
+    coalesce_runs,
+    region_descs,
+)
 from tandem.kvtransfer.errors import KVTransferError, KVTransferUnavailable
 from tandem.kvtransfer.metrics import KVTransferMetrics
 
@@ -48,9 +55,6 @@ INSTALL_HINT = "pip install nixl-cu13==1.5.1"
 
 TransferState = Literal["pending", "done", "failed", "released"]
 DescriptorMode = Literal["prepped", "exact"]
-
-_TORCH_TO_LAYOUT_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-
 
 def load_nixl() -> ModuleType:
     """Import NIXL's Python API lazily: ``nixl._api`` first, then ``nixl_cu13._api``.
@@ -128,49 +132,6 @@ class TransferHandle:
         return None if self.finished_at is None else self.finished_at - self.started_at
 
 
-def coalesce_runs(remote_block_ids: Sequence[int], local_block_ids: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
-    """Split a block mapping into runs where both remote and local ids are consecutive.
-
-    Returns ``(remote_starts, local_starts, lengths)``, one entry per run.
-    """
-    # NOTE: plain Python, not numpy: for one request's tens to hundreds of ids, numpy's per-call overhead made
-    # these helpers ~0.1 ms per READ, on the transfer's timed path (a 256-token READ copies in ~0.6 ms).
-    remote, local = list(map(int, remote_block_ids)), list(map(int, local_block_ids))
-    if len(remote) != len(local) or not remote:
-        raise ValueError(
-            f"block ids: need two equally long, non-empty lists, got {len(remote)} remote and {len(local)} local"
-        )
-    steps = len(remote) - 1
-    if list(map(operator.sub, remote[1:], remote)).count(1) == steps == list(map(operator.sub, local[1:], local)).count(1):
-        return [remote[0]], [local[0]], [len(remote)]  # the usual case: one run on both sides
-    remote_starts, local_starts, lengths = [remote[0]], [local[0]], [1]
-    for prev_r, prev_l, r, l in zip(remote, local, remote[1:], local[1:]):
-        if r == prev_r + 1 and l == prev_l + 1:
-            lengths[-1] += 1
-        else:
-            remote_starts.append(r)
-            local_starts.append(l)
-            lengths.append(1)
-    return remote_starts, local_starts, lengths
-
-
-def _region_descs(layout: KVCacheLayout, base_address: int, starts: list[int], lengths: list[int],
-                  device_id: int) -> list[tuple[int, int, int]]:
-    """(address, length, device) per run of consecutive blocks: one region each."""
-    block = layout.bytes_per_block_all_layers
-    return [(base_address + start * block, length * block, device_id) for start, length in zip(starts, lengths)]
-
-
-def _block_descs(layout: KVCacheLayout, base_address: int, device_id: int) -> np.ndarray:
-    """``[num_blocks, 3]`` rows: one descriptor per block (all its layers), in buffer order."""
-    block = layout.bytes_per_block_all_layers
-    descs = np.empty((layout.num_blocks, 3), dtype=np.uint64)
-    descs[:, 0] = base_address + np.arange(layout.num_blocks, dtype=np.uint64) * np.uint64(block)
-    descs[:, 1] = block
-    descs[:, 2] = device_id
-    return descs
-
-
 class NixlKVTransport:
     """Registers one engine's ``kv_buffer`` with NIXL (UCX backend) and READs blocks from remote engines.
 
@@ -207,7 +168,7 @@ class NixlKVTransport:
         progress_delay_us: int = 1000,
         backend_params: Mapping[str, str] | None = None,
     ) -> None:
-        _check_buffer(kv_buffer, layout)
+        check_buffer(kv_buffer, layout)
         if descriptor_mode not in ("prepped", "exact"):
             raise ValueError(f"descriptor_mode: must be 'prepped' or 'exact', got {descriptor_mode!r}")
         self.layout = layout
@@ -261,7 +222,7 @@ class NixlKVTransport:
             )
             self._agent.registerMem(self._reg_dlist, self._backends)
             if descriptor_mode == "prepped":
-                local = bind.nixlXferDList(self._mem_type, _block_descs(layout, self.base_address, self._device_id))
+                local = bind.nixlXferDList(self._mem_type, block_descs(layout, self.base_address, self._device_id))
                 self._local_prepped = int(self._agent.prepXferDlist(bind.NIXL_INIT_AGENT, local, self._backends))
             self._metadata = bytes(self._agent.getLocalMD())
         except Exception as exc:
@@ -327,10 +288,10 @@ class NixlKVTransport:
             ValueError: mismatched or out-of-range block ids, or a remote layout whose blocks differ.
             KVTransferError: the peer is unknown, or NIXL refused to create or post the transfer.
         """
-        _check_same_blocks(self.layout, remote_layout)
+        check_same_blocks(self.layout, remote_layout)
         remote_starts, local_starts, lengths = coalesce_runs(remote_block_ids, local_block_ids)
-        _check_range("remote", remote_starts, lengths, remote_layout.num_blocks)
-        _check_range("local", local_starts, lengths, self.layout.num_blocks)
+        check_range("remote", remote_starts, lengths, remote_layout.num_blocks)
+        check_range("local", local_starts, lengths, self.layout.num_blocks)
         num_blocks = sum(lengths)
         handle = TransferHandle(
             remote_agent=remote_agent,
@@ -378,7 +339,7 @@ class NixlKVTransport:
         remote_prepped = self._remote_prepped.get(key)
         if remote_prepped is None:
             remote = self._bind.nixlXferDList(
-                self._mem_type, _block_descs(remote_layout, int(remote_base_address), self._device_id)
+                self._mem_type, block_descs(remote_layout, int(remote_base_address), self._device_id)
             )
             remote_prepped = int(self._agent.prepXferDlist(remote_agent, remote, self._backends))
             self._remote_prepped[key] = remote_prepped
@@ -406,10 +367,10 @@ class NixlKVTransport:
         lengths: list[int],
     ) -> int:
         local = self._bind.nixlXferDList(
-            self._mem_type, _region_descs(self.layout, self.base_address, local_starts, lengths, self._device_id)
+            self._mem_type, region_descs(self.layout, self.base_address, local_starts, lengths, self._device_id)
         )
         remote = self._bind.nixlXferDList(
-            self._mem_type, _region_descs(remote_layout, int(remote_base_address), remote_starts, lengths, self._device_id)
+            self._mem_type, region_descs(remote_layout, int(remote_base_address), remote_starts, lengths, self._device_id)
         )
         return int(self._agent.createXferReq(self._bind.NIXL_READ, local, remote, remote_agent, b"", self._backends))
 
@@ -603,24 +564,3 @@ class NixlKVTransport:
             self._agent.releasedDlistH(dlist)
         except Exception as exc:
             logger.warning("releasing a prepared descriptor list failed: %s", exc)
-
-
-def _check_buffer(kv_buffer: torch.Tensor, layout: KVCacheLayout) -> None:
-    if tuple(kv_buffer.shape) != layout.shape:
-        raise ValueError(f"kv_buffer: shape {tuple(kv_buffer.shape)} does not match layout {layout.shape}")
-    if _TORCH_TO_LAYOUT_DTYPE.get(kv_buffer.dtype) != layout.dtype:
-        raise ValueError(f"kv_buffer: dtype {kv_buffer.dtype} does not match layout dtype {layout.dtype}")
-    if not kv_buffer.is_contiguous():
-        raise ValueError("kv_buffer: must be contiguous (one registered region)")
-
-
-def _check_same_blocks(local: KVCacheLayout, remote: KVCacheLayout) -> None:
-    fields = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
-    diffs = [f"{name}: local={getattr(local, name)!r} remote={getattr(remote, name)!r}" for name in fields if getattr(local, name) != getattr(remote, name)]
-    if diffs:
-        raise ValueError("remote_layout: blocks differ from the local layout (" + "; ".join(diffs) + ")")
-
-
-def _check_range(side: str, starts: list[int], lengths: list[int], num_blocks: int) -> None:
-    if min(starts) < 0 or max(start + length for start, length in zip(starts, lengths)) > num_blocks:
-        raise ValueError(f"{side} block ids: must lie in [0, {num_blocks})")

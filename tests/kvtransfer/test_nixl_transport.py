@@ -18,7 +18,8 @@ from tandem.kvtransfer import nixl_transport
 from tandem.kvtransfer.errors import KVIncompatibleError, KVTransferError, KVTransferUnavailable
 from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache
 from tandem.kvtransfer.metrics import KVTransferMetrics
-from tandem.kvtransfer.nixl_transport import NixlKVTransport, coalesce_runs
+from tandem.kvtransfer.blocks import coalesce_runs
+from tandem.kvtransfer.nixl_transport import NixlKVTransport
 
 MODEL = "tiny-test-model"  # what kv_owner.py advertises
 DEAD_PEER_TIMEOUT_S = 5.0
