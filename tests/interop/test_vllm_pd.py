@@ -48,7 +48,9 @@ def platform(vllm_python):
     try:
         deadline = time.monotonic() + 420
         while not any("ready at" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines[-40:])
+            # The error lines first: a vLLM worker that fails to start leaves pages of shutdown noise after its cause.
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(
+                [line for line in lines if "Error" in line or "error:" in line][-20:] + ["...\n"] + lines[-40:])
             lines.append(proc.stdout.readline())
         router = f"http://127.0.0.1:{port}"
         pools = {w["pool"]: w["url"] for w in httpx.get(router + "/health").json()["workers"]}
