@@ -58,14 +58,17 @@ class ModelRunner:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.init_rope(self.device)  # plain fp32 tensors, not buffers: .to() above does not move them
         self.model.attention_backend = select_backend(self.device, config.attention_backend)
+        ops = None
         if self.model.attention_backend.name == "cpu-paged":
-            # NOTE: the native CPU path: its attention operators and the fused norm/RoPE/activation kernels. The
-            # torch backend stays all-torch, the reference the kernels are tested against.
+            # NOTE: the native CPU path: its attention operators, the fused norm/RoPE/activation kernels and the
+            # bf16 linear. The torch backend stays all-torch (oneDNN's linears), the reference the kernels are
+            # tested against.
             from tandem.engine.ops import fused
 
-            self.model.use_fused_ops(fused.load())
+            ops = fused.load()
+            self.model.use_fused_ops(ops)
         if can_pack_linears(self.dtype, self.device):
-            self.model.pack_linears()
+            self.model.pack_linears(ops)
         self.block_size = config.cache.block_size
         self.layout = self._size_kv_cache()
         # NOTE: one contiguous block-major buffer (kvtransfer registers it once and moves a run of blocks as one

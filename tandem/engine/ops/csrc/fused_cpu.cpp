@@ -150,6 +150,10 @@ torch::Tensor silu_mul(torch::Tensor x) {
   return out;
 }
 
+// linear_cpu.cpp
+torch::Tensor pack_linear_weight(torch::Tensor weight);
+torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, std::optional<torch::Tensor> bias);
+
 // The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm (optionally after adding into a residual, in place)",
@@ -157,5 +161,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotate-half RoPE on q and k, in place",
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("pack_linear_weight", &pack_linear_weight, "a bf16 weight [N, K] in packed_linear's blocks",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("packed_linear", &packed_linear, "x W^T (+ b) with W packed by pack_linear_weight",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,91 @@
+"""Tandem's bf16 CPU linear (``tandem/engine/ops/csrc/linear_cpu.cpp``) against the exact product: every output
+within one bf16 rounding of the fp32 sum, for row counts on and off its 6-row tiles, widths on and off its
+64-column blocks, with and without bias; ``PackedLinear`` takes it with the fused ops and oneDNN without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tandem.engine.models.common import PackedLinear
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from tandem.engine.ops import fused
+
+    loaded = fused.load()
+    if loaded is None:  # the test machine has g++ and ninja: a failed build is a failure
+        pytest.fail("the CPU ops did not build")
+    return loaded
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+def linear(n: int, k: int, bias: bool, seed: int) -> nn.Linear:
+    layer = nn.Linear(k, n, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    layer.weight.copy_(rand(n, k, seed=seed) * 0.05)
+    if bias:
+        layer.bias.copy_(rand(n, seed=seed + 1))
+    return layer
+
+
+def exact(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    out = x.double() @ layer.weight.double().T
+    return out if layer.bias is None else out + layer.bias.double()
+
+
+def within_one_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of it (plus fp32 summation)."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err = (got.double() - want).abs()
+    bound = want.abs() * 2.0**-8 + 1e-3 * want.abs().max()
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 24, 25, 33, 130])
+@pytest.mark.parametrize("n, k", [(960, 576), (100, 34), (64, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_is_the_product_rounded_once(ops, rows, n, k, bias):
+    layer = linear(n, k, bias, seed=rows * 7 + n)
+    x = rand(rows, k, seed=rows)
+    got = PackedLinear(layer, ops)(x)
+    within_one_rounding(got, exact(x, layer))
+
+
+def test_packed_linear_takes_batched_and_strided_inputs(ops):
+    layer = linear(192, 64, True, seed=3)
+    x = rand(3, 5, 128, seed=4)[..., ::2]  # [3, 5, 64], not contiguous
+    packed = PackedLinear(layer, ops)
+    assert packed.ops is ops
+    got = packed(x)
+    assert got.shape == (3, 5, 192)
+    within_one_rounding(got, exact(x, layer))
+    assert packed(rand(0, 64, seed=5)).shape == (0, 192)
+
+
+def test_packed_linear_agrees_with_onednns(ops):
+    """Both round the same fp32 sums; they may differ in the order of additions, never by more than a rounding."""
+    layer = linear(576, 1536, False, seed=9)
+    x = rand(17, 1536, seed=10)
+    ours, onednn = PackedLinear(layer, ops), PackedLinear(layer)
+    assert onednn.ops is None
+    torch.testing.assert_close(ours(x).float(), onednn(x).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_shapes_the_kernel_does_not_take(ops):
+    """An odd K keeps oneDNN's linear; a mismatched weight or a non-bf16 input is refused by name."""
+    odd = linear(64, 33, False, seed=11)
+    packed = PackedLinear(odd, ops)
+    assert packed.ops is None
+    within_one_rounding(packed(rand(4, 33, seed=12)), exact(rand(4, 33, seed=12), odd))
+    weight = ops.pack_linear_weight(rand(64, 32, seed=13))
+    with pytest.raises(RuntimeError, match="packed_linear: the packed weight does not match x"):
+        ops.packed_linear(rand(2, 34, seed=14), weight, 64, None)
+    with pytest.raises(RuntimeError, match="packed_linear: x must be contiguous bf16"):
+        ops.packed_linear(torch.ones(2, 32), weight, 64, None)
+    with pytest.raises(RuntimeError, match="pack_linear_weight: K must be even"):
+        ops.pack_linear_weight(rand(64, 33, seed=15))
