@@ -21,6 +21,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=128)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-long-partial-prefills", type=int, default=1,
+                   help="at most this many long prompts get prefill tokens in one step (default 1); later long "
+                        "prompts wait, shorter ones behind them go first")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                   help="prompt tokens still to compute from which a prefill counts as long (default 0: a quarter "
+                        "of --max-num-batched-tokens)")
     g.add_argument("--kv-cache-memory", default=None,
                    help="KV cache size: bytes ('2GiB', '512MB') or, on CPU, a fraction (0.5) of the container's "
                         "memory limit (cgroup memory.max), or of the host's RAM where none is set; default 1GiB "
@@ -103,6 +109,8 @@ def engine_config_from_args(args: argparse.Namespace):
             else max(args.max_num_batched_tokens, args.max_model_len),
             enable_chunked_prefill=args.enable_chunked_prefill,
             max_model_len=args.max_model_len,
+            max_long_partial_prefills=args.max_long_partial_prefills,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
         ),
     )
     prefetch_or_exit(args.model)  # a Hub model downloads here, once the flags are valid, before any server starts

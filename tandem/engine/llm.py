@@ -37,6 +37,8 @@ class LLM:
         speculative_config: dict | None = None,
         progress: bool = True,
         attention_backend: str = "auto",
+        max_long_partial_prefills: int = 1,
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         config = EngineConfig(
             attention_backend=attention_backend,
@@ -58,6 +60,8 @@ class LLM:
                     max_num_batched_tokens, max_model_len),
                 enable_chunked_prefill=enable_chunked_prefill,
                 max_model_len=max_model_len,
+                max_long_partial_prefills=max_long_partial_prefills,
+                long_prefill_token_threshold=long_prefill_token_threshold,
             ),
         )
         self.engine = LLMEngine(config, progress=progress)

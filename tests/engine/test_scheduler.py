@@ -157,3 +157,63 @@ def test_stop_token_min_tokens_and_length():
     run_to_completion(sched)
     assert r2.status == RequestStatus.FINISHED_LENGTH_CAPPED and r2.num_output_tokens == 3
     assert_no_leaks(sched)
+
+
+def test_one_long_prefill_at_a_time_and_short_prompts_go_first():
+    """Long prompts (>= a quarter of the budget still to compute) are prefilled one per step, oldest first; a short
+    prompt behind them is admitted at once, and a waiting long one starts when the first finishes its prefill."""
+    sched = create_scheduler(num_blocks=64, budget=64, max_len=512)  # long: >= 16 tokens to compute
+    sched.add_request(create_request("long1", list(range(100, 140)), max_tokens=3))
+    sched.add_request(create_request("long2", list(range(200, 240)), max_tokens=3))
+    sched.add_request(create_request("short", [1, 2, 3], max_tokens=3))
+    out, _ = step(sched)
+    assert {s.request.request_id: s.num_tokens for s in out.scheduled} == {"long1": 40, "short": 3}
+    assert [r.request_id for r in sched.waiting] == ["long2"]
+    out, _ = step(sched)
+    assert {s.request.request_id: s.num_tokens for s in out.scheduled} == {"long1": 1, "short": 1, "long2": 40}
+    assert set(run_to_completion(sched)) == {"long1", "long2", "short"}
+    assert_no_leaks(sched)
+
+
+def test_a_chunked_long_prefill_keeps_its_turn_until_it_is_short():
+    """A prompt longer than the budget takes every step's budget until what is left of it is short; then the next
+    long prompt shares the step. ``max_long_partial_prefills=2`` lets two long prompts share each step."""
+    kv = KVCacheManager(128, 4, True)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=32, max_model_len=512), kv)
+    sched.add_request(create_request("a", list(range(100, 170)), max_tokens=1))  # 70 tokens: 32 + 32 + 6
+    sched.add_request(create_request("b", list(range(200, 240)), max_tokens=1))
+    chunks = [{s.request.request_id: s.num_tokens for s in step(sched)[0].scheduled} for _ in range(3)]
+    assert chunks == [{"a": 32}, {"a": 32}, {"a": 6, "b": 26}]
+    run_to_completion(sched)
+    assert_no_leaks(sched)
+
+    both = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64, max_model_len=512,
+                                     max_long_partial_prefills=2), KVCacheManager(128, 4, True))
+    for name in ("x", "y", "z"):
+        both.add_request(create_request(name, list(range(300, 330)), max_tokens=1))
+    out, _ = step(both)
+    assert {s.request.request_id: s.num_tokens for s in out.scheduled} == {"x": 30, "y": 30}
+
+
+def test_long_prefill_settings_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="max_long_partial_prefills: must be >= 1"):
+        SchedulerConfig(max_long_partial_prefills=0)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold: must be >= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
+    assert SchedulerConfig(max_num_batched_tokens=2048).long_prefill_tokens == 512
+    assert SchedulerConfig(long_prefill_token_threshold=100).long_prefill_tokens == 100
+
+
+def test_long_prefill_flags_reach_the_scheduler_config(smol_dir):
+    import argparse
+
+    from tandem.engine.cli import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--model", str(smol_dir), "--max-long-partial-prefills", "3",
+                              "--long-prefill-token-threshold", "700"])
+    sched = engine_config_from_args(args).scheduler
+    assert (sched.max_long_partial_prefills, sched.long_prefill_tokens) == (3, 700)

@@ -155,13 +155,16 @@ class Scheduler:
 
         # 1. Running requests first (oldest first), preempting the newest when blocks run out.
         scheduled_ids: set[str] = set()
+        long_prefills = 0  # requests given tokens this step with a long prompt still to compute
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(remaining, budget)
+            if num_new <= 0 or (self._is_long(remaining) and long_prefills >= self.config.max_long_partial_prefills):
                 i += 1
                 continue
+            long_prefills += self._is_long(remaining)
             drafts = self._propose(request, budget) if num_new == 1 else []
             if drafts and self.kv.allocate_slots(request, 1 + len(drafts)) is not None:
                 out.scheduled.append(ScheduledRequest(request, 1 + len(drafts), self.kv.block_ids(request.request_id),
@@ -209,6 +212,9 @@ class Scheduler:
                 )
                 continue
             num_new = request.num_tokens - num_computed - request.num_computed_tokens
+            if self._is_long(num_new) and long_prefills >= self.config.max_long_partial_prefills:
+                skipped.append(self.waiting.popleft())  # a shorter prompt behind it may go now
+                continue
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
@@ -223,9 +229,13 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_ids(request.request_id)))
+            long_prefills += self._is_long(request.num_tokens - request.num_computed_tokens)
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _is_long(self, tokens_to_compute: int) -> bool:
+        return tokens_to_compute >= self.config.long_prefill_tokens
 
     def _propose(self, request: Request, budget: int) -> list[int]:
         """Draft tokens for a decoding request, or [] when speculation is off or cannot apply to it."""
