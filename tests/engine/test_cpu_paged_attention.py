@@ -231,3 +231,32 @@ def test_real_model_bf16_agreement_with_fp32(backend, smol_dir, smol_tokenizer):
     print(f"bf16 top-1 agreement with fp32: torch {rates['torch']:.4f}, cpu-paged {rates['cpu-paged']:.4f}")
     assert rates["cpu-paged"] >= 0.98
     assert rates["cpu-paged"] >= rates["torch"] - 0.005
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_writes_what_the_torch_writer_writes(backend, dtype):
+    """The one-pass KV store puts each token's K and V head vectors (strided views of a fused projection) in the
+    rows the torch writer does, and touches nothing else; bad input is refused by name."""
+    from tandem.engine.attention.paged import write_kv
+
+    layout, kv_rows = make_cache(dtype, seed=5)
+    T = 7
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=torch.Generator().manual_seed(6)).to(dtype)
+    _, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+    k, v = k.view(T, KVH, D), v.view(T, KVH, D)
+    vectors = kv_rows.numel() // D
+    index = torch.randperm(vectors, generator=torch.Generator().manual_seed(7))[: 2 * KVH * T]
+    want = kv_rows.clone()
+    write_kv(want, index, k, v)
+    got = kv_rows.clone()
+    backend.write_kv(got, index, k, v)
+    assert torch.equal(got, want)
+    from tandem.engine.attention import cpu_paged
+
+    ext = cpu_paged._extension
+    with pytest.raises(RuntimeError, match="store_kv: write_index must be int64"):
+        ext.store_kv(got, index[:-1], k, v)
+    with pytest.raises(RuntimeError, match="store_kv: write_index out of the cache"):
+        ext.store_kv(got, torch.full_like(index, vectors), k, v)
+    with pytest.raises(RuntimeError, match="store_kv: k, v must have the cache's dtype"):
+        ext.store_kv(got, index, k.double(), v.double())

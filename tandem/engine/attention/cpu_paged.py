@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
 PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp"
+STORE_SOURCE = Path(__file__).parent / "csrc" / "kv_store_cpu.cpp"
 # NOTE: chunks over a cached prefix longer than this leave the paged operator (one 16-query tile: its fp32 scores
 # are per key, not tiled): measured here (bf16, 2 threads) a 256-token chunk over 768 cached tokens took 1.57 s per
 # step through it vs 0.29 s through the reference (gather + SDPA). In bf16 they go to the prefill kernel instead.
@@ -51,7 +52,7 @@ def _eager() -> ModuleType | None:
 
 def load_extension(verbose: bool = False) -> ModuleType:
     """Build (first time, ~1 minute) or load (cached) the C++ operators; raises ``OperatorBuildError``."""
-    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE], "CPU paged attention", verbose)
+    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE, STORE_SOURCE], "CPU paged attention", verbose)
 
 
 def register_op(module: ModuleType) -> None:
@@ -122,6 +123,13 @@ class CpuPagedBackend(TorchReferenceBackend):
         logger.info("CPU paged attention: bf16 prefill kernels %s", "on" if bf16_prefill else
                     "off (no AVX-512 bf16 at build time): long bf16 chunks use the torch reference")
         return cls(bf16_prefill)
+
+    def write_kv(self, kv_rows: torch.Tensor, write_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        ext = _eager()
+        if ext is None or k.stride(-1) != 1 or k.dtype != kv_rows.dtype or k.stride(1) != k.shape[2]:
+            super().write_kv(kv_rows, write_index, k, v)
+            return
+        ext.store_kv(kv_rows, write_index, k, v)
 
     def attend_prefills(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
                         prefills: list[PrefillSeq], spec: LayerAttention, out: torch.Tensor) -> None:

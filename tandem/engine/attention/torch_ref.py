@@ -27,9 +27,12 @@ class TorchReferenceBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
                 spec: LayerAttention, meta: AttentionMetadata) -> torch.Tensor:
         layer = spec.layer
-        write_kv(kv_rows, meta.write_index[layer], k, v)
+        self.write_kv(kv_rows, meta.write_index[layer], k, v)
         reads = meta.for_window(spec.window)
         T, H, D = q.shape
+        if meta.num_decode == T:  # decodes only: their output is the step's
+            return self.paged(q.view(T, 1, H, D), kv_rows, reads.decode_gather_rows[layer], reads.decode_mask,
+                              spec).reshape(T, H, D)
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         if meta.num_decode:
             bd = meta.num_decode
@@ -49,6 +52,10 @@ class TorchReferenceBackend:
         if prefills:
             self.attend_prefills(q, k, v, kv_rows, prefills, spec, out)
         return out
+
+    def write_kv(self, kv_rows: torch.Tensor, write_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the layer's new keys and values at their slots (backends may override)."""
+        write_kv(kv_rows, write_index, k, v)
 
     def attend_prefills(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_rows: torch.Tensor,
                         prefills: list[PrefillSeq], spec: LayerAttention, out: torch.Tensor) -> None:

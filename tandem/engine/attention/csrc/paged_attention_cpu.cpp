@@ -503,9 +503,14 @@ torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, to
                                       int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
                                       int64_t num_kv_heads);
 
+// kv_store_cpu.cpp
+void store_kv(torch::Tensor kv_rows, torch::Tensor write_index, torch::Tensor k, torch::Tensor v);
+
 // The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("store_kv", &store_kv, "a step's new K/V head vectors into their cache rows",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels",
         py::call_guard<py::gil_scoped_release>());

@@ -20,11 +20,12 @@ using bf16 = c10::BFloat16;
 constexpr int64_t kBlock = 64;    // output columns per packed block: four 16-lane accumulators
 constexpr int64_t kRowChunk = 24;  // rows of x per work item when a product has many (a multiple of 6)
 
-// Rows [0, MR) of x times one packed block: MR x 4 accumulators, x's pairs broadcast from memory.
-template <int MR>
-void block_product(const bf16* w, const bf16* x, int64_t K, const float* bias, bf16* out, int64_t ldo, int valid) {
-  __m512 acc[MR][4];
-  for (int j = 0; j < 4; ++j) {
+// Rows [0, MR) of x times NT 16-column tiles of a packed block (`w` at the first of them): MR x NT accumulators,
+// x's pairs broadcast from memory. `valid`: how many of the NT * 16 columns exist.
+template <int MR, int NT>
+void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, bf16* out, int64_t ldo, int valid) {
+  __m512 acc[MR][NT];
+  for (int j = 0; j < NT; ++j) {
     const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_loadu_ps(bias + 16 * j);
     for (int m = 0; m < MR; ++m) acc[m][j] = b;
   }
@@ -32,18 +33,15 @@ void block_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
   for (int m = 0; m < MR; ++m) rows[m] = reinterpret_cast<const int32_t*>(x + m * K);
   for (int64_t p = 0; p < K / 2; ++p) {
     const bf16* wp = w + p * 2 * kBlock;
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wp), w1 = (__m512bh)_mm512_loadu_si512(wp + 32),
-                   w2 = (__m512bh)_mm512_loadu_si512(wp + 64), w3 = (__m512bh)_mm512_loadu_si512(wp + 96);
+    __m512bh wt[NT];
+    for (int j = 0; j < NT; ++j) wt[j] = (__m512bh)_mm512_loadu_si512(wp + 32 * j);
     for (int m = 0; m < MR; ++m) {
       const __m512bh pair = (__m512bh)_mm512_set1_epi32(rows[m][p]);
-      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, pair);
-      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, pair);
-      acc[m][2] = _mm512_dpbf16_ps(acc[m][2], w2, pair);
-      acc[m][3] = _mm512_dpbf16_ps(acc[m][3], w3, pair);
+      for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wt[j], pair);
     }
   }
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NT; ++j) {
       const int lanes = std::clamp(valid - 16 * j, 0, 16);
       const __m256i v = (__m256i)_mm512_cvtneps_pbh(acc[m][j]);
       _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
@@ -51,18 +49,19 @@ void block_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
   }
 }
 
-void rows_times_block(const bf16* w, const bf16* x, int64_t rows, int64_t K, const float* bias, bf16* out,
+template <int NT>
+void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, const float* bias, bf16* out,
                       int64_t ldo, int valid) {
   int64_t m = 0;
-  for (; m + 6 <= rows; m += 6) block_product<6>(w, x + m * K, K, bias, out + m * ldo, ldo, valid);
+  for (; m + 6 <= rows; m += 6) tiles_product<6, NT>(w, x + m * K, K, bias, out + m * ldo, ldo, valid);
   const bf16* xr = x + m * K;
   bf16* o = out + m * ldo;
   switch (rows - m) {
-    case 1: block_product<1>(w, xr, K, bias, o, ldo, valid); break;
-    case 2: block_product<2>(w, xr, K, bias, o, ldo, valid); break;
-    case 3: block_product<3>(w, xr, K, bias, o, ldo, valid); break;
-    case 4: block_product<4>(w, xr, K, bias, o, ldo, valid); break;
-    case 5: block_product<5>(w, xr, K, bias, o, ldo, valid); break;
+    case 1: tiles_product<1, NT>(w, xr, K, bias, o, ldo, valid); break;
+    case 2: tiles_product<2, NT>(w, xr, K, bias, o, ldo, valid); break;
+    case 3: tiles_product<3, NT>(w, xr, K, bias, o, ldo, valid); break;
+    case 4: tiles_product<4, NT>(w, xr, K, bias, o, ldo, valid); break;
+    case 5: tiles_product<5, NT>(w, xr, K, bias, o, ldo, valid); break;
     default: break;
   }
 }
@@ -105,13 +104,23 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, st
   const float* bd = bias ? bias->data_ptr<float>() : nullptr;
   bf16* od = out.data_ptr<bf16>();
   // Work items: (block, chunk of rows), block-major, so that a thread's consecutive items reuse a block from cache.
+  // When they do not divide evenly among the threads (a 576-wide product at decode: 9 blocks), each block is split
+  // into two halves of 32 columns, which stream the same bytes in two interleaved parts.
   const int64_t chunk = M <= kRowChunk ? M : kRowChunk, chunks = (M + chunk - 1) / chunk;
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t parts = (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
+  at::parallel_for(0, blocks * parts * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / chunks, r0 = (item % chunks) * chunk, rows = std::min(chunk, M - r0);
-      const int valid = int(std::min(kBlock, n - b * kBlock));
-      rows_times_block(wd + b * K * kBlock, xd + r0 * K, rows, K, bd == nullptr ? nullptr : bd + b * kBlock,
-                       od + r0 * n + b * kBlock, n, valid);
+      const int64_t part = item / chunks, b = part / parts, c0 = b * kBlock + (part % parts) * width;
+      const int64_t r0 = (item % chunks) * chunk, rows = std::min(chunk, M - r0);
+      const int valid = int(std::clamp<int64_t>(n - c0, 0, width));
+      if (valid == 0) continue;
+      const bf16* w = wd + b * K * kBlock + (c0 - b * kBlock) * 2;
+      const float* bias_at = bd == nullptr ? nullptr : bd + c0;
+      if (parts == 1) {
+        rows_times_tiles<4>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
+      } else {
+        rows_times_tiles<2>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
+      }
     }
   });
   return out;
