@@ -14,7 +14,7 @@ An ``EventBatch`` groups events with the publishing worker's monotonically incre
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Union
 
 
@@ -40,8 +40,14 @@ KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
 _EVENT_TYPES: dict[str, type] = {cls.__name__: cls for cls in (BlockStored, BlockRemoved, AllBlocksCleared)}
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls))
+                                        for cls in (BlockStored, BlockRemoved, AllBlocksCleared)}
+
+
 def event_to_dict(event: KVEvent) -> dict[str, Any]:
-    return {"type": type(event).__name__, **asdict(event)}
+    """The wire dict; lists are shared with the event, not copied (``asdict``'s deep copy cost the HTTP thread
+    ~10% of its time at 32 streams)."""
+    return {"type": type(event).__name__, **{name: getattr(event, name) for name in _FIELDS[type(event)]}}
 
 
 def event_from_dict(data: dict[str, Any]) -> KVEvent:

@@ -53,6 +53,8 @@ class KVEventHub:
             elif isinstance(e, AllBlocksCleared):
                 self.hashes.clear()
         self.seq += 1
+        if not self._subscribers:  # the mirror above is all a later reader needs (its snapshot)
+            return
         batch = self._message("batch", ts=time.time(), events=[event_to_dict(e) for e in events])
         for q in list(self._subscribers):
             try:
