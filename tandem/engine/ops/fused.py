@@ -31,6 +31,7 @@ class FusedOps:
 
     def __init__(self, module: ModuleType) -> None:
         self.module = module
+        self.packed_linear = module.packed_linear  # (x [M, K], W packed, n, fp32 bias padded like W | None)
 
     @staticmethod
     def applies(x: torch.Tensor) -> bool:
@@ -55,10 +56,6 @@ class FusedOps:
 
     def pack_linear_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return self.module.pack_linear_weight(weight)
-
-    def packed_linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x [M, K] @ W.T (+ bias)`` with W from ``pack_linear_weight`` (``bias``: fp32, padded like it)."""
-        return self.module.packed_linear(x, packed, n, bias)
 
 
 def load(verbose: bool = False) -> FusedOps | None:
