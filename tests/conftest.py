@@ -42,3 +42,15 @@ def smol_tokenizer(smol_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def cpu_ops():
+    """Tandem's CPU kernels (``tandem/engine/ops``), built or loaded once. The test machine has g++ and ninja: a
+    failed build is a failure, not a skip."""
+    from tandem.engine.ops import fused
+
+    loaded = fused.load()
+    if loaded is None:
+        pytest.fail("the CPU ops did not build")
+    return loaded

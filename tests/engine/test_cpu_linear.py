@@ -12,13 +12,8 @@ from tandem.engine.models.common import PackedLinear
 
 
 @pytest.fixture(scope="module")
-def ops():
-    from tandem.engine.ops import fused
-
-    loaded = fused.load()
-    if loaded is None:  # the test machine has g++ and ninja: a failed build is a failure
-        pytest.fail("the CPU ops did not build")
-    return loaded
+def ops(cpu_ops):
+    return cpu_ops
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
