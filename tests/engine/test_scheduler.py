@@ -217,3 +217,14 @@ def test_long_prefill_flags_reach_the_scheduler_config(smol_dir):
                               "--long-prefill-token-threshold", "700"])
     sched = engine_config_from_args(args).scheduler
     assert (sched.max_long_partial_prefills, sched.long_prefill_tokens) == (3, 700)
+
+
+def test_a_waiting_long_prompt_is_counted_once_in_the_prefix_stats():
+    """A long prompt held back for several steps is looked up each step but counted once, when admitted."""
+    sched = create_scheduler(num_blocks=64, budget=64, max_len=512)
+    sched.add_request(create_request("first", list(range(100, 140)), max_tokens=3))
+    sched.add_request(create_request("second", list(range(200, 240)), max_tokens=3))
+    step(sched)
+    step(sched)  # "second" waited one step, then was admitted
+    run_to_completion(sched)
+    assert sched.kv.prefix_stats.queries == 80

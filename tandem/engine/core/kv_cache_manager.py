@@ -41,8 +41,10 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """The longest run of the request's leading full blocks already in the cache.
+    def get_computed_blocks(self, request: Request, record: bool = True) -> tuple[list[KVCacheBlock], int]:
+        """The longest run of the request's leading full blocks already in the cache; ``record``: count the lookup
+        in the prefix-cache stats now (the scheduler counts it with ``record_lookup`` once it admits the request,
+        so a request that waits is counted once).
 
         NOTE: at least one token is always left to compute, so the step produces logits to sample from.
         """
@@ -56,9 +58,15 @@ class KVCacheManager:
                 break
             hits.append(block)
         num_tokens = len(hits) * self.block_size
-        self.prefix_stats.queries += request.num_tokens
-        self.prefix_stats.hits += num_tokens
+        if record:
+            self.record_lookup(request, num_tokens)
         return hits, num_tokens
+
+    def record_lookup(self, request: Request, num_cached_tokens: int) -> None:
+        if not self.enable_caching:
+            return
+        self.prefix_stats.queries += request.num_tokens
+        self.prefix_stats.hits += num_cached_tokens
 
     def blocks_needed(self, request: Request, num_new_tokens: int, num_new_computed_blocks: int = 0) -> int:
         held = len(self.req_to_blocks.get(request.request_id, ())) + num_new_computed_blocks

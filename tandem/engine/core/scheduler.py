@@ -194,7 +194,7 @@ class Scheduler:
             if not self._group_ready(request) or not self._grammar_ready(request):
                 skipped.append(self.waiting.popleft())
                 continue
-            computed_blocks, num_computed = self.kv.get_computed_blocks(request)
+            computed_blocks, num_computed = self.kv.get_computed_blocks(request, record=False)
             num_external = 0
             if self.connector is not None and request.kv_transfer_params and request.num_computed_tokens == 0:
                 num_external = self.connector.get_num_new_matched_tokens(request, num_computed)
@@ -203,6 +203,7 @@ class Scheduler:
                 if new_blocks is None:
                     break
                 self.waiting.popleft()
+                self.kv.record_lookup(request, num_computed)
                 request.num_computed_tokens = num_computed
                 request.num_cached_tokens = num_computed
                 request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -222,6 +223,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if request.num_computed_tokens == 0:
+                self.kv.record_lookup(request, num_computed)
                 request.num_cached_tokens = num_computed
             request.num_computed_tokens += num_computed
             request.status = RequestStatus.RUNNING
