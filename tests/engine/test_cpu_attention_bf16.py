@@ -180,3 +180,26 @@ def test_one_long_decode_split_between_threads(backend, threads):
         got = paged_attention(q, kv_rows, rows[0], mask, spec)
     torch.testing.assert_close(got.float(), reference_paged_attention(q.float(), kv_rows.float(), rows[0], mask, spec),
                                **TOL)
+
+
+def test_a_batch_of_decodes_is_the_same_on_any_number_of_threads(backend):
+    """The decode items go to the threads in ranges with stealing (``csrc/parallel.h``): whichever thread computes an
+    item, each is computed once and alike, so the output is bit-identical for 1, 2, 3 and 5 threads."""
+    from tandem.engine.attention.cpu_paged import paged_attention
+
+    heads = (9, 3, 64)
+    ctx_lens = [int(n) for n in torch.randint(1, 200, (23,), generator=torch.Generator().manual_seed(19))]
+    per_seq = -(-max(ctx_lens) // BS)
+    layout, kv_rows = layout_and_cache(heads, per_seq * len(ctx_lens), seed=20)
+    tables = scattered(per_seq, layout.num_blocks, seed=21)
+    rows, mask = PagedKVIndexer(layout).paged_batch(list(zip(tables, ctx_lens)), 1, None)
+    spec = LayerAttention(1, 9, 3, 64, 0.125)
+    q = rand(len(ctx_lens), 1, 9, 64, seed=22)
+    outs = []
+    for threads in (1, 2, 3, 5):
+        with torch_threads(threads):
+            outs.append(paged_attention(q, kv_rows, rows[1], mask, spec))
+    torch.testing.assert_close(outs[0].float(), reference_paged_attention(q.float(), kv_rows.float(), rows[1], mask,
+                                                                          spec), **TOL)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import torch_threads
 from torch import nn
 
 from tandem.engine.models.common import PackedLinear
@@ -49,6 +50,22 @@ def test_packed_linear_is_the_product_rounded_once(ops, rows, n, k, bias):
     x = rand(rows, k, seed=rows)
     got = PackedLinear(layer, ops)(x)
     within_one_rounding(got, exact(x, layer))
+
+
+@pytest.mark.parametrize("rows", [1, 32, 50])
+def test_packed_linear_is_the_same_on_any_number_of_threads(ops, rows):
+    """Work items go to the threads in ranges with stealing (``csrc/parallel.h``): each is computed once, in the same
+    order of products whichever thread takes it, so the output is bit-identical for 1, 2, 3 and 5 threads."""
+    layer = linear(576, 576, False, seed=rows)
+    x = rand(rows, 576, seed=rows + 1)
+    packed = PackedLinear(layer, ops)
+    outs = []
+    for threads in (1, 2, 3, 5):
+        with torch_threads(threads):
+            outs.append(packed(x))
+    within_one_rounding(outs[0], exact(x, layer))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
 
 
 def test_packed_linear_takes_batched_and_strided_inputs(ops):

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace {
@@ -428,16 +429,16 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
         const int64_t n_rows = d.group;
         std::vector<float> pmax(items * splits * n_rows), psum(items * splits * n_rows);
         std::vector<float> pacc(splits > 1 ? items * splits * n_rows * d.D : 0);
-        at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t w = begin; w < end; ++w) {
-            const int64_t item = w / splits, sp = w % splits, h = item % d.kvh, b = item / d.kvh;
-            const int64_t off = (item * splits + sp) * n_rows;
-            const Partial part{pmax.data() + off, psum.data() + off, pacc.data() + off * d.D};
-            // (the dispatch lambda is not a template: this branch compiles for every dtype, runs for bf16 only)
-            kernel(reinterpret_cast<const c10::BFloat16*>(qp), reinterpret_cast<const c10::BFloat16*>(kvp), rp, mp,
-                   reinterpret_cast<c10::BFloat16*>(op), d, b, h, static_cast<float>(scale), has_cap, static_cast<float>(cap),
-                   sp * d.nb / splits, (sp + 1) * d.nb / splits, splits > 1 ? &part : nullptr);
-          }
+        // (ranges with stealing: a decode step's items are many and alike, and a thread that loses its core for a
+        // while must not hold up the rest; see csrc/parallel.h)
+        tandem_parallel::for_each_item(items * splits, [&](int64_t w) {
+          const int64_t item = w / splits, sp = w % splits, h = item % d.kvh, b = item / d.kvh;
+          const int64_t off = (item * splits + sp) * n_rows;
+          const Partial part{pmax.data() + off, psum.data() + off, pacc.data() + off * d.D};
+          // (the dispatch lambda is not a template: this branch compiles for every dtype, runs for bf16 only)
+          kernel(reinterpret_cast<const c10::BFloat16*>(qp), reinterpret_cast<const c10::BFloat16*>(kvp), rp, mp,
+                 reinterpret_cast<c10::BFloat16*>(op), d, b, h, static_cast<float>(scale), has_cap, static_cast<float>(cap),
+                 sp * d.nb / splits, (sp + 1) * d.nb / splits, splits > 1 ? &part : nullptr);
         });
         if (splits > 1) {
           at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {

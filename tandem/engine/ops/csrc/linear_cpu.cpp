@@ -11,6 +11,8 @@
 
 #include <immintrin.h>
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <cstdint>
 
@@ -103,24 +105,23 @@ torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, st
   const bf16* wd = packed.data_ptr<bf16>();
   const float* bd = bias ? bias->data_ptr<float>() : nullptr;
   bf16* od = out.data_ptr<bf16>();
-  // Work items: (block, chunk of rows), block-major, so that a thread's consecutive items reuse a block from cache.
-  // When they do not divide evenly among the threads (a 576-wide product at decode: 9 blocks), each block is split
-  // into two halves of 32 columns, which stream the same bytes in two interleaved parts.
+  // Work items: (block, chunk of rows), block-major, so that a thread's consecutive items reuse a block from cache;
+  // split among the threads in ranges with stealing (csrc/parallel.h). When they do not divide evenly among the
+  // threads (a 576-wide product at decode: 9 blocks), each block is split into two halves of 32 columns, which
+  // stream the same bytes in two interleaved parts.
   const int64_t chunk = M <= kRowChunk ? M : kRowChunk, chunks = (M + chunk - 1) / chunk;
   const int64_t parts = (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
-  at::parallel_for(0, blocks * parts * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t part = item / chunks, b = part / parts, c0 = b * kBlock + (part % parts) * width;
-      const int64_t r0 = (item % chunks) * chunk, rows = std::min(chunk, M - r0);
-      const int valid = int(std::clamp<int64_t>(n - c0, 0, width));
-      if (valid == 0) continue;
-      const bf16* w = wd + b * K * kBlock + (c0 - b * kBlock) * 2;
-      const float* bias_at = bd == nullptr ? nullptr : bd + c0;
-      if (parts == 1) {
-        rows_times_tiles<4>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
-      } else {
-        rows_times_tiles<2>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
-      }
+  tandem_parallel::for_each_item(blocks * parts * chunks, [&](int64_t item) {
+    const int64_t part = item / chunks, b = part / parts, c0 = b * kBlock + (part % parts) * width;
+    const int64_t r0 = (item % chunks) * chunk, rows = std::min(chunk, M - r0);
+    const int valid = int(std::clamp<int64_t>(n - c0, 0, width));
+    if (valid == 0) return;
+    const bf16* w = wd + b * K * kBlock + (c0 - b * kBlock) * 2;
+    const float* bias_at = bd == nullptr ? nullptr : bd + c0;
+    if (parts == 1) {
+      rows_times_tiles<4>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
+    } else {
+      rows_times_tiles<2>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid);
     }
   });
   return out;
