@@ -51,6 +51,8 @@ def _engine_args(spec: LLMDeploymentSpec, device: str) -> list[str]:
         args.append("--no-enable-prefix-caching")
     if not e.enable_chunked_prefill:
         args.append("--no-enable-chunked-prefill")
+    args += ["--max-long-partial-prefills", str(e.max_long_partial_prefills),
+             "--long-prefill-token-threshold", str(e.long_prefill_token_threshold)]
     return args
 
 

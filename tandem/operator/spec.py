@@ -222,6 +222,8 @@ class EngineSpec(_Spec):
     max_num_batched_tokens: int
     enable_prefix_caching: bool
     enable_chunked_prefill: bool
+    max_long_partial_prefills: int = 1
+    long_prefill_token_threshold: int = 0
     kv_cache_memory: str | int | None = None
     runtime_class_name: str | None = None
 
@@ -479,6 +481,12 @@ def _cross_field_problems(spec: LLMDeploymentSpec) -> list[str]:
                         "workers take a size (8Gi) or size the cache with engine.gpuMemoryUtilization")
     elif fraction and e.kind == "vllm":
         problems.append("spec.engine.kvCacheMemory: vLLM takes a size (bytes or 8Gi), not a fraction")
+    if e.kind == "vllm" and (e.max_long_partial_prefills, e.long_prefill_token_threshold) != (1, 0):
+        # NOTE: vLLM 0.32's --long-prefill-token-threshold caps one request's chunk per step, not the same rule;
+        # a user who wants it passes it through a role's extraArgs.
+        problems.append("spec.engine.maxLongPartialPrefills: maxLongPartialPrefills and longPrefillTokenThreshold "
+                        "are Tandem's scheduling rule; vLLM workers do not take them (pass vLLM's own flags "
+                        "through a role's extraArgs)")
     return problems
 
 

@@ -50,7 +50,8 @@ def test_defaults_fill_an_empty_spec_like_the_operator_does():
     assert spec["model"] == {"uri": "bundled", "dtype": "bfloat16", "maxModelLen": 2048}
     assert spec["engine"] == {"kind": "tandem", "device": "auto", "cudaImage": "ghcr.io/tandem-llm/tandem:0.1.0-cuda",
                               "gpuMemoryUtilization": 0.9, "blockSize": 16, "maxNumSeqs": 64,
-                              "maxNumBatchedTokens": 2048, "enablePrefixCaching": True, "enableChunkedPrefill": True}
+                              "maxNumBatchedTokens": 2048, "enablePrefixCaching": True, "enableChunkedPrefill": True,
+                              "maxLongPartialPrefills": 1, "longPrefillTokenThreshold": 0}
     assert spec["prefill"] == {"replicas": 0} and spec["decode"] == {"replicas": 1}
     assert spec["router"]["replicas"] == parsed.router.replicas == 1
     assert spec["router"]["scorerWeights"] == parsed.router.scorer_weights.model_dump() == {

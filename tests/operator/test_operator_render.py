@@ -129,6 +129,30 @@ def test_disaggregated_spec_renders_prefill_and_decode_roles():
     assert kv_ports == [{"name": "kv", "port": 5700, "targetPort": "kv", "protocol": "TCP"}]
 
 
+def test_long_prefill_scheduling_reaches_every_tandem_worker():
+    """engine.maxLongPartialPrefills / longPrefillTokenThreshold become the engine's flags on every worker role, and
+    the rendered command lines parse with the real ``tandem`` CLI into those values (defaults: 1 and 0)."""
+    from tandem.cli import build_parser
+
+    spec = {"prefill": {"replicas": 1}, "decode": {"replicas": 1},
+            "engine": {"maxLongPartialPrefills": 2, "longPrefillTokenThreshold": 700}}
+    manifests = render(create_llmd(spec))
+    assert_valid(manifests)
+    for dep in ("m-prefill", "m-decode"):
+        cmd = command(manifests, dep)
+        args = build_parser(cmd[1]).parse_args(cmd[1:])
+        assert (args.max_long_partial_prefills, args.long_prefill_token_threshold) == (2, 700)
+    cmd = command(render(create_llmd()), "m-decode")
+    args = build_parser(cmd[1]).parse_args(cmd[1:])
+    assert (args.max_long_partial_prefills, args.long_prefill_token_threshold) == (1, 0)
+    with pytest.raises(SpecError, match="spec.engine.longPrefillTokenThreshold"):
+        render(create_llmd({"engine": {"longPrefillTokenThreshold": -1}}))
+    # vLLM's scheduler has no such rule (its --long-prefill-token-threshold caps a chunk): refused, not dropped.
+    vllm = {"kind": "vllm", "maxLongPartialPrefills": 2}
+    with pytest.raises(SpecError, match="spec.engine.maxLongPartialPrefills: .* vLLM workers do not take them"):
+        render(create_llmd({"engine": vllm, "model": {"uri": "hf://Qwen/Qwen3-0.6B"}}))
+
+
 def test_prefill_with_zero_replicas_is_aggregated():
     manifests = render(create_llmd({"prefill": {"replicas": 0}}))
     assert command(manifests, "m-decode")[:2] == ["tandem", "serve"]
