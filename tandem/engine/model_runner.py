@@ -69,6 +69,10 @@ class ModelRunner:
             self.model.use_fused_ops(ops)
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears(ops)
+            if ops is not None:
+                why_not = self.model.build_native_decoder(ops)
+                logger.info("decode steps: %s", "every layer in one native call" if why_not is None
+                            else f"layer by layer ({why_not})")
         self.block_size = config.cache.block_size
         self.layout = self._size_kv_cache()
         # NOTE: one contiguous block-major buffer (kvtransfer registers it once and moves a run of blocks as one

@@ -124,6 +124,12 @@ class CpuPagedBackend(TorchReferenceBackend):
                     "off (no AVX-512 bf16 at build time): long bf16 chunks use the torch reference")
         return cls(bf16_prefill)
 
+    @staticmethod
+    def decode_kernels() -> object | None:
+        """store_kv and paged_attention as a capsule of function pointers, for a model's native decoder stack
+        (``ops/csrc/decoder_cpu.cpp``); None before the operators are loaded."""
+        return None if _extension is None else _extension.decode_attention_kernels()
+
     def write_kv(self, kv_rows: torch.Tensor, write_index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         ext = _eager()
         if ext is None or k.stride(-1) != 1 or k.dtype != kv_rows.dtype or k.stride(1) != k.shape[2]:

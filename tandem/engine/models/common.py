@@ -231,6 +231,20 @@ class GatedMLP(nn.Module):
         return self.down_proj(act * up)
 
 
+class NativeDecoder:
+    """Every decoder layer of a decode-only step in one native call (``ops/csrc/decoder_cpu.cpp``): the same kernels
+    the layers call, in the same order, without Python between them (bit-identical hidden states). A family builds
+    it when all its layers are ones the native stack knows (see ``LlamaForCausalLM.build_native_decoder``)."""
+
+    def __init__(self, stack: object) -> None:
+        self.stack = stack
+
+    def __call__(self, h: torch.Tensor, rope: Rope, kv_rows: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        reads = meta.for_window(None)
+        mask = reads.decode_mask.reshape(h.shape[0], 1, -1).contiguous()
+        return self.stack.forward(h, rope.cos32, rope.sin32, kv_rows, meta.write_index, reads.decode_gather_rows, mask)
+
+
 # Our fused parameters and the checkpoint tensors they are made of.
 _FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -259,6 +273,7 @@ class DecoderLM(nn.Module, abc.ABC):
         self.packed_lm_head: PackedLinear | None = None
         self.embed_scale: float | None = None  # multiplies the embeddings (Gemma: sqrt(hidden_size))
         self.attention_backend: AttentionBackend = TorchReferenceBackend()
+        self.native_decoder: NativeDecoder | None = None  # decode-only steps, when the family builds one
         self.rope_inv_freq: dict[str, torch.Tensor] = {}
         self.init_rope(torch.device("cpu"))
 
@@ -287,9 +302,16 @@ class DecoderLM(nn.Module, abc.ABC):
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         ropes = {key: Rope.at(positions, inv_freq, h.dtype) for key, inv_freq in self.rope_inv_freq.items()}
         kv_rows = kv_buffer.view(-1, kv_buffer.shape[-2] * kv_buffer.shape[-1])
+        if self.native_decoder is not None and meta.num_decode == h.shape[0] and not torch.compiler.is_compiling():
+            return self.norm(self.native_decoder(h, ropes[GLOBAL_ROPE], kv_rows, meta))
         for layer in self.layers:
             h = layer(h, ropes[layer.self_attn.rope_key], kv_rows, meta, self.attention_backend)
         return self.norm(h)
+
+    def build_native_decoder(self, ops: FusedOps) -> str | None:
+        """Set ``native_decoder`` when this model's layers can run as one native call; returns why not, or None.
+        Families whose layers the native stack does not know keep the Python layers (this default)."""
+        return f"{type(self).__name__} layers have no native decoder"
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_lm_head is not None:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.models.common import DecoderLM, GatedMLP, RMSNorm, Rope, SelfAttention
+from tandem.engine.models.common import DecoderLM, GatedMLP, NativeDecoder, PackedLinear, RMSNorm, Rope, SelfAttention
 from tandem.engine.models.config import ModelConfig, base_fields, hf_layer_windows
+from tandem.engine.ops.fused import FusedOps
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -35,6 +36,37 @@ class LlamaForCausalLM(DecoderLM):
 
     def make_layer(self, cfg: ModelConfig, index: int) -> nn.Module:
         return LlamaDecoderLayer(cfg, index)
+
+    def build_native_decoder(self, ops: FusedOps) -> str | None:
+        """The native stack runs this family's plain layers: no sliding window, softcap or q/k norm, SiLU, the fused
+        kernels' shapes, every projection in Tandem's packed linear, the CPU paged-attention backend."""
+        cfg = self.config
+        kernels = getattr(self.attention_backend, "decode_kernels", lambda: None)()
+        layers = list(self.layers)
+        reason = (
+            "the attention backend has no native decode kernels" if kernels is None
+            else "sliding-window layers" if any(cfg.window(i) is not None for i in range(cfg.num_layers))
+            else "attention logit softcapping" if cfg.attn_logit_softcapping is not None
+            else "q/k norms" if cfg.qk_norm
+            else f"{cfg.hidden_act} activation" if cfg.hidden_act != "silu"
+            else "shapes the fused kernels do not take" if (cfg.head_dim % 32 or cfg.hidden_size % 16
+                                                               or cfg.intermediate_size % 16)
+            else "other layer types" if any(type(layer) is not LlamaDecoderLayer for layer in layers)
+            else "linears outside Tandem's packed kernel" if not all(
+                isinstance(m, PackedLinear) and m.ops is not None
+                for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                              layer.mlp.gate_up_proj, layer.mlp.down_proj))
+            else None
+        )
+        if reason is not None:
+            return reason
+        weights = [[layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
+                    layer.self_attn.o_proj.packed, layer.post_attention_layernorm.weight.detach(),
+                    layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed] for layer in layers]
+        stack = ops.module.DecoderStack(weights, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+                                        cfg.intermediate_size, cfg.rms_norm_eps, layers[0].self_attn.spec.scale, kernels)
+        self.native_decoder = NativeDecoder(stack)
+        return None
 
 
 def qwen_layer_windows(hf: dict, num_layers: int) -> tuple[int | None, ...]:

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "decode_kernels.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -549,4 +550,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention_kernels", [] {
+    static const DecodeAttentionKernels kernels{&store_kv, &paged_attention};
+    return py::capsule(&kernels, kDecodeAttentionKernelsCapsule);
+  }, "store_kv and paged_attention as function pointers, for the ops extension's decoder stack");
 }

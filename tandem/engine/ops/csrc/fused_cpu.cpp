@@ -154,6 +154,9 @@ torch::Tensor silu_mul(torch::Tensor x) {
 torch::Tensor pack_linear_weight(torch::Tensor weight);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, std::optional<torch::Tensor> bias);
 
+// decoder_cpu.cpp
+void bind_decoder_stack(py::module& m);
+
 // The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm (optionally after adding into a residual, in place)",
@@ -166,4 +169,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("packed_linear", &packed_linear, "x W^T (+ b) with W packed by pack_linear_weight",
         py::call_guard<py::gil_scoped_release>());
+  bind_decoder_stack(m);
 }
