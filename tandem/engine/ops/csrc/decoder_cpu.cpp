@@ -82,7 +82,7 @@ class DecoderStack {
 };
 
 void bind_decoder_stack(py::module& m) {
-  py::class_<DecoderStack>(m, "DecoderStack")
+  py::class_<DecoderStack>(m, "DecoderStack", py::module_local())
       .def(py::init<std::vector<std::vector<std::optional<torch::Tensor>>>, int64_t, int64_t, int64_t, int64_t,
                     int64_t, double, double, py::capsule>())
       .def("forward", &DecoderStack::forward, "every layer of a decode-only step (h updated in place)",
