@@ -38,8 +38,9 @@ class LlamaForCausalLM(DecoderLM):
         return LlamaDecoderLayer(cfg, index)
 
     def build_native_decoder(self, ops: FusedOps) -> str | None:
-        """The native stack runs this family's plain layers: no sliding window, softcap or q/k norm, SiLU, the fused
-        kernels' shapes, every projection in Tandem's packed linear, the CPU paged-attention backend."""
+        """The native stack runs this family's layers (Qwen3's q/k norms included) without a sliding window or softcap:
+        SiLU, the fused kernels' shapes, every projection in Tandem's packed linear, the CPU paged-attention
+        backend."""
         cfg = self.config
         kernels = getattr(self.attention_backend, "decode_kernels", lambda: None)()
         layers = list(self.layers)
@@ -47,7 +48,6 @@ class LlamaForCausalLM(DecoderLM):
             "the attention backend has no native decode kernels" if kernels is None
             else "sliding-window layers" if any(cfg.window(i) is not None for i in range(cfg.num_layers))
             else "attention logit softcapping" if cfg.attn_logit_softcapping is not None
-            else "q/k norms" if cfg.qk_norm
             else f"{cfg.hidden_act} activation" if cfg.hidden_act != "silu"
             else "shapes the fused kernels do not take" if (cfg.head_dim % 32 or cfg.hidden_size % 16
                                                                or cfg.intermediate_size % 16)
@@ -62,7 +62,9 @@ class LlamaForCausalLM(DecoderLM):
             return reason
         weights = [[layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
                     layer.self_attn.o_proj.packed, layer.post_attention_layernorm.weight.detach(),
-                    layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed] for layer in layers]
+                    layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed,
+                    *(None if norm is None else norm.weight.detach()
+                      for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm))] for layer in layers]
         stack = ops.module.DecoderStack(weights, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
                                         cfg.intermediate_size, cfg.rms_norm_eps, layers[0].self_attn.spec.scale, kernels)
         self.native_decoder = NativeDecoder(stack)

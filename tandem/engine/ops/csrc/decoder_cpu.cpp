@@ -1,5 +1,5 @@
 // Every decoder layer of a decode-only step in one native call: the Llama layer (RMSNorm, fused q/k/v projection,
-// RoPE, KV store, paged attention, output projection, residual add + RMSNorm, gated MLP, residual add), 30 times,
+// Qwen3's per-head q/k norms, RoPE, KV store, paged attention, output projection, residual add + RMSNorm, gated MLP, residual add), 30 times,
 // without returning to Python between kernels.
 //
 // The kernels are the ones the Python layers call (this extension's norms, RoPE, activation and linear; the
@@ -25,7 +25,18 @@ namespace {
 struct LayerWeights {
   torch::Tensor input_norm, qkv, o, post_norm, gate_up, down;  // linears packed by pack_linear_weight
   std::optional<torch::Tensor> qkv_bias;                       // fp32, padded like the packed qkv (Qwen2)
+  std::optional<torch::Tensor> q_norm, k_norm;                 // per-head RMSNorm weights (Qwen3)
 };
+
+// The q/k norm as `RMSNorm.forward` (models/common.py) computes it on a head view, so the result is the Python
+// layer's bit for bit: the fused kernel when the view is contiguous (one sequence), else the module's torch ops
+// (fp32, rsqrt of the mean square plus eps, rounded to the dtype, times the weight) through the same ATen calls.
+torch::Tensor head_rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  if (x.is_contiguous() && x.size(-1) % 16 == 0) return rms_norm(x, std::nullopt, weight, eps);
+  auto x32 = x.to(torch::kFloat);
+  x32 = x32 * torch::rsqrt(x32.pow(2).mean(-1, true) + eps);
+  return weight * x32.to(x.scalar_type());
+}
 
 }  // namespace
 
@@ -39,11 +50,13 @@ class DecoderStack {
                 "DecoderStack: attention must be the paged-attention extension's decode_attention_kernels()");
     attention_ = *attention.get_pointer<DecodeAttentionKernels>();
     for (auto& w : layers) {
-      TORCH_CHECK(w.size() == 7, "DecoderStack: each layer is (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down)");
-      for (size_t i = 0; i < w.size(); ++i) {
-        TORCH_CHECK(i == 2 || w[i].has_value(), "DecoderStack: only the q/k/v bias may be None");
+      TORCH_CHECK(w.size() == 9, "DecoderStack: each layer is (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, "
+                                 "q_norm, k_norm)");
+      for (size_t i = 0; i < 7; ++i) {
+        TORCH_CHECK(i == 2 || w[i].has_value(), "DecoderStack: only the q/k/v bias and the q/k norms may be None");
       }
-      layers_.push_back({*w[0], *w[1], *w[3], *w[4], *w[5], *w[6], w[2]});
+      TORCH_CHECK(w[7].has_value() == w[8].has_value(), "DecoderStack: q_norm and k_norm come together");
+      layers_.push_back({*w[0], *w[1], *w[3], *w[4], *w[5], *w[6], w[2], w[7], w[8]});
     }
   }
 
@@ -63,6 +76,10 @@ class DecoderStack {
       auto q = qkv.narrow(1, 0, q_size).view({B, H_, D_});
       auto k = qkv.narrow(1, q_size, kv_size).view({B, kvh_, D_});
       auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, kvh_, D_});
+      if (w.q_norm) {
+        q = head_rms_norm(q, *w.q_norm, eps_);
+        k = head_rms_norm(k, *w.k_norm, eps_);
+      }
       rope_(q, k, cos, sin);
       attention_.store_kv(kv_rows, write_index[l], k, v);
       auto o = attention_.paged_attention(q.contiguous().view({B, 1, H_, D_}), kv_rows, gather_rows[l], mask, scale_,
