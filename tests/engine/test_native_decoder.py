@@ -52,7 +52,8 @@ def test_real_model_decode_steps_equal_the_layers_bit_for_bit(smol_dir, caplog):
     compared = compare_decode_steps(llm)
     gen = torch.Generator().manual_seed(3)
     # Contexts under one block to several hundred tokens; different lengths, so the batch shrinks as they finish.
-    prompts = [{"prompt_token_ids": torch.randint(100, 40000, (n,), generator=gen).tolist()} for n in (3, 17, 40, 130, 300)]
+    prompts = [{"prompt_token_ids": torch.randint(100, 40000, (n,), generator=gen).tolist()}
+               for n in (3, 17, 40, 130, 300)]
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (9, 30, 14, 22, 5)]
     outputs = llm.generate(prompts, params)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [9, 30, 14, 22, 5]
@@ -108,5 +109,5 @@ def test_the_stack_refuses_a_capsule_that_is_not_the_attention_kernels(cpu_ops):
     new_capsule = ctypes.pythonapi.PyCapsule_New
     new_capsule.restype, new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
     other = new_capsule(1, b"something.else", None)
-    with pytest.raises(RuntimeError, match="attention must be the paged-attention extension's decode_attention_kernels"):
+    with pytest.raises(RuntimeError, match="attention must be the paged-attention extension's decode_attention"):
         cpu_ops.module.DecoderStack([], 2, 1, 32, 64, 128, 1e-5, 0.17, other)

@@ -60,13 +60,15 @@ class LlamaForCausalLM(DecoderLM):
         )
         if reason is not None:
             return reason
-        weights = [[layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed, layer.self_attn.qkv_proj.bias,
-                    layer.self_attn.o_proj.packed, layer.post_attention_layernorm.weight.detach(),
-                    layer.mlp.gate_up_proj.packed, layer.mlp.down_proj.packed,
+        weights = [[layer.input_layernorm.weight.detach(), layer.self_attn.qkv_proj.packed,
+                    layer.self_attn.qkv_proj.bias, layer.self_attn.o_proj.packed,
+                    layer.post_attention_layernorm.weight.detach(), layer.mlp.gate_up_proj.packed,
+                    layer.mlp.down_proj.packed,
                     *(None if norm is None else norm.weight.detach()
                       for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm))] for layer in layers]
         stack = ops.module.DecoderStack(weights, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
-                                        cfg.intermediate_size, cfg.rms_norm_eps, layers[0].self_attn.spec.scale, kernels)
+                                        cfg.intermediate_size, cfg.rms_norm_eps, layers[0].self_attn.spec.scale,
+                                        kernels)
         self.native_decoder = NativeDecoder(stack)
         return None
 

@@ -1,6 +1,6 @@
 // Every decoder layer of a decode-only step in one native call: the Llama layer (RMSNorm, fused q/k/v projection,
-// Qwen3's per-head q/k norms, RoPE, KV store, paged attention, output projection, residual add + RMSNorm, gated MLP, residual add), 30 times,
-// without returning to Python between kernels.
+// Qwen3's per-head q/k norms, RoPE, KV store, paged attention, output projection, residual add + RMSNorm, gated
+// MLP, residual add), once per layer, without returning to Python between kernels.
 //
 // The kernels are the ones the Python layers call (this extension's norms, RoPE, activation and linear; the
 // attention extension's store_kv and paged_attention through function pointers, see decode_kernels.h), in the same
