@@ -52,7 +52,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,15 +73,10 @@ from tandem.engine.host_memory import transparent_huge_pages_mode  # noqa: E402
 from tandem.engine.model_runner import KV_POOL_FILL  # noqa: E402
 from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache  # noqa: E402
 from tandem.kvtransfer.nixl_transport import NixlKVTransport  # noqa: E402
+from tandem.ports import free_port  # noqa: E402
 
 PROMPT_TOKENS = (256, 1024, 4096)
 MODEL = raw_bench.MODEL
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Worker:

@@ -24,13 +24,14 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tandem.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -87,11 +88,6 @@ METRICS = (
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_env() -> tuple[str, str]:

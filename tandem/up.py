@@ -11,7 +11,6 @@ import argparse
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpx
+
+from tandem.ports import free_port
 
 if TYPE_CHECKING:
     from tandem.worker.vllm import VllmPython
@@ -33,12 +34,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass  # not Linux: shutdown still works through the normal signal path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(slots=True)

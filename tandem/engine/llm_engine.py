@@ -22,7 +22,7 @@ from tandem.engine.core.scheduler import KVConnectorSchedulerSide, Scheduler
 from tandem.engine.detokenizer import DetokenizerState, IncrementalDetokenizer, find_stop
 from tandem.engine.model_files import ModelNotFoundError
 from tandem.engine.model_runner import ModelRunner, set_threads
-from tandem.engine.models.registry import PRESETS, build_model, config_from_hf
+from tandem.engine.models.registry import PRESETS, build_model, build_model_skeleton, config_from_hf
 from tandem.engine.outputs import RequestDelta
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.structured_output import RequestGrammar, StructuredOutputManager
@@ -84,8 +84,7 @@ def load_model(config: EngineConfig, progress: bool = True):
         mc = config_from_hf(load_config(weights_dir))
         mc.eos_token_id = _all_eos_ids(mc.eos_token_id, weights_dir)
         t0 = time.monotonic()
-        with torch.device("meta"):
-            model = build_model(mc)
+        model = build_model_skeleton(mc)
         model = model.to_empty(device="cpu")
         state = load_state_dict(weights_dir, keep=model.wants_tensor)
         model.load_hf_state_dict(state)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import httpx
 import pytest
 
 from tandem.bench import BenchConfig, run_benchmark
+from tandem.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +36,6 @@ def _serve_available() -> bool:
         return importlib.util.find_spec("tandem.engine.server.cli") is not None
     except ModuleNotFoundError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -76,7 +70,7 @@ def server(tmp_path_factory):
     """Start ``tandem serve`` on a free port, wait for /health, stop it after the module."""
     if not _serve_available():
         pytest.skip("tandem serve (tandem.engine.server.cli) is not in this tree yet")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "tandem.cli", "serve", "--model", MODEL, "--port", str(port),
            "--api-key", API_KEY, "--max-model-len", "2048"]

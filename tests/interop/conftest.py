@@ -20,17 +20,12 @@ import httpx
 import pytest
 
 from tandem import up
+from tandem.ports import free_port
 from tandem.worker.vllm import VllmPython, VllmWorkerPlan, find_vllm_python, share_cores, vllm_worker
 from vllm_venv import require_vllm_python
 
 SERVED = "smol"
 ENGINE_ARGS = ["--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "8"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 
 import pytest
@@ -20,6 +19,7 @@ from tandem.kvtransfer.handshake import KVCompatibility, RemotePeerCache
 from tandem.kvtransfer.metrics import KVTransferMetrics
 from tandem.kvtransfer.blocks import coalesce_runs
 from tandem.kvtransfer.nixl_transport import NixlKVTransport
+from tandem.ports import free_port
 
 MODEL = "tiny-test-model"  # what kv_owner.py advertises
 DEAD_PEER_TIMEOUT_S = 5.0
@@ -52,12 +52,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def local_kv(transport: NixlKVTransport) -> torch.Tensor:
     return transport._buffer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def block_mapping(seed: int) -> tuple[list[int], list[int]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -13,12 +12,7 @@ import pytest
 
 from operator_support import LLMD_API, NAMESPACE, Cluster, eventually
 from tandem.cli import build_parser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tandem.ports import free_port
 
 
 def test_arguments_parse_and_bad_values_are_refused():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +18,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from tandem.ports import free_port
 from tandem.protocol.kv_events import BlockRemoved, BlockStored, EventBatch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PeerCrash(Exception):

@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import os
 import signal
+import socket
 import sys
 import textwrap
 import threading
@@ -13,9 +14,26 @@ import time
 
 import pytest
 
-from tandem import up
+from tandem import ports, up
 
 from .peers import free_port
+
+def test_free_ports_lie_outside_the_ephemeral_range_and_are_never_handed_out_twice(monkeypatch):
+    """Ports for children: the kernel never gives them to a UCX listener or a ZMQ socket binding port 0, a port
+    someone listens on is skipped, and one process never gets the same number twice."""
+    low, _ = ports.ephemeral_range()
+    handed = [ports.free_port() for _ in range(300)]
+    assert len(set(handed)) == len(handed)
+    assert all(ports.LOWEST <= port < low for port in handed)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        draws = iter([busy, handed[0], busy + 1 if busy + 1 not in handed else busy + 2])
+        monkeypatch.setattr(ports, "ephemeral_range", lambda: (65000, 65535))
+        monkeypatch.setattr(ports.random, "randrange", lambda *span: next(draws))
+        assert ports.free_port() not in (busy, handed[0])
+
 
 # A real HTTP child: answers /health after ``delay`` seconds, spawns a grandchild, and optionally ignores SIGTERM.
 CHILD = textwrap.dedent("""
@@ -184,7 +202,9 @@ def test_up_serves_and_stops_cleanly(tmp_path, layout):
     try:
         deadline = time.monotonic() + 300
         while not any("ready at" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines[-30:])
+            # The error lines first: a worker that fails to start leaves its shutdown after its cause.
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(
+                [line for line in lines if "Error" in line or "error:" in line][-20:] + ["...\n"] + lines[-30:])
             lines.append(proc.stdout.readline())
         first_worker = "worker-0" if "--workers" in layout else "prefill-0"
         assert any(first_worker in line and "is healthy" in line for line in lines)

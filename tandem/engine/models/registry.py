@@ -3,8 +3,11 @@ and config reader. One family per module in this package."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+import torch
 
 from tandem.engine.models.common import DecoderLM
 from tandem.engine.models.config import ModelConfig
@@ -77,5 +80,32 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM:
-    """An uninitialised model of ``cfg``'s family (weights still to be loaded)."""
+    """A model of ``cfg``'s family with torch's default initial weights (the presets draw their own)."""
     return ARCHITECTURES[cfg.architecture].model_class(cfg)
+
+
+def build_model_skeleton(cfg: ModelConfig) -> DecoderLM:
+    """A model of ``cfg``'s family on the meta device, nothing initialised: a checkpoint's weights follow.
+
+    NOTE: the modules' ``reset_parameters`` would draw random weights into meta tensors, which torch runs
+    through its Python reference ops; importing those pulls in ``torch._dynamo`` (1.2 s here) and, where
+    installed, triton, whose bindings print pages of "nanobind: leaked" lines when every worker exits.
+    """
+    with torch.device("meta"), _initialisers_skipped():
+        return build_model(cfg)
+
+
+_INITIALISERS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    for name in _INITIALISERS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
