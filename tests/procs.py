@@ -42,8 +42,8 @@ class TandemProcess:
     def _relaunch_on_new_ports(self) -> None:
         """Start again with fresh ``--port``/``--kv-port`` values.
 
-        NOTE: ``free_port`` hands out an ephemeral port and closes it; until the child binds it, another
-        process's ephemeral socket (e.g. a UCX listener of a worker starting beside it) can take it first.
+        NOTE: ``free_port`` checks a port and closes it; until the child binds it, another process choosing
+        a fixed port (not the kernel: the port lies outside its ephemeral range) can still take it first.
         """
         for i, arg in enumerate(self.args[:-1]):
             if arg in PORT_FLAGS and self.args[i + 1] != "0":
