@@ -44,9 +44,16 @@ def _binds(port: int) -> bool:
 def free_port() -> int:
     """A TCP port nothing listens on now, outside the ephemeral range, not handed out before by this process."""
     low, high = ephemeral_range()
-    # The candidates: below the ephemeral range when it leaves room there, else above it.
+    # The candidates: below the ephemeral range when it leaves room there, else above it; else (a kernel whose
+    # range covers nearly every port) whatever binding port 0 gives.
     span = (LOWEST, low) if low - LOWEST >= 1000 else (high + 1, 65536)
     with _lock:
+        if span[1] - span[0] < 1000:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            _handed_out.add(port)
+            return port
         for _ in range(200):
             port = random.randrange(*span)
             if port not in _handed_out and _binds(port):
