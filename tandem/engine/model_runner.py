@@ -92,7 +92,8 @@ class ModelRunner:
         else:
             self.kv_buffer = torch.full(self.layout.shape, KV_POOL_FILL, dtype=self.dtype, device=self.device)
         self.indexer = PagedKVIndexer(self.layout)
-        self.sampler = Sampler(model_config.vocab_size, seed=config.seed)
+        self.sampler = Sampler(model_config.vocab_size, seed=config.seed,
+                               argmax_rows=None if ops is None else ops.argmax_rows)
         self._page_offsets = torch.arange(0, self.layout.bytes_per_block_all_layers, PAGE_BYTES)  # of every page in a block
 
     def page_offsets(self, block_ids: list[int]) -> torch.Tensor:

@@ -11,6 +11,7 @@ sampled token, so its output does not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,11 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, vocab_size: int, seed: int = 0,
+                 argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.vocab_size = vocab_size
+        # A batch's greedy picks on the CPU: the fused kernel's one pass (FusedOps.argmax_rows) where it is loaded.
+        self._argmax_rows = argmax_rows
         self._global = torch.Generator().manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -75,7 +79,8 @@ class Sampler:
 
         greedy = all(r.sampling_params.greedy for r in requests)
         if greedy:
-            chosen = logits.argmax(dim=-1).tolist()
+            native = self._argmax_rows is not None and logits.device.type == "cpu"
+            chosen = (self._argmax_rows(logits) if native else logits.argmax(dim=-1)).tolist()
         else:
             chosen = [0] * len(requests)
             for row, request in enumerate(requests):

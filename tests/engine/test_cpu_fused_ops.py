@@ -70,6 +70,20 @@ def test_silu_mul(ops, dtype):
     close(got, F.silu(extreme[:, :80]))
 
 
+@pytest.mark.parametrize("n", [1, 7, 16, 49152, 49155])
+def test_argmax_rows_picks_what_torch_picks(ops, n):
+    x = rand(33, n, dtype=torch.float32, seed=n).round(decimals=1)  # rounded: many equal maxima, the first wins
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    x[1] = float("-inf")  # every token banned: torch answers index 0
+    x[2, n // 2:] = float("inf")
+    x[3, n // 3] = float("nan")  # a NaN wins wherever it is
+    if n > 2:
+        x[4, -1] = float("nan")
+        x[4, 1] = float("nan")
+    assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
+    assert ops.argmax_rows(torch.empty(0, n)).shape == (0,)
+
+
 def test_bad_shapes_are_refused(ops):
     with pytest.raises(RuntimeError, match="rms_norm: last dimension a multiple of 16"):
         ops.rms_norm(torch.ones(2, 10), torch.ones(10), 1e-5)
@@ -79,6 +93,8 @@ def test_bad_shapes_are_refused(ops):
         ops.rope_(torch.ones(2, 1, 64), torch.ones(2, 1, 64), torch.ones(2, 16), torch.ones(2, 16))
     with pytest.raises(RuntimeError, match="silu_mul: bf16 or fp32 only"):
         ops.silu_mul(torch.ones(2, 64, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="argmax_rows: expected contiguous fp32"):
+        ops.argmax_rows(torch.ones(2, 64, dtype=torch.bfloat16))
 
 
 def test_real_model_fp32_greedy_identical_with_fused_ops(smol_dir, smol_tokenizer):

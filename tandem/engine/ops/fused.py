@@ -49,6 +49,10 @@ class FusedOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.module.silu_mul(gate_up)
 
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits.argmax(-1)`` for contiguous fp32 ``[B, N]`` CPU rows (same ties, same NaN rule), in one pass."""
+        return self.module.argmax_rows(logits)
+
     @staticmethod
     def packs(weight: torch.Tensor) -> bool:
         """Whether ``weight`` [N, K] can take the packed linear (bf16 on CPU, K even)."""

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "simd.h"
@@ -150,6 +151,52 @@ torch::Tensor silu_mul(torch::Tensor x) {
   return out;
 }
 
+// Greedy sampling: the index of each row's largest value, as torch.argmax picks it (the first of equal maxima; the
+// first NaN where a row has one). torch's fp32 argmax took 1.3 ms for 32 rows of a 49,152-token vocabulary here
+// (two threads), as long as the LM head's own arithmetic for one row; this is one vectorised pass over the rows.
+namespace {
+
+int64_t argmax_row(const float* x, int64_t n) {
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i best_at = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());  // no lane has a value yet
+  __mmask16 unordered = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+    const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32(int32_t(i)));
+    unordered |= _mm512_mask_cmp_ps_mask(valid, v, v, _CMP_UNORD_Q);
+    // A lane takes a value strictly greater than its best, or its first value at all (so -inf rows still answer).
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(valid, v, best, _CMP_GT_OQ) |
+                           (_mm512_cmpeq_epi32_mask(best_at, _mm512_set1_epi32(std::numeric_limits<int32_t>::max())) &
+                            valid & ~_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    best = _mm512_mask_mov_ps(best, take, v);
+    best_at = _mm512_mask_mov_epi32(best_at, take, at);
+  }
+  if (unordered) {
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(x[i])) return i;
+  }
+  const float m = _mm512_reduce_max_ps(best);
+  const __mmask16 at_max = _mm512_cmp_ps_mask(best, _mm512_set1_ps(m), _CMP_EQ_OQ);
+  return _mm512_mask_reduce_min_epi32(at_max, best_at);
+}
+
+}  // namespace
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) > 0 &&
+              x.size(1) < std::numeric_limits<int32_t>::max(), "argmax_rows: expected contiguous fp32 [B, N], N >= 1");
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(torch::kLong));
+  const float* xd = x.data_ptr<float>();
+  int64_t* od = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) od[r] = argmax_row(xd + r * n, n);
+  });
+  return out;
+}
+
 // linear_cpu.cpp
 torch::Tensor pack_linear_weight(torch::Tensor weight);
 torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, std::optional<torch::Tensor> bias);
@@ -164,6 +211,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, "rotate-half RoPE on q and k, in place",
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &silu_mul, "silu(gate) * up",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, "each row's argmax, as torch.argmax picks it",
         py::call_guard<py::gil_scoped_release>());
   m.def("pack_linear_weight", &pack_linear_weight, "a bf16 weight [N, K] in packed_linear's blocks",
         py::call_guard<py::gil_scoped_release>());
