@@ -1,8 +1,9 @@
 // Paged attention on the CPU that reads KV blocks where they lie in the block-major cache.
 //
 // Design (after vLLM's csrc/cpu attention, written for Tandem's layout): one work item per (sequence, KV head,
-// tile of queries); the query heads that share a KV head are attended together, so each block of K and V is
-// read and widened to fp32 once per item, not once per query head. Softmax is online (running max and sum),
+// tile of queries) (bf16 decodes: per sequence and group of KV heads, see attend_decode_bf16); the query heads that
+// share a KV head are attended together, so each block of K and V is read once per item, not once per query
+// head. Softmax is online (running max and sum),
 // so no score matrix the size of the context is ever materialised and nothing is gathered into a dense copy.
 //
 // Shapes: q [B, Q, H, D]; kv_rows [R, block_size * D] (the cache viewed by rows, see core/kv_layout.py);
