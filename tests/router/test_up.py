@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import signal
 import socket
@@ -29,10 +30,14 @@ def test_free_ports_lie_outside_the_ephemeral_range_and_are_never_handed_out_twi
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        draws = iter([busy, handed[0], busy + 1 if busy + 1 not in handed else busy + 2])
+        # The first two draws must be skipped; after them, candidates until one binds (any one may be in use by
+        # another process of the suite at that moment: a fixed third draw made this test flaky).
+        drawn = []
+        draws = itertools.chain([busy, handed[0]], (p for p in range(busy + 1, 65000) if p not in handed))
         monkeypatch.setattr(ports, "ephemeral_range", lambda: (65000, 65535))
-        monkeypatch.setattr(ports.random, "randrange", lambda *span: next(draws))
-        assert ports.free_port() not in (busy, handed[0])
+        monkeypatch.setattr(ports.random, "randrange", lambda *span: drawn.append(next(draws)) or drawn[-1])
+        port = ports.free_port()
+        assert drawn[:2] == [busy, handed[0]] and port == drawn[-1] and port not in (busy, handed[0])
 
 
 # A real HTTP child: answers /health after ``delay`` seconds, spawns a grandchild, and optionally ignores SIGTERM.
