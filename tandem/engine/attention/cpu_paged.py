@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"
 PREFILL_SOURCE = Path(__file__).parent / "csrc" / "prefill_attention_cpu.cpp"
 STORE_SOURCE = Path(__file__).parent / "csrc" / "kv_store_cpu.cpp"
+BIND_SOURCE = Path(__file__).parent / "csrc" / "bind_attention.cpp"
 # NOTE: chunks over a cached prefix longer than this leave the paged operator (one 16-query tile: its fp32 scores
 # are per key, not tiled): measured here (bf16, 2 threads) a 256-token chunk over 768 cached tokens took 1.57 s per
 # step through it vs 0.29 s through the reference (gather + SDPA). In bf16 they go to the prefill kernel instead.
@@ -51,8 +52,8 @@ def _eager() -> ModuleType | None:
 
 
 def load_extension(verbose: bool = False) -> ModuleType:
-    """Build (first time, ~1 minute) or load (cached) the C++ operators; raises ``OperatorBuildError``."""
-    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE, STORE_SOURCE], "CPU paged attention", verbose)
+    """Build (first time, ~25 s) or load (cached) the C++ operators; raises ``OperatorBuildError``."""
+    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE, STORE_SOURCE, BIND_SOURCE], "CPU paged attention", verbose)
 
 
 def register_op(module: ModuleType) -> None:

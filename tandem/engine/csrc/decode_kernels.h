@@ -3,16 +3,16 @@
 // attention once per layer without going back through Python or the dispatcher.
 #pragma once
 
-#include <torch/extension.h>
+#include "tensor_api.h"
 
 #include <cstdint>
 
 struct DecodeAttentionKernels {
   // store_kv(kv_rows, write_index, k, v): see attention/csrc/kv_store_cpu.cpp.
-  void (*store_kv)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor);
+  void (*store_kv)(at::Tensor, at::Tensor, at::Tensor, at::Tensor);
   // paged_attention(q, kv_rows, rows, mask, scale, has_cap, cap, num_kv_heads): see paged_attention_cpu.cpp.
-  torch::Tensor (*paged_attention)(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, double, bool, double,
-                                   int64_t);
+  at::Tensor (*paged_attention)(at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, bool, double,
+                                int64_t);
 };
 
 // The capsule's name: PyCapsule_GetPointer checks it, so a capsule of anything else is refused.

@@ -1,7 +1,7 @@
 """Building Tandem's C++ CPU kernels: ``torch.utils.cpp_extension`` at start-up, cached on disk.
 
 Each extension is compiled once per machine and torch version into ``<tandem cache>/torch_extensions/<torch>/<name>``
-(about a minute on two cores, logged); later starts load the cached build in well under a second. Sources share
+(~50 s on two cores for both extensions, logged); later starts load the cached build in well under a second. Sources share
 ``tandem/engine/csrc/simd.h``. Nothing is compiled on the request path: callers build at start-up and fall back,
 logged, to the torch implementations when a build fails.
 """

@@ -21,7 +21,8 @@ from tandem.engine.ops.build import OperatorBuildError, build_extension
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("fused_cpu.cpp", "linear_cpu.cpp", "decoder_cpu.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("fused_cpu.cpp", "linear_cpu.cpp", "decoder_cpu.cpp", "bind_fused.cpp"))
 EXTENSION_NAME = "tandem_fused_cpu"
 DTYPES = (torch.bfloat16, torch.float32)
 

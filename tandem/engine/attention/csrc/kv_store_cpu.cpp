@@ -1,22 +1,21 @@
 // Storing a step's new keys and values into the block-major KV cache in one pass: each token's K and V head
 // vectors are copied from the projection's output (strided views) to the rows `write_index` names, which
 // replaces a stack, a transpose, a reshape and an index_copy_ (four torch ops and a temporary) per layer.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "attention_ops.h"
 
 #include <cstdint>
 #include <cstring>
 
 // kv_rows [rows, block_size * D] (contiguous), write_index [2 * kvh * T] int64 in (K/V, head, token) order,
 // k and v [T, kvh, D] with contiguous head vectors, of kv_rows' dtype.
-void store_kv(torch::Tensor kv_rows, torch::Tensor write_index, torch::Tensor k, torch::Tensor v) {
+void store_kv(at::Tensor kv_rows, at::Tensor write_index, at::Tensor k, at::Tensor v) {
   TORCH_CHECK(kv_rows.is_contiguous(), "store_kv: kv_rows must be contiguous");
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1 &&
               k.stride(1) == k.size(2) && v.stride(1) == v.size(2), "store_kv: k, v [T, kvh, D], heads contiguous");
   TORCH_CHECK(k.scalar_type() == kv_rows.scalar_type() && v.scalar_type() == kv_rows.scalar_type(),
               "store_kv: k, v must have the cache's dtype");
   const int64_t T = k.size(0), kvh = k.size(1), D = k.size(2);
-  TORCH_CHECK(write_index.scalar_type() == torch::kLong && write_index.is_contiguous() &&
+  TORCH_CHECK(write_index.scalar_type() == at::kLong && write_index.is_contiguous() &&
               write_index.numel() == 2 * kvh * T, "store_kv: write_index must be int64 [2 * kvh * T]");
   const int64_t vectors = kv_rows.numel() / D, bytes = D * kv_rows.element_size();
   const int64_t* index = write_index.data_ptr<int64_t>();

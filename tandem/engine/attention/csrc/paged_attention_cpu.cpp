@@ -9,8 +9,7 @@
 // Shapes: q [B, Q, H, D]; kv_rows [R, block_size * D] (the cache viewed by rows, see core/kv_layout.py);
 // rows [2 * kvh * B * nb] int64 in (K/V, head, sequence, block) order; mask [B, Q, nb * block_size] bool
 // (True where a query may attend a key; a query's True keys are one contiguous run: causal plus a window).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "attention_ops.h"
 
 #include <immintrin.h>
 
@@ -436,13 +435,13 @@ void combine_splits(const float* pmax, const float* psum, const float* pacc, int
 
 }  // namespace
 
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, torch::Tensor mask,
-                              double scale, bool has_cap, double cap, int64_t num_kv_heads) {
+at::Tensor paged_attention(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at::Tensor mask,
+                           double scale, bool has_cap, double cap, int64_t num_kv_heads) {
   TORCH_CHECK(q.dim() == 4 && q.is_contiguous(), "q: expected a contiguous [B, Q, H, D] tensor");
   TORCH_CHECK(kv_rows.dim() == 2 && kv_rows.is_contiguous(), "kv_rows: expected a contiguous [R, bs * D] tensor");
   TORCH_CHECK(kv_rows.scalar_type() == q.scalar_type(), "kv_rows: dtype differs from q's");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows: expected contiguous int64");
-  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.dim() == 3 && mask.is_contiguous(),
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows: expected contiguous int64");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3 && mask.is_contiguous(),
               "mask: expected a contiguous [B, Q, L] bool tensor");
   Dims d{};
   d.B = q.size(0);
@@ -458,7 +457,7 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
   d.nb = rows.numel() / (2 * d.kvh * d.B);
   d.L = d.nb * d.bs;
   TORCH_CHECK(mask.size(0) == d.B && mask.size(1) == d.Q && mask.size(2) == d.L, "mask: expected [B, Q, blocks * bs]");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const bool vectorize = d.D % 16 == 0 && d.D / 16 <= kMaxVecs;
   const int64_t tiles = (d.Q + kQueryTile - 1) / kQueryTile;
   const int64_t items = d.B * d.kvh * tiles;
@@ -556,33 +555,4 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor kv_rows, torch::Ten
     });
   });
   return out;
-}
-
-// prefill_attention_cpu.cpp: many-query chunks in bf16.
-bool bf16_prefill_available();
-torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
-                                      torch::Tensor lens, double scale, int64_t window, bool has_cap, double cap);
-torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, int64_t kv_start,
-                                      int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
-                                      int64_t num_kv_heads);
-
-// kv_store_cpu.cpp
-void store_kv(torch::Tensor kv_rows, torch::Tensor write_index, torch::Tensor k, torch::Tensor v);
-
-// The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("store_kv", &store_kv, "a step's new K/V head vectors into their cache rows",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("prefill_attention_dense", &prefill_attention_dense, "causal attention of chunks to themselves (bf16)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("decode_attention_kernels", [] {
-    static const DecodeAttentionKernels kernels{&store_kv, &paged_attention};
-    return py::capsule(&kernels, kDecodeAttentionKernelsCapsule);
-  }, "store_kv and paged_attention as function pointers, for the ops extension's decoder stack");
 }

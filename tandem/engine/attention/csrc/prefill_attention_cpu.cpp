@@ -11,8 +11,7 @@
 // Keys come either from the step's own k/v (a chunk without a cached prefix: `dense`) or from the paged cache
 // (a chunk after a cached prefix: `paged`; its own keys were written to the cache before attention runs).
 // Masking: a query at position p sees keys at positions in (p - window, p] (window <= 0: no window).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "attention_ops.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -227,8 +226,8 @@ void run_items(const std::vector<int64_t>& q_lens, const std::vector<int64_t>& k
   for (int64_t i = 0; i < n; ++i) fn(items[i]);
 }
 
-void check_common(const torch::Tensor& q, int64_t kvh) {
-  TORCH_CHECK(q.scalar_type() == torch::kBFloat16, "prefill attention: bf16 only");
+void check_common(const at::Tensor& q, int64_t kvh) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill attention: bf16 only");
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [T, H, D] tensor");
   TORCH_CHECK(q.size(2) % 64 == 0 && q.size(2) <= kMaxD, "head_dim: a multiple of 64, at most 256");
   TORCH_CHECK(kvh > 0 && q.size(1) % kvh == 0, "num_kv_heads must divide the query heads");
@@ -239,17 +238,17 @@ void check_common(const torch::Tensor& q, int64_t kvh) {
 bool bf16_prefill_available() { return true; }
 
 // Every chunk attends causally to itself: chunk s is tokens starts[s] .. starts[s] + lens[s] of q/k/v.
-torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor starts,
-                                      torch::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
+at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts,
+                                   at::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
   const int64_t kvh = k.size(1), H = q.size(1), D = q.size(2);
   check_common(q, kvh);
   TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == D,
               "k, v: expected [T, kv_heads, D] like q");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == q.scalar_type() &&
               v.scalar_type() == q.scalar_type(), "k, v: expected contiguous tensors of q's dtype");
-  TORCH_CHECK(starts.scalar_type() == torch::kInt64 && lens.scalar_type() == torch::kInt64 &&
+  TORCH_CHECK(starts.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
               starts.numel() == lens.numel(), "starts, lens: expected int64 tensors of one length");
-  auto out = torch::zeros_like(q);
+  auto out = at::zeros_like(q);
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   std::vector<int64_t> q_lens(lp, lp + lens.numel());
@@ -273,19 +272,19 @@ torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor k, torch::T
 
 // One chunk of q_len tokens (q [q_len, H, D]) ending at ctx_len, over the cache blocks listed by `rows`
 // ([2 * kvh * nb] in (K/V, head, block) order) covering keys kv_start .. ctx_len, the chunk's own included.
-torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, torch::Tensor rows, int64_t kv_start,
-                                      int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
-                                      int64_t num_kv_heads) {
+at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, int64_t kv_start,
+                                   int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
+                                   int64_t num_kv_heads) {
   const int64_t kvh = num_kv_heads, H = q.size(1), D = q.size(2), q_len = q.size(0);
   check_common(q, kvh);
   TORCH_CHECK(kv_rows.dim() == 2 && kv_rows.is_contiguous() && kv_rows.size(1) % D == 0 &&
               kv_rows.scalar_type() == q.scalar_type(), "kv_rows: expected a contiguous [R, bs * D] tensor of q's dtype");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous() && rows.numel() % (2 * kvh) == 0,
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() % (2 * kvh) == 0,
               "rows: expected contiguous int64, 2 * kv_heads * blocks");
   const int64_t bs = kv_rows.size(1) / D, nb = rows.numel() / (2 * kvh);
   TORCH_CHECK(kv_start >= 0 && ctx_len >= kv_start + q_len && ctx_len - kv_start <= nb * bs,
               "the blocks do not cover keys kv_start .. ctx_len");
-  auto out = torch::zeros_like(q);
+  auto out = at::zeros_like(q);
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
   const auto* kvp = reinterpret_cast<const uint16_t*>(kv_rows.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -305,14 +304,14 @@ torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor kv_rows, to
 
 bool bf16_prefill_available() { return false; }
 
-torch::Tensor prefill_attention_dense(torch::Tensor q, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                                      double, int64_t, bool, double) {
+at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   double, int64_t, bool, double) {
   TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
   return q;
 }
 
-torch::Tensor prefill_attention_paged(torch::Tensor q, torch::Tensor, torch::Tensor, int64_t, int64_t, double,
-                                      int64_t, bool, double, int64_t) {
+at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor, at::Tensor, int64_t, int64_t, double,
+                                   int64_t, bool, double, int64_t) {
   TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
   return q;
 }

@@ -5,8 +5,7 @@
 //
 // Rounding follows the torch modules they replace where it is observable: RMSNorm normalises in fp32, rounds to
 // the activation dtype, then multiplies by the weight (Llama's `weight * x.to(dtype)`), rounding again.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "fused_ops.h"
 
 #include <immintrin.h>
 
@@ -55,7 +54,7 @@ void rms_rows(T* x, T* residual, const T* w, T* out, int64_t rows, int64_t n, fl
 
 // RMSNorm over the last dimension (a multiple of 16) of a contiguous x; `residual` (may be undefined): add x into it
 // first and normalise the sum, in place. Returns the normalised rows.
-torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+at::Tensor rms_norm(at::Tensor x, std::optional<at::Tensor> residual, at::Tensor weight, double eps) {
   TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "rms_norm: expected contiguous x and weight");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: weight dtype differs from x's");
   const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
@@ -64,12 +63,12 @@ torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual, t
     TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
                 residual->scalar_type() == x.scalar_type(), "rms_norm: residual must match x");
   }
-  auto out = torch::empty_like(x);
-  if (x.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
     rms_rows<bf16>(x.data_ptr<bf16>(), residual ? residual->data_ptr<bf16>() : nullptr, weight.data_ptr<bf16>(),
                    out.data_ptr<bf16>(), rows, n, float(eps));
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat, "rms_norm: bf16 or fp32 only");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm: bf16 or fp32 only");
     rms_rows<float>(x.data_ptr<float>(), residual ? residual->data_ptr<float>() : nullptr, weight.data_ptr<float>(),
                     out.data_ptr<float>(), rows, n, float(eps));
   }
@@ -98,7 +97,7 @@ void rope_heads(T* x, int64_t T_, int64_t heads, int64_t D, int64_t token_stride
   });
 }
 
-void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+void rope_(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2),
               "rope: expected q [T, Hq, D] and k [T, Hk, D]");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(1) == k.size(2),
@@ -106,14 +105,14 @@ void rope_(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor si
   TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rope: q and k dtypes differ");
   const int64_t T_ = q.size(0), D = q.size(2);
   TORCH_CHECK(D % 32 == 0, "rope: head_dim must be a multiple of 32");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
               sin.is_contiguous() && cos.numel() == T_ * D / 2 && sin.numel() == T_ * D / 2,
               "rope: cos, sin: contiguous fp32 [T, D/2]");
-  if (q.scalar_type() == torch::kBFloat16) {
+  if (q.scalar_type() == at::kBFloat16) {
     rope_heads<bf16>(q.data_ptr<bf16>(), T_, q.size(1), D, q.stride(0), D, cos.data_ptr<float>(), sin.data_ptr<float>());
     rope_heads<bf16>(k.data_ptr<bf16>(), T_, k.size(1), D, k.stride(0), D, cos.data_ptr<float>(), sin.data_ptr<float>());
   } else {
-    TORCH_CHECK(q.scalar_type() == torch::kFloat, "rope: bf16 or fp32 only");
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "rope: bf16 or fp32 only");
     rope_heads<float>(q.data_ptr<float>(), T_, q.size(1), D, q.stride(0), D, cos.data_ptr<float>(), sin.data_ptr<float>());
     rope_heads<float>(k.data_ptr<float>(), T_, k.size(1), D, k.stride(0), D, cos.data_ptr<float>(), sin.data_ptr<float>());
   }
@@ -138,14 +137,14 @@ void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
   });
 }
 
-torch::Tensor silu_mul(torch::Tensor x) {
+at::Tensor silu_mul(at::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 32 == 0, "silu_mul: expected contiguous [T, 2I], I % 16 == 0");
   const int64_t rows = x.size(0), inter = x.size(1) / 2;
-  auto out = torch::empty({rows, inter}, x.options());
-  if (x.scalar_type() == torch::kBFloat16) {
+  auto out = at::empty({rows, inter}, x.options());
+  if (x.scalar_type() == at::kBFloat16) {
     silu_mul_rows<bf16>(x.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, inter);
   } else {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat, "silu_mul: bf16 or fp32 only");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "silu_mul: bf16 or fp32 only");
     silu_mul_rows<float>(x.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
   }
   return out;
@@ -184,39 +183,15 @@ int64_t argmax_row(const float* x, int64_t n) {
 
 }  // namespace
 
-torch::Tensor argmax_rows(torch::Tensor x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat && x.size(1) > 0 &&
+at::Tensor argmax_rows(at::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.size(1) > 0 &&
               x.size(1) < std::numeric_limits<int32_t>::max(), "argmax_rows: expected contiguous fp32 [B, N], N >= 1");
   const int64_t rows = x.size(0), n = x.size(1);
-  auto out = torch::empty({rows}, x.options().dtype(torch::kLong));
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
   const float* xd = x.data_ptr<float>();
   int64_t* od = out.data_ptr<int64_t>();
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) od[r] = argmax_row(xd + r * n, n);
   });
   return out;
-}
-
-// linear_cpu.cpp
-torch::Tensor pack_linear_weight(torch::Tensor weight);
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, std::optional<torch::Tensor> bias);
-
-// decoder_cpu.cpp
-void bind_decoder_stack(py::module& m);
-
-// The kernels touch no Python object: other threads (the HTTP server beside the engine) run while they do.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm (optionally after adding into a residual, in place)",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("rope_", &rope_, "rotate-half RoPE on q and k, in place",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("silu_mul", &silu_mul, "silu(gate) * up",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("argmax_rows", &argmax_rows, "each row's argmax, as torch.argmax picks it",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("pack_linear_weight", &pack_linear_weight, "a bf16 weight [N, K] in packed_linear's blocks",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("packed_linear", &packed_linear, "x W^T (+ b) with W packed by pack_linear_weight",
-        py::call_guard<py::gil_scoped_release>());
-  bind_decoder_stack(m);
 }

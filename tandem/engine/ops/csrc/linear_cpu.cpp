@@ -6,8 +6,7 @@
 // at 16-25 GB/s here, and a 135M model's 120 small products each paid its dispatch. This kernel reads them at the
 // memory's rate at 1-4 rows and keeps level with oneDNN from 128 rows up (794 vs 815 GFLOP/s at 1,000 rows, one
 // layer's shapes), so one packed copy serves decode and prefill.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "fused_ops.h"
 
 #include <immintrin.h>
 
@@ -71,12 +70,12 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
 }  // namespace
 
 // W [N, K] bf16 (K even) -> [ceil(N/64), K/2, 64, 2], the columns past N zero.
-torch::Tensor pack_linear_weight(torch::Tensor weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16, "pack_linear_weight: bf16 [N, K]");
+at::Tensor pack_linear_weight(at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16, "pack_linear_weight: bf16 [N, K]");
   TORCH_CHECK(weight.size(1) % 2 == 0, "pack_linear_weight: K must be even");
   const auto w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), blocks = (N + kBlock - 1) / kBlock;
-  auto packed = torch::zeros({blocks, K / 2, kBlock, 2}, w.options());
+  auto packed = at::zeros({blocks, K / 2, kBlock, 2}, w.options());
   const int32_t* src = reinterpret_cast<const int32_t*>(w.data_ptr<bf16>());  // a pair of a row's elements
   int32_t* dst = reinterpret_cast<int32_t*>(packed.data_ptr<bf16>());
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -91,15 +90,15 @@ torch::Tensor pack_linear_weight(torch::Tensor weight) {
 
 // x [M, K] bf16 contiguous, `packed` from pack_linear_weight, `n` the real output width, bias (optional) fp32 padded
 // like the weight to a multiple of 64: returns [M, n].
-torch::Tensor packed_linear(torch::Tensor x, torch::Tensor packed, int64_t n, std::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kBFloat16,
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
               "packed_linear: x must be contiguous bf16 [M, K]");
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == kBlock &&
               packed.size(0) * kBlock >= n, "packed_linear: the packed weight does not match x");
   const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
-  TORCH_CHECK(!bias || (bias->scalar_type() == torch::kFloat && bias->is_contiguous() &&
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                         bias->numel() == blocks * kBlock), "packed_linear: bias must be fp32, padded to the blocks");
-  auto out = torch::empty({M, n}, x.options());
+  auto out = at::empty({M, n}, x.options());
   if (M == 0) return out;
   const bf16* xd = x.data_ptr<bf16>();
   const bf16* wd = packed.data_ptr<bf16>();
