@@ -70,9 +70,10 @@ def test_silu_mul(ops, dtype):
     close(got, F.silu(extreme[:, :80]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 16, 49152, 49155])
-def test_argmax_rows_picks_what_torch_picks(ops, n):
-    x = rand(33, n, dtype=torch.float32, seed=n).round(decimals=1)  # rounded: many equal maxima, the first wins
+def test_argmax_rows_picks_what_torch_picks(ops, n, dtype):
+    x = rand(33, n, dtype=torch.float32, seed=n).round(decimals=1).to(dtype)  # many equal maxima: the first wins
     assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
     x[1] = float("-inf")  # every token banned: torch answers index 0
     x[2, n // 2:] = float("inf")
@@ -81,7 +82,11 @@ def test_argmax_rows_picks_what_torch_picks(ops, n):
         x[4, -1] = float("nan")
         x[4, 1] = float("nan")
     assert torch.equal(ops.argmax_rows(x), x.argmax(dim=-1))
-    assert ops.argmax_rows(torch.empty(0, n)).shape == (0,)
+    assert ops.argmax_rows(torch.empty(0, n, dtype=dtype)).shape == (0,)
+    # Rows sliced out of wider ones (a padded LM head's vocabulary), read in place.
+    wide = rand(9, n + 37, dtype=torch.float32, seed=n + 1).to(dtype)
+    wide[:, n:] = 100.0  # the padding would win if it were read
+    assert torch.equal(ops.argmax_rows(wide[:, :n]), wide[:, :n].argmax(dim=-1))
 
 
 def test_bad_shapes_are_refused(ops):
@@ -93,8 +98,10 @@ def test_bad_shapes_are_refused(ops):
         ops.rope_(torch.ones(2, 1, 64), torch.ones(2, 1, 64), torch.ones(2, 16), torch.ones(2, 16))
     with pytest.raises(RuntimeError, match="silu_mul: bf16 or fp32 only"):
         ops.silu_mul(torch.ones(2, 64, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="argmax_rows: expected contiguous fp32"):
-        ops.argmax_rows(torch.ones(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="argmax_rows: expected fp32 or bf16"):
+        ops.argmax_rows(torch.ones(2, 64, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="argmax_rows: expected fp32 or bf16"):
+        ops.argmax_rows(torch.ones(64, 2).t())  # columns not adjacent
 
 
 def test_real_model_fp32_greedy_identical_with_fused_ops(smol_dir, smol_tokenizer):
@@ -128,3 +135,39 @@ def test_modules_keep_their_torch_ops_where_the_kernels_do_not_apply(ops):
     torch.testing.assert_close(wide(strided), want)
     got, summed = wide.add_norm(strided, strided.contiguous())
     torch.testing.assert_close(got, RMSNorm(32, 1e-6)(strided + strided))
+
+
+def test_greedy_batches_are_picked_on_the_lm_heads_own_rows(ops):
+    """A batch asking only for argmaxes is picked on the bf16 logits as they come (the padded vocabulary's columns
+    skipped); any request asking more (here a logit bias, logprobs, a min_tokens ban) sends the batch through the
+    fp32 path, which still applies it."""
+    from tandem import SamplingParams
+    from tandem.engine.core.request import Request
+    from tandem.engine.sampler import Sampler
+
+    vocab = 1000
+    logits = rand(6, vocab + 24, dtype=torch.float32, seed=7).to(torch.bfloat16)
+    logits[:, vocab:] = 50.0  # padding columns: never a token
+    seen: list[torch.dtype] = []
+
+    def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.dtype)
+        return ops.argmax_rows(x)
+
+    sampler = Sampler(vocab, argmax_rows=argmax_rows)
+    plain = [Request(f"r{i}", [1, 2], SamplingParams(temperature=0.0, max_tokens=4)) for i in range(6)]
+    expected = logits[:, :vocab].float().argmax(dim=-1).tolist()
+    result = sampler.sample(logits, plain)
+    assert result.token_ids == expected and result.logprobs == [None] * 6
+    assert seen == [torch.bfloat16]  # no fp32 copy was made
+
+    banned = expected[2]
+    asks_more = [Request("bias", [1, 2], SamplingParams(temperature=0.0, max_tokens=4, logit_bias={banned: -100})),
+                 Request("lp", [1, 2], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2)),
+                 Request("min", [1, 2], SamplingParams(temperature=0.0, max_tokens=4, min_tokens=2,
+                                                       stop_token_ids=[expected[4]]))]
+    rows = logits[[2, 3, 4]]
+    result = sampler.sample(rows, asks_more)
+    assert result.token_ids[0] != banned
+    assert result.token_ids[1] == expected[3] and set(result.logprobs[1]) >= {expected[3]}
+    assert result.token_ids[2] != expected[4]

@@ -51,7 +51,8 @@ class FusedOps:
         return self.module.silu_mul(gate_up)
 
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits.argmax(-1)`` for contiguous fp32 ``[B, N]`` CPU rows (same ties, same NaN rule), in one pass."""
+        """``logits.argmax(-1)`` for fp32 or bf16 ``[B, N]`` CPU rows with adjacent columns (same ties, same NaN rule),
+        in one pass; bf16 rows are read as they are (no fp32 copy)."""
         return self.module.argmax_rows(logits)
 
     @staticmethod
