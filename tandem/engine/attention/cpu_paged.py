@@ -53,7 +53,8 @@ def _eager() -> ModuleType | None:
 
 def load_extension(verbose: bool = False) -> ModuleType:
     """Build (first time, ~25 s) or load (cached) the C++ operators; raises ``OperatorBuildError``."""
-    return build_extension(EXTENSION_NAME, [SOURCE, PREFILL_SOURCE, STORE_SOURCE, BIND_SOURCE], "CPU paged attention", verbose)
+    sources = [SOURCE, PREFILL_SOURCE, STORE_SOURCE, BIND_SOURCE]
+    return build_extension(EXTENSION_NAME, sources, "CPU paged attention", verbose)
 
 
 def register_op(module: ModuleType) -> None:
