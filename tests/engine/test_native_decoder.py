@@ -60,6 +60,26 @@ def test_real_model_decode_steps_equal_the_layers_bit_for_bit(smol_dir, caplog):
     assert len(compared) >= 20 and {1, 2, 3} <= set(compared) and max(compared) >= 4
 
 
+def test_the_kv_prefetch_changes_no_output_up_to_and_past_its_budget(smol_dir):
+    """Each layer's MLP prefetches the next layer's KV rows (at most 3 MiB a thread): two sequences, one per
+    thread, the first past that bound (~3.1 MB of KV a layer), the second under it; decode steps equal the layers'
+    with the prefetch on, and the same tokens come out with it off."""
+    llm = LLM(model=str(smol_dir), dtype="bfloat16", num_blocks=560, max_model_len=4400, enable_prefix_caching=False,
+              max_num_batched_tokens=2048, num_threads=2, progress=False)
+    stack = llm.engine.runner.model.native_decoder.stack
+    assert stack.kv_prefetch is True
+    gen = torch.Generator().manual_seed(11)
+    prompts = [{"prompt_token_ids": torch.randint(100, 40000, (n,), generator=gen).tolist()} for n in (4200, 900)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    compared = compare_decode_steps(llm)
+    with_prefetch = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compared == [2, 2, 2]
+    stack.kv_prefetch = False
+    assert stack.kv_prefetch is False
+    without = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert without == with_prefetch and all(len(t) == 4 for t in without)
+
+
 def save_tiny(tmp_path, name: str):
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 

@@ -20,7 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("pack_linear_weight", &pack_linear_weight, "a bf16 weight [N, K] in packed_linear's blocks",
         py::call_guard<py::gil_scoped_release>());
-  m.def("packed_linear", &packed_linear, "x W^T (+ b) with W packed by pack_linear_weight",
+  m.def("packed_linear",
+        [](at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias) {
+          return packed_linear(std::move(x), std::move(packed), n, std::move(bias));
+        }, "x W^T (+ b) with W packed by pack_linear_weight",
         py::call_guard<py::gil_scoped_release>());
   // `attention` is the capsule of the paged-attention extension's decode_attention_kernels().
   py::class_<DecoderStack>(m, "DecoderStack", py::module_local())
@@ -33,5 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             *attention.get_pointer<DecodeAttentionKernels>());
       }))
       .def("forward", &DecoderStack::forward, "every layer of a decode-only step (h updated in place)",
-           py::call_guard<py::gil_scoped_release>());
+           py::call_guard<py::gil_scoped_release>())
+      .def_property("kv_prefetch", &DecoderStack::kv_prefetch, &DecoderStack::set_kv_prefetch,
+                    "whether each layer's MLP prefetches the next layer's KV rows");
 }

@@ -22,6 +22,10 @@ class DecoderStack {
   at::Tensor forward(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor kv_rows, at::Tensor write_index,
                      at::Tensor gather_rows, at::Tensor mask);
 
+  // Whether each layer's MLP prefetches the next layer's KV rows (on by default; off only to measure it).
+  void set_kv_prefetch(bool on) { kv_prefetch_ = on; }
+  bool kv_prefetch() const { return kv_prefetch_; }
+
  private:
   struct LayerWeights {
     at::Tensor input_norm, qkv, o, post_norm, gate_up, down;  // linears packed by pack_linear_weight
@@ -33,4 +37,5 @@ class DecoderStack {
   int64_t H_, kvh_, D_, hidden_, inter_;
   double eps_, scale_;
   DecodeAttentionKernels attention_{};
+  bool kv_prefetch_ = true;
 };

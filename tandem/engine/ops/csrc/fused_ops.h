@@ -14,5 +14,19 @@ at::Tensor silu_mul(at::Tensor x);
 at::Tensor argmax_rows(at::Tensor x);
 
 // linear_cpu.cpp
+// Memory a product prefetches into L2 while it computes: `spans` of `span_lines` 64-byte lines each, of which thread
+// t of the next kernel will read lines bounds[t] to bounds[t + 1] (counting through the spans in order). The work
+// items in thread t's range of the product prefetch the fraction [from, to) of the first lines[t] of thread t's
+// lines, so that each line lands in the cache of the core that will read it. Used by the decoder stack
+// (decoder_cpu.cpp) for the next layer's KV rows.
+struct LinePrefetch {
+  const char* const* spans = nullptr;
+  int64_t span_lines = 0;
+  const int64_t* bounds = nullptr;  // [threads + 1]
+  const int64_t* lines = nullptr;   // [threads]: how many of thread t's lines, from its first, to prefetch
+  int64_t threads = 0;
+  double from = 0, to = 1;
+};
 at::Tensor pack_linear_weight(at::Tensor weight);
-at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias);
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias,
+                         const LinePrefetch* prefetch = nullptr);
