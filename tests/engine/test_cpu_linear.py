@@ -101,3 +101,35 @@ def test_shapes_the_kernel_does_not_take(ops):
         ops.packed_linear(torch.ones(2, 32), weight, 64, None)
     with pytest.raises(RuntimeError, match="pack_linear_weight: K must be even"):
         ops.pack_linear_weight(rand(64, 33, seed=15))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 24, 25, 32, 33, 130])
+@pytest.mark.parametrize("inter, k", [(1536, 576), (32, 34), (96, 64)])
+def test_the_gated_product_is_linear_then_silu_mul_bit_for_bit(ops, rows, inter, k):
+    """``packed_linear_silu_mul`` applies silu(gate) * up as it stores the product's columns: the same bits as the
+    plain product of [gate; up] followed by ``silu_mul``, for row counts on and off the tiles and an odd count of
+    32-column blocks (96)."""
+    weight = rand(2 * inter, k, seed=rows + inter) * 0.3  # gate values across silu's range, both signs
+    x = rand(rows, k, seed=rows * 3 + k)
+    want = ops.silu_mul(ops.packed_linear(x, ops.pack_linear_weight(weight), 2 * inter, None))
+    got = ops.packed_linear_silu_mul(x, ops.pack_gated_weight(weight), inter)
+    assert got.shape == (rows, inter) and torch.equal(got, want)
+    assert bool((got != 0).any()) and bool((want < 0).any())
+
+
+def test_packed_gated_linear_module_and_its_refusals(ops):
+    """``PackedGatedLinear`` takes rows of any leading shape; a width that is not two multiples of 32, or a weight
+    packed the plain way, is refused by name."""
+    from tandem.engine.models.common import PackedGatedLinear
+
+    layer = linear(128, 64, False, seed=21)
+    gated = PackedGatedLinear(layer, ops)
+    x = rand(2, 3, 64, seed=22)
+    want = ops.silu_mul(ops.packed_linear(x.reshape(6, 64), ops.pack_linear_weight(layer.weight), 128, None))
+    assert torch.equal(gated(x), want.view(2, 3, 64))
+    assert not PackedGatedLinear.applies(linear(96, 64, False, seed=23), ops)  # I = 48
+    assert not PackedGatedLinear.applies(linear(128, 64, True, seed=24), ops)  # a bias
+    with pytest.raises(RuntimeError, match="pack_gated_weight: \\[2I, K\\] with I a multiple of 32"):
+        ops.pack_gated_weight(rand(96, 64, seed=25))
+    with pytest.raises(RuntimeError, match="packed_linear_silu_mul: the packed weight is not a gated"):
+        ops.packed_linear_silu_mul(rand(2, 64, seed=26), ops.pack_linear_weight(rand(192, 64, seed=27)), 64)

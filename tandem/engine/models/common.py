@@ -62,6 +62,29 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class PackedGatedLinear(nn.Module):
+    """A gated MLP's fused gate/up projection and its activation in one product: ``silu(x G^T) * (x U^T)``, the
+    weight packed by Tandem's kernel with 32 gate and 32 up columns per block (``pack_gated_weight``), so the
+    activation is applied as the product's columns are stored: the ``[T, 2I]`` projection is never written out.
+    Bit-identical to the plain packed linear followed by ``silu_mul``."""
+
+    def __init__(self, linear: nn.Linear, ops: FusedOps) -> None:
+        super().__init__()
+        self.ops = ops
+        self.intermediate = linear.out_features // 2
+        self.packed = ops.pack_gated_weight(linear.weight.detach())
+
+    @staticmethod
+    def applies(linear: nn.Linear, ops: FusedOps | None) -> bool:
+        return (ops is not None and linear.bias is None and ops.packs(linear.weight)
+                and linear.out_features % 64 == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x if x.dim() == 2 and x.is_contiguous() else x.reshape(-1, x.shape[-1]).contiguous()
+        out = self.ops.packed_linear_silu_mul(rows, self.packed, self.intermediate)
+        return out if rows is x else out.view(*x.shape[:-1], self.intermediate)
+
+
 def can_pack_linears(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether oneDNN's pre-packed bf16 linear works here (bf16 on a CPU with mkldnn)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
@@ -222,6 +245,8 @@ class GatedMLP(nn.Module):
         self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up_proj, PackedGatedLinear):  # the activation inside the product (pack_linears)
+            return self.down_proj(self.gate_up_proj(x))
         gate_up = self.gate_up_proj(x)
         if (self.fused is not None and not self.gelu and self.fused.applies(x) and gate_up.dim() == 2
                 and self.intermediate % 16 == 0):
@@ -334,7 +359,12 @@ class DecoderLM(nn.Module, abc.ABC):
         ``ops``, else oneDNN's."""
         for module in list(self.layers.modules()):
             for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if (isinstance(module, GatedMLP) and name == "gate_up_proj" and not module.gelu
+                        and PackedGatedLinear.applies(child, ops)):
+                    setattr(module, name, PackedGatedLinear(child, ops))
+                else:
                     setattr(module, name, PackedLinear(child, ops))
         head = self.lm_head if self.lm_head is not None else as_linear(self.embed_tokens.weight)
         self.packed_lm_head = PackedLinear(head, ops)

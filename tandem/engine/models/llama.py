@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from tandem.engine.attention import AttentionBackend, AttentionMetadata
-from tandem.engine.models.common import DecoderLM, GatedMLP, NativeDecoder, PackedLinear, RMSNorm, Rope, SelfAttention
+from tandem.engine.models.common import (
+    DecoderLM,
+    GatedMLP,
+    NativeDecoder,
+    PackedGatedLinear,
+    PackedLinear,
+    RMSNorm,
+    Rope,
+    SelfAttention,
+)
 from tandem.engine.models.config import ModelConfig, base_fields, hf_layer_windows
 from tandem.engine.ops.fused import FusedOps
 
@@ -55,7 +64,9 @@ class LlamaForCausalLM(DecoderLM):
             else "linears outside Tandem's packed kernel" if not all(
                 isinstance(m, PackedLinear) and m.ops is not None
                 for layer in layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                              layer.mlp.gate_up_proj, layer.mlp.down_proj))
+                                              layer.mlp.down_proj))
+            else "gate/up projections outside the gated kernel" if not all(
+                isinstance(layer.mlp.gate_up_proj, PackedGatedLinear) for layer in layers)
             else None
         )
         if reason is not None:

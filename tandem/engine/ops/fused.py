@@ -50,6 +50,15 @@ class FusedOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.module.silu_mul(gate_up)
 
+    def pack_gated_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A gate/up weight ``[2I, K]`` (gate rows first) packed for ``packed_linear_silu_mul``."""
+        return self.module.pack_gated_weight(weight)
+
+    def packed_linear_silu_mul(self, x: torch.Tensor, packed: torch.Tensor, inter: int) -> torch.Tensor:
+        """``silu(x G^T) * (x U^T)`` ``[M, I]`` in one product: bit for bit ``silu_mul`` of the plain linear's output,
+        without writing ``[M, 2I]`` to memory and reading it back."""
+        return self.module.packed_linear_silu_mul(x, packed, inter)
+
     def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits.argmax(-1)`` for fp32 or bf16 ``[B, N]`` CPU rows with adjacent columns (same ties, same NaN rule),
         in one pass; bf16 rows are read as they are (no fp32 copy)."""

@@ -25,6 +25,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return packed_linear(std::move(x), std::move(packed), n, std::move(bias));
         }, "x W^T (+ b) with W packed by pack_linear_weight",
         py::call_guard<py::gil_scoped_release>());
+  m.def("pack_gated_weight", &pack_gated_weight,
+        "a bf16 gate/up weight [2I, K] in packed_linear_silu_mul's blocks (32 gate and 32 up columns each)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("packed_linear_silu_mul",
+        [](at::Tensor x, at::Tensor packed, int64_t inter) {
+          return packed_linear_silu_mul(std::move(x), std::move(packed), inter);
+        }, "silu(x G^T) * (x U^T) with [G; U] packed by pack_gated_weight",
+        py::call_guard<py::gil_scoped_release>());
   // `attention` is the capsule of the paged-attention extension's decode_attention_kernels().
   py::class_<DecoderStack>(m, "DecoderStack", py::module_local())
       .def(py::init([](std::vector<std::vector<std::optional<at::Tensor>>> layers, int64_t num_heads,

@@ -53,6 +53,8 @@ DecoderStack::DecoderStack(std::vector<std::vector<std::optional<at::Tensor>>> l
       TORCH_CHECK(i == 2 || w[i].has_value(), "DecoderStack: only the q/k/v bias and the q/k norms may be None");
     }
     TORCH_CHECK(w[7].has_value() == w[8].has_value(), "DecoderStack: q_norm and k_norm come together");
+    TORCH_CHECK(w[5]->dim() == 4 && w[5]->size(0) * w[5]->size(2) == 2 * intermediate,
+                "DecoderStack: gate_up must be packed by pack_gated_weight for the intermediate size");
     layers_.push_back({*w[0], *w[1], *w[3], *w[4], *w[5], *w[6], w[2], w[7], w[8]});
   }
 }
@@ -120,11 +122,11 @@ at::Tensor DecoderStack::forward(at::Tensor h, at::Tensor cos, at::Tensor sin, a
     auto x = rms_norm(packed_linear(o.view({B, q_size}), w.o, hidden_, std::nullopt), h, w.post_norm, eps_);
     const bool ahead = prefetch && l + 1 < layers && row_lines > 0;
     if (ahead) plan(l + 1);
-    // gate_up has twice the down product's inner-loop steps at decode: two thirds of the lines, then the rest.
+    // gate_up (packed by pack_gated_weight) has twice the down product's inner-loop steps: two thirds of the lines.
     const LinePrefetch up{rows.data(), row_lines, bounds.data(), budget_lines.data(), threads, 0.0, 2.0 / 3};
     const LinePrefetch down{rows.data(), row_lines, bounds.data(), budget_lines.data(), threads, 2.0 / 3, 1.0};
-    h.add_(packed_linear(silu_mul(packed_linear(x, w.gate_up, 2 * inter_, std::nullopt, ahead ? &up : nullptr)),
-                         w.down, hidden_, std::nullopt, ahead ? &down : nullptr));
+    h.add_(packed_linear(packed_linear_silu_mul(x, w.gate_up, inter_, ahead ? &up : nullptr), w.down, hidden_,
+                         std::nullopt, ahead ? &down : nullptr));
   }
   return h;
 }

@@ -12,7 +12,7 @@
 class DecoderStack {
  public:
   // layers: per layer (input_norm, qkv, qkv_bias, o, post_norm, gate_up, down, q_norm, k_norm), linears packed by
-  // pack_linear_weight; only the q/k/v bias and the q/k norms may be None.
+  // pack_linear_weight, gate_up by pack_gated_weight; only the q/k/v bias and the q/k norms may be None.
   DecoderStack(std::vector<std::vector<std::optional<at::Tensor>>> layers, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, int64_t hidden, int64_t intermediate, double eps, double scale,
                const DecodeAttentionKernels& attention);

@@ -30,3 +30,6 @@ struct LinePrefetch {
 at::Tensor pack_linear_weight(at::Tensor weight);
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias,
                          const LinePrefetch* prefetch = nullptr);
+at::Tensor pack_gated_weight(at::Tensor weight);
+at::Tensor packed_linear_silu_mul(at::Tensor x, at::Tensor packed, int64_t inter,
+                                  const LinePrefetch* prefetch = nullptr);

@@ -4,16 +4,19 @@
 //
 // Why not oneDNN's pre-packed linear (what inductor's freezing uses): at decode's few rows it streamed the weights
 // at 16-25 GB/s here, and a 135M model's 120 small products each paid its dispatch. This kernel reads them at the
-// memory's rate at 1-4 rows and keeps level with oneDNN from 128 rows up (794 vs 815 GFLOP/s at 1,000 rows, one
-// layer's shapes), so one packed copy serves decode and prefill.
+// memory's rate at 1-4 rows and keeps level with oneDNN from 128 rows up (Zen 5 host: 794 vs 815 GFLOP/s at 1,000
+// rows, one layer's shapes), so one packed copy serves decode and prefill. A gated MLP's gate/up projection takes
+// the same kernel with its columns paired (pack_gated_weight) and silu(gate) * up applied as they are stored.
 #include "fused_ops.h"
 
 #include <immintrin.h>
 
 #include "parallel.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -41,9 +44,17 @@ struct PrefetchCursor {
 
 // Rows [0, MR) of x times NT 16-column tiles of a packed block (`w` at the first of them): MR x NT accumulators,
 // x's pairs broadcast from memory. `valid`: how many of the NT * 16 columns exist.
-template <int MR, int NT, bool PF>
+// The gated epilogue (GATED): tiles 0-1 hold 32 columns of the gate and tiles 2-3 the same columns of the up
+// projection (pack_gated_weight's order); what is stored is silu(gate) * up for those 32 columns, rounded as
+// packed_linear's output followed by silu_mul (fused_cpu.cpp) round it, so the two paths agree bit for bit.
+inline __m512 widen_bf16(__m256bh v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
+}
+
+template <int MR, int NT, bool PF, bool GATED = false>
 void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, bf16* out, int64_t ldo, int valid,
                    PrefetchCursor* pf) {
+  static_assert(!GATED || NT == 4, "the gated epilogue pairs tiles 0-1 with 2-3");
   // NOTE: the accumulators start from registers: a select between zero and the bias made GCC build them in a
   // stack array (a memset, then 24 loads), ~1% of a decode step's samples.
   __m512 acc[MR][NT];
@@ -68,6 +79,22 @@ void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
       for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wt[j], pair);
     }
   }
+  if constexpr (GATED) {
+    for (int m = 0; m < MR; ++m) {
+      for (int j = 0; j < 2; ++j) {
+        const int lanes = std::clamp(valid - 16 * j, 0, 16);
+        const __m512 gate = widen_bf16(_mm512_cvtneps_pbh(acc[m][j]));
+        const __m512 up = widen_bf16(_mm512_cvtneps_pbh(acc[m][2 + j]));
+        const __m512 act = tandem_simd::round_to(
+            _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                              tandem_simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)))),
+            out);
+        const __m256i v = _mm512_cvtepi32_epi16(_mm512_srli_epi32(tandem_simd::round_bits(_mm512_mul_ps(act, up)), 16));
+        _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
+      }
+    }
+    return;
+  }
   for (int m = 0; m < MR; ++m) {
     for (int j = 0; j < NT; ++j) {
       const int lanes = std::clamp(valid - 16 * j, 0, 16);
@@ -77,19 +104,20 @@ void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
   }
 }
 
-template <int NT, bool PF>
+template <int NT, bool PF, bool GATED = false>
 void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, const float* bias, bf16* out,
                       int64_t ldo, int valid, PrefetchCursor* pf) {
   int64_t m = 0;
-  for (; m + 6 <= rows; m += 6) tiles_product<6, NT, PF>(w, x + m * K, K, bias, out + m * ldo, ldo, valid, pf);
+  for (; m + 6 <= rows; m += 6)
+    tiles_product<6, NT, PF, GATED>(w, x + m * K, K, bias, out + m * ldo, ldo, valid, pf);
   const bf16* xr = x + m * K;
   bf16* o = out + m * ldo;
   switch (rows - m) {
-    case 1: tiles_product<1, NT, PF>(w, xr, K, bias, o, ldo, valid, pf); break;
-    case 2: tiles_product<2, NT, PF>(w, xr, K, bias, o, ldo, valid, pf); break;
-    case 3: tiles_product<3, NT, PF>(w, xr, K, bias, o, ldo, valid, pf); break;
-    case 4: tiles_product<4, NT, PF>(w, xr, K, bias, o, ldo, valid, pf); break;
-    case 5: tiles_product<5, NT, PF>(w, xr, K, bias, o, ldo, valid, pf); break;
+    case 1: tiles_product<1, NT, PF, GATED>(w, xr, K, bias, o, ldo, valid, pf); break;
+    case 2: tiles_product<2, NT, PF, GATED>(w, xr, K, bias, o, ldo, valid, pf); break;
+    case 3: tiles_product<3, NT, PF, GATED>(w, xr, K, bias, o, ldo, valid, pf); break;
+    case 4: tiles_product<4, NT, PF, GATED>(w, xr, K, bias, o, ldo, valid, pf); break;
+    case 5: tiles_product<5, NT, PF, GATED>(w, xr, K, bias, o, ldo, valid, pf); break;
     default: break;
   }
   if constexpr (PF)
@@ -117,38 +145,31 @@ at::Tensor pack_linear_weight(at::Tensor weight) {
   return packed;
 }
 
-// x [M, K] bf16 contiguous, `packed` from pack_linear_weight, `n` the real output width, bias (optional) fp32 padded
-// like the weight to a multiple of 64: returns [M, n].
-at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias,
-                         const LinePrefetch* prefetch) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16,
-              "packed_linear: x must be contiguous bf16 [M, K]");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == kBlock &&
-              packed.size(0) * kBlock >= n, "packed_linear: the packed weight does not match x");
-  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                        bias->numel() == blocks * kBlock), "packed_linear: bias must be fp32, padded to the blocks");
-  auto out = at::empty({M, n}, x.options());
-  if (M == 0) return out;
-  const bf16* xd = x.data_ptr<bf16>();
-  const bf16* wd = packed.data_ptr<bf16>();
-  const float* bd = bias ? bias->data_ptr<float>() : nullptr;
-  bf16* od = out.data_ptr<bf16>();
-  // Work items: (block, chunk of rows), block-major, so that a thread's consecutive items reuse a block from cache;
-  // split among the threads in ranges with stealing (csrc/parallel.h). When they do not divide evenly among the
-  // threads (a 576-wide product at decode: 9 blocks), each block is split into two halves of 32 columns, which
-  // stream the same bytes in two interleaved parts.
+namespace {
+
+// The work loop of packed_linear and (GATED) packed_linear_silu_mul, into `od` [M, n].
+//
+// Work items: (block, chunk of rows), block-major, so that a thread's consecutive items reuse a block from cache;
+// split among the threads in ranges with stealing (csrc/parallel.h). When they do not divide evenly among the
+// threads (a 576-wide product at decode: 9 blocks), each block of a plain product is split into two halves of 32
+// columns, which stream the same bytes in two interleaved parts. A gated block gives 32 output columns.
+template <bool GATED>
+void run_product(const bf16* xd, const bf16* wd, const float* bd, bf16* od, int64_t M, int64_t K, int64_t blocks,
+                 int64_t n, const LinePrefetch* prefetch) {
   const int64_t chunk = M <= kRowChunk ? M : kRowChunk, chunks = (M + chunk - 1) / chunk;
-  const int64_t parts = (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
+  const int64_t parts = GATED || (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
   const int64_t items = blocks * parts * chunks;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   const bool prefetching = prefetch != nullptr && prefetch->threads == threads;
   tandem_parallel::for_each_item(items, [&](int64_t item) {
     const int64_t part = item / chunks, b = part / parts, c0 = b * kBlock + (part % parts) * width;
     const int64_t r0 = (item % chunks) * chunk, rows = std::min(chunk, M - r0);
-    const int valid = int(std::clamp<int64_t>(n - c0, 0, width));
+    const int64_t out_col = GATED ? b * (kBlock / 2) : c0;
+    const int valid = int(std::clamp<int64_t>(n - out_col, 0, GATED ? kBlock / 2 : width));
     const bf16* w = wd + b * K * kBlock + (c0 - b * kBlock) * 2;
     const float* bias_at = bd == nullptr ? nullptr : bd + c0;
+    const bf16* xr = xd + r0 * K;
+    bf16* o = od + r0 * n + out_col;
     if (prefetching) {
       // The thread whose range (tandem_parallel::for_each_item) holds this item, and the item's place in it: its
       // share of that thread's lines.
@@ -163,19 +184,71 @@ at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::option
                         first % prefetch->span_lines, last - first};
       if (valid == 0) {
         while (pf.left > 0) pf.step();
-      } else if (parts == 1) {
-        rows_times_tiles<4, true>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid, &pf);
+      } else if (GATED || parts == 1) {
+        rows_times_tiles<4, true, GATED>(w, xr, rows, K, bias_at, o, n, valid, &pf);
       } else {
-        rows_times_tiles<2, true>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid, &pf);
+        rows_times_tiles<2, true>(w, xr, rows, K, bias_at, o, n, valid, &pf);
       }
       return;
     }
     if (valid == 0) return;
-    if (parts == 1) {
-      rows_times_tiles<4, false>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid, nullptr);
+    if (GATED || parts == 1) {
+      rows_times_tiles<4, false, GATED>(w, xr, rows, K, bias_at, o, n, valid, nullptr);
     } else {
-      rows_times_tiles<2, false>(w, xd + r0 * K, rows, K, bias_at, od + r0 * n + c0, n, valid, nullptr);
+      rows_times_tiles<2, false>(w, xr, rows, K, bias_at, o, n, valid, nullptr);
     }
   });
+}
+
+void check_product(const at::Tensor& x, const at::Tensor& packed, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, what,
+              ": x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 2 == x.size(1) && packed.size(2) == kBlock &&
+              packed.size(3) == 2 && packed.scalar_type() == at::kBFloat16, what,
+              ": the packed weight does not match x");
+}
+
+}  // namespace
+
+// x [M, K] bf16 contiguous, `packed` from pack_linear_weight, `n` the real output width, bias (optional) fp32 padded
+// like the weight to a multiple of 64: returns [M, n].
+at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias,
+                         const LinePrefetch* prefetch) {
+  check_product(x, packed, "packed_linear");
+  TORCH_CHECK(packed.size(0) * kBlock >= n, "packed_linear: the packed weight has fewer than n columns");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                        bias->numel() == blocks * kBlock), "packed_linear: bias must be fp32, padded to the blocks");
+  auto out = at::empty({M, n}, x.options());
+  if (M == 0) return out;
+  run_product<false>(x.data_ptr<bf16>(), packed.data_ptr<bf16>(), bias ? bias->data_ptr<float>() : nullptr,
+                     out.data_ptr<bf16>(), M, K, blocks, n, prefetch);
+  return out;
+}
+
+// W [2I, K] bf16 (gate rows, then up rows; I a multiple of 32) -> pack_linear_weight's layout with each 64-column
+// block holding 32 gate columns and the same 32 up columns.
+at::Tensor pack_gated_weight(at::Tensor weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 64 == 0, "pack_gated_weight: [2I, K] with I a multiple of 32");
+  const int64_t inter = weight.size(0) / 2;
+  std::vector<at::Tensor> halves;
+  for (int64_t c = 0; c < inter; c += kBlock / 2) {
+    halves.push_back(weight.narrow(0, c, kBlock / 2));
+    halves.push_back(weight.narrow(0, inter + c, kBlock / 2));
+  }
+  return pack_linear_weight(at::cat(halves, 0));
+}
+
+// silu(x G^T) * (x U^T) for x [M, K] and `packed` from pack_gated_weight: [M, inter], bit for bit what
+// silu_mul(packed_linear(x, W)) gives on the plainly packed [G; U].
+at::Tensor packed_linear_silu_mul(at::Tensor x, at::Tensor packed, int64_t inter, const LinePrefetch* prefetch) {
+  check_product(x, packed, "packed_linear_silu_mul");
+  TORCH_CHECK(inter % (kBlock / 2) == 0 && packed.size(0) * (kBlock / 2) == inter,
+              "packed_linear_silu_mul: the packed weight is not a gated [2 * inter, K] one");
+  const int64_t M = x.size(0), K = x.size(1), blocks = packed.size(0);
+  auto out = at::empty({M, inter}, x.options());
+  if (M == 0) return out;
+  run_product<true>(x.data_ptr<bf16>(), packed.data_ptr<bf16>(), nullptr, out.data_ptr<bf16>(), M, K, blocks, inter,
+                    prefetch);
   return out;
 }
