@@ -140,7 +140,10 @@ def test_prefill_ops_are_opaque_to_torch_compile(backend):
 
 # ---- decodes ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 128), (16, 2, 256), (12, 1, 64)])  # the last: group 12, generic
+# Groups of query heads: 3 (SmolLM2), 1, 8 at head size 256, 12; and 7, 5 (head size 64) and 3 (head size 128),
+# which the value products take in groups of 3 or 2 heads with a remainder of 1 or 2.
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 8, 128), (16, 2, 256), (12, 1, 64), (14, 2, 64), (10, 2, 64),
+                                   (6, 2, 128)])
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("softcap", [None, 4.0])
 def test_decodes(backend, heads, window, softcap):

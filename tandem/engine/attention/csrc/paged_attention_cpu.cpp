@@ -281,6 +281,46 @@ inline void value_pairs_to_dims(float* row) {
   std::copy(tmp, tmp + D, row);
 }
 
+// Query heads whose value accumulators one pass over a chunk's value rows holds in registers: NV accumulators a
+// head, plus NV interleaved value vectors.
+template <int64_t NV>
+constexpr int64_t kValueGroup = NV <= 4 ? 3 : NV <= 8 ? 2 : 1;
+
+// The value products of GN query heads over keys [t_lo, t_hi) of a 16-key chunk: rows t and t + 1 interleaved into
+// (v_t[d], v_t+1[d]) pairs once, multiplied by each head's probability pair (p_t, p_t+1) with vdpbf16ps into its
+// accumulators (`acc` rows, in value_pairs_to_dims's lane order). Keys outside the run read zeros. Interleaving
+// once per group instead of once per head: 30 layers at 32 decodes of 130-260 keys (SmolLM2's 9 query heads on 3 KV
+// heads) 5.5 -> 4.9 ms with the KV in cache, 16.8 -> 15.1 from memory; the same bits.
+template <int64_t GN, int64_t NV>
+inline void value_pairs(float (*acc)[16 * NV], const uint16_t (*pb)[16], const uint16_t* vrows,
+                        const uint16_t* zero_row, int64_t t_lo, int64_t t_hi) {
+  constexpr int64_t D = 16 * NV, NP = NV / 2;
+  __m512 a[GN][NV];
+  for (int64_t g = 0; g < GN; ++g)
+    for (int64_t i = 0; i < NV; ++i) a[g][i] = _mm512_load_ps(acc[g] + 16 * i);
+  for (int64_t t = t_lo & ~int64_t(1); t < t_hi; t += 2) {
+    const uint16_t* r0 = t >= t_lo ? vrows + t * D : zero_row;
+    const uint16_t* r1 = t + 1 < t_hi ? vrows + (t + 1) * D : zero_row;
+    __m512bh lo[NP], hi[NP];
+    for (int64_t j = 0; j < NP; ++j) {
+      const __m512i x = _mm512_loadu_si512(r0 + 32 * j), y = _mm512_loadu_si512(r1 + 32 * j);
+      lo[j] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+      hi[j] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+    }
+    for (int64_t g = 0; g < GN; ++g) {
+      uint32_t pair;
+      std::memcpy(&pair, pb[g] + t, sizeof(pair));
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(int32_t(pair));
+      for (int64_t j = 0; j < NP; ++j) {
+        a[g][2 * j] = _mm512_dpbf16_ps(a[g][2 * j], lo[j], pp);
+        a[g][2 * j + 1] = _mm512_dpbf16_ps(a[g][2 * j + 1], hi[j], pp);
+      }
+    }
+  }
+  for (int64_t g = 0; g < GN; ++g)
+    for (int64_t i = 0; i < NV; ++i) _mm512_store_ps(acc[g] + 16 * i, a[g][i]);
+}
+
 // One work item is a sequence's KV heads [h0, h0 + nh) (nh * group query rows): per 16-key chunk of a block it reads
 // every head's K rows, then every head's V rows, so the item walks the block's K span and then its V span (a layer's
 // heads lie side by side) instead of returning to the block once per head. Measured here: gathering the same bytes
@@ -362,22 +402,16 @@ void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const i
         const auto* vrows = reinterpret_cast<const uint16_t*>(kv) + (v_row * bs + o) * D;
         float (*hacc)[D] = acc + hh * G;
         uint16_t (*hpb)[16] = pb + hh * G;
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 a[NV];
-          for (int64_t i = 0; i < NV; ++i) a[i] = _mm512_load_ps(hacc[g] + 16 * i);
-          for (int64_t t = t_lo & ~int64_t(1); t < t_hi; t += 2) {
-            const uint16_t* r0 = t >= t_lo ? vrows + t * D : zero_row;
-            const uint16_t* r1 = t + 1 < t_hi ? vrows + (t + 1) * D : zero_row;
-            uint32_t pair;
-            std::memcpy(&pair, hpb[g] + t, sizeof(pair));
-            const __m512bh pp = (__m512bh)_mm512_set1_epi32(int32_t(pair));
-            for (int64_t j = 0; j < NP; ++j) {
-              const __m512i x = _mm512_loadu_si512(r0 + 32 * j), y = _mm512_loadu_si512(r1 + 32 * j);
-              a[2 * j] = _mm512_dpbf16_ps(a[2 * j], (__m512bh)_mm512_unpacklo_epi16(x, y), pp);
-              a[2 * j + 1] = _mm512_dpbf16_ps(a[2 * j + 1], (__m512bh)_mm512_unpackhi_epi16(x, y), pp);
-            }
-          }
-          for (int64_t i = 0; i < NV; ++i) _mm512_store_ps(hacc[g] + 16 * i, a[i]);
+        // Query heads in groups of up to kValueGroup<NV>: each pair of value rows is loaded and interleaved once
+        // for the group, not once per head (the accumulators of a head see the same products in the same order).
+        constexpr int64_t GB = kValueGroup<NV>;
+        int64_t g = 0;
+        for (; g + GB <= G; g += GB) value_pairs<GB, NV>(hacc + g, hpb + g, vrows, zero_row, t_lo, t_hi);
+        switch (G - g) {
+          case 0: break;
+          case 1: value_pairs<1, NV>(hacc + g, hpb + g, vrows, zero_row, t_lo, t_hi); break;
+          case 2: value_pairs<2, NV>(hacc + g, hpb + g, vrows, zero_row, t_lo, t_hi); break;
+          default: break;  // GB <= 3
         }
       }
     }
