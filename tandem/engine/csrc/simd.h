@@ -7,10 +7,12 @@
 
 namespace tandem_simd {
 
+// 16 bf16 values (their bits) as fp32 lanes, exactly: bf16 is the top half of fp32.
+inline __m512 widen16(__m256i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)); }
+
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16 = top half of fp32
+  return widen16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // fp32 bits rounded to nearest even at bf16's precision (as c10::BFloat16's conversion; NaNs are not expected).
@@ -20,9 +22,12 @@ inline __m512i round_bits(__m512 v) {
   return _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
 }
 
+// fp32 lanes rounded to bf16 (nearest even), as 16 bf16 bit patterns.
+inline __m256i bf16_bits16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits(v), 16)); }
+
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(c10::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits(v), 16)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits16(v));
 }
 
 // v rounded to the precision of the dtype `tag` points to, kept in fp32 lanes.
@@ -48,6 +53,16 @@ inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// silu(gate) * up for the dtype `tag` points to, as `F.silu(gate) * up` rounds: the activation rounded to the dtype
+// before the product (the caller rounds the product when it stores it). silu(x) = x / (1 + exp(-x)). Shared by
+// silu_mul (fused_cpu.cpp) and the gated product's store (linear_cpu.cpp), which must agree bit for bit.
+template <typename T>
+inline __m512 silu_mul16(__m512 gate, __m512 up, const T* tag) {
+  const __m512 act = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(),
+                                                                                                gate))));
+  return _mm512_mul_ps(round_to(act, tag), up);
 }
 
 }  // namespace tandem_simd

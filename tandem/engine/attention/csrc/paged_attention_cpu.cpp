@@ -385,7 +385,7 @@ void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const i
           // The value products take p in bf16 (vdpbf16ps); the sum is of the same rounded values.
           const __m256i pr = _mm512_cvtepi32_epi16(_mm512_srli_epi32(tandem_simd::round_bits(p), 16));
           _mm256_store_si256(reinterpret_cast<__m256i*>(hpb[g]), pr);
-          const __m512 p_rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pr), 16));
+          const __m512 p_rounded = tandem_simd::widen16(pr);
           hsum[g] = hsum[g] * rescale + _mm512_reduce_add_ps(p_rounded);
           hmax[g] = new_max;
           if (rescale != 1.f)

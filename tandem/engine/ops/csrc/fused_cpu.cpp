@@ -127,12 +127,7 @@ void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t inter) {
       const T* g = x + r * 2 * inter;
       const T* u = g + inter;
       T* o = out + r * inter;
-      for (int64_t i = 0; i < inter; i += 16) {
-        const __m512 gv = load16(g + i);  // silu(x) = x / (1 + exp(-x))
-        const __m512 act = round_to(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(
-            _mm512_setzero_ps(), gv)))), g);
-        store16(o + i, _mm512_mul_ps(act, load16(u + i)));
-      }
+      for (int64_t i = 0; i < inter; i += 16) store16(o + i, silu_mul16(load16(g + i), load16(u + i), g));
     }
   });
 }
@@ -158,8 +153,7 @@ namespace {
 
 inline __m512 load_row16(const float* p, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, p); }
 inline __m512 load_row16(const bf16* p, __mmask16 valid) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(valid, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // exact: bf16 is fp32's top half
+  return widen16(_mm256_maskz_loadu_epi16(valid, p));
 }
 
 template <typename T>

@@ -47,10 +47,6 @@ struct PrefetchCursor {
 // The gated epilogue (GATED): tiles 0-1 hold 32 columns of the gate and tiles 2-3 the same columns of the up
 // projection (pack_gated_weight's order); what is stored is silu(gate) * up for those 32 columns, rounded as
 // packed_linear's output followed by silu_mul (fused_cpu.cpp) round it, so the two paths agree bit for bit.
-inline __m512 widen_bf16(__m256bh v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)v), 16));
-}
-
 template <int MR, int NT, bool PF, bool GATED = false>
 void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, bf16* out, int64_t ldo, int valid,
                    PrefetchCursor* pf) {
@@ -83,13 +79,10 @@ void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
     for (int m = 0; m < MR; ++m) {
       for (int j = 0; j < 2; ++j) {
         const int lanes = std::clamp(valid - 16 * j, 0, 16);
-        const __m512 gate = widen_bf16(_mm512_cvtneps_pbh(acc[m][j]));
-        const __m512 up = widen_bf16(_mm512_cvtneps_pbh(acc[m][2 + j]));
-        const __m512 act = tandem_simd::round_to(
-            _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                              tandem_simd::exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gate)))),
-            out);
-        const __m256i v = _mm512_cvtepi32_epi16(_mm512_srli_epi32(tandem_simd::round_bits(_mm512_mul_ps(act, up)), 16));
+        // gate and up rounded as the plain product stores them, then silu_mul's arithmetic and rounding
+        const __m512 gate = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(acc[m][j]));
+        const __m512 up = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(acc[m][2 + j]));
+        const __m256i v = tandem_simd::bf16_bits16(tandem_simd::silu_mul16(gate, up, out));
         _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
       }
     }
