@@ -25,6 +25,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return packed_linear(std::move(x), std::move(packed), n, std::move(bias));
         }, "x W^T (+ b) with W packed by pack_linear_weight",
         py::call_guard<py::gil_scoped_release>());
+  m.def("linear_amx_available", &linear_amx_available, "whether this CPU gives the products AMX tiles");
+  m.def("linear_amx", &linear_amx, "whether products of 4 or more rows run on AMX tiles");
+  m.def("set_linear_amx", &set_linear_amx, "switch the AMX products (benchmarks and tests)");
   m.def("pack_gated_weight", &pack_gated_weight,
         "a bf16 gate/up weight [2I, K] in packed_linear_silu_mul's blocks (32 gate and 32 up columns each)",
         py::call_guard<py::gil_scoped_release>());

@@ -28,6 +28,12 @@ struct LinePrefetch {
   double from = 0, to = 1;
 };
 at::Tensor pack_linear_weight(at::Tensor weight);
+// Whether products of 4 or more rows run on the AMX tile unit (Intel Sapphire Rapids and later, when Linux grants
+// the tile state); on by default where available. Switching it changes the products' last bits (the tile unit sums
+// in its own order): only benchmarks and tests switch it, between steps.
+bool linear_amx_available();
+bool linear_amx();
+void set_linear_amx(bool on);
 at::Tensor packed_linear(at::Tensor x, at::Tensor packed, int64_t n, std::optional<at::Tensor> bias,
                          const LinePrefetch* prefetch = nullptr);
 at::Tensor pack_gated_weight(at::Tensor weight);
