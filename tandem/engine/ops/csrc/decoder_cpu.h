@@ -22,7 +22,8 @@ class DecoderStack {
   at::Tensor forward(at::Tensor h, at::Tensor cos, at::Tensor sin, at::Tensor kv_rows, at::Tensor write_index,
                      at::Tensor gather_rows, at::Tensor mask);
 
-  // Whether each layer's MLP prefetches the next layer's KV rows (on by default; off only to measure it).
+  // Whether each layer's MLP prefetches the next layer's KV rows (on by default where the products do not run on AMX
+  // tiles; switched only to measure it).
   void set_kv_prefetch(bool on) { kv_prefetch_ = on; }
   bool kv_prefetch() const { return kv_prefetch_; }
 
