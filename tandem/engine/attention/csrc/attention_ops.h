@@ -11,6 +11,10 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, at
 
 // prefill_attention_cpu.cpp: many-query chunks in bf16.
 bool bf16_prefill_available();
+// Whether those chunks are attended on AMX tiles: on by default where the CPU has them; switched only by tests and
+// benchmarks (the tile unit sums in its own order).
+bool attention_amx();
+void set_attention_amx(bool on);
 at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts, at::Tensor lens,
                                    double scale, int64_t window, bool has_cap, double cap);
 at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, int64_t kv_start,

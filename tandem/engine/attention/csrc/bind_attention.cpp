@@ -8,6 +8,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over block-major KV rows (CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("attention_amx", &attention_amx, "whether bf16 prefill chunks are attended on AMX tiles");
+  m.def("set_attention_amx", &set_attention_amx, "switch the AMX prefill attention (tests and benchmarks)");
   m.def("store_kv", &store_kv, "a step's new K/V head vectors into their cache rows",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_prefill_available", &bf16_prefill_available, "whether this build has the bf16 prefill kernels",

@@ -17,11 +17,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 #if defined(__AVX512BF16__)
@@ -208,6 +210,209 @@ void attend_tile(const Keys& keys, const Tile& t) {
   }
 }
 
+
+// ---- the same tile on AMX (Intel Sapphire Rapids and later) ------------------------------------------------------
+// attend_tile's packed key tile is already what the tile unit multiplies: kp ([P][64 keys] pairs) holds, from pair
+// 16 c and key 16 v, a B tile of 16 pairs x 16 keys at a 256-byte stride, and vp ([32 key pairs][D]) from key pair
+// 16 h and dimension 16 x a B tile of 16 key pairs x 16 dimensions at a D * 4-byte stride. Per query head g of the
+// group and 16 queries (one A tile per 32 dimensions, read where the queries lie): the scores S = Q K^T as four
+// 16 x 16 C tiles, the same masking and online softmax as attend_tile on their rows, the probabilities rounded to bf16
+// as two A tiles of 32 keys, and O += P V on the accumulators (C tiles loaded from and stored back to acc).
+// Tiles: tmm0-3 C (scores, then accumulators), tmm4-5 A (queries, then probabilities), tmm6-7 B; rows = queries.
+// Measured here (Xeon with AMX, 2 vCPUs): ~1,000-token prompts ... (see README).
+inline void configure_prefill_tiles(int64_t call, int64_t nq) {
+  tandem_amx::TileConfig cfg;
+  for (int t = 0; t < 6; ++t) cfg.set(t, int(nq), 64);
+  for (int t : {6, 7}) cfg.set(t, 16, 64);
+  tandem_amx::load_tiles(call, nq, cfg);
+}
+
+template <class Keys>
+__attribute__((target("amx-tile,amx-bf16"))) void attend_tile_amx(const Keys& keys, const Tile& t, int64_t call) {
+  const int64_t D = t.D, P = D / 2, G = t.group, n_rows = t.n_q * G;
+  alignas(64) uint32_t kp[kMaxD / 2 * kKeyTile];  // [P][kKeyTile]
+  alignas(64) uint32_t vp[kKeyTile / 2 * kMaxD];  // [kKeyTile / 2][D]
+  alignas(64) float scores[16][kKeyTile];
+  alignas(64) uint16_t pb[16][kKeyTile];          // probabilities, bf16: two A tiles of 32 keys
+  alignas(64) float sc[kKeyTile];
+  std::vector<float> acc(n_rows * D, 0.f), run_max(n_rows, kNegInf), run_sum(n_rows, 0.f);
+  const int64_t last_pos = t.q_pos0 + t.n_q - 1;
+  const int64_t j_end = std::min(t.n_keys, last_pos - t.k_pos0 + 1);
+  const int64_t j_begin = t.window > 0 ? std::max<int64_t>(0, t.q_pos0 - t.window + 1 - t.k_pos0) : 0;
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const int64_t q_bytes = t.token_stride * 2, acc_bytes = G * D * 4;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyTile) {
+    const int64_t count = std::min(kKeyTile, j_end - j0);
+    for (int64_t x = 0; x < count; ++x) {
+      const uint32_t* kr = reinterpret_cast<const uint32_t*>(keys.key(j0 + x));
+      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = kr[p];
+    }
+    for (int64_t x = count; x < kKeyTile; ++x)
+      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = 0;
+    const int64_t pairs = (count + 1) / 2;
+    for (int64_t jj = 0; jj < pairs; ++jj) {
+      const uint16_t* va = keys.value(j0 + 2 * jj);
+      uint32_t* dst = vp + jj * D;
+      if (2 * jj + 1 < count) {
+        const uint16_t* vb = keys.value(j0 + 2 * jj + 1);
+        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]) | (uint32_t(vb[d]) << 16);
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]);
+      }
+    }
+    // The B tiles of the value products cover 16 key pairs: pairs past the keys read zeros, never stale values
+    // (a NaN there would survive its zero probability).
+    const int64_t key_halves = (pairs + 15) / 16;
+    std::fill(vp + pairs * D, vp + key_halves * 16 * D, 0u);
+    __m512i kpos[kKeyVecs];
+    for (int64_t v = 0; v < kKeyVecs; ++v)
+      kpos[v] = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(t.k_pos0 + j0 + 16 * v)));
+    const __m512i limit = _mm512_set1_epi32(int32_t(t.k_pos0 + j0 + count));
+    const int64_t key_vecs = (count + 15) / 16;
+    for (int64_t qs = 0; qs < t.n_q; qs += 16) {
+      const int64_t nq = std::min<int64_t>(16, t.n_q - qs);
+      configure_prefill_tiles(call, nq);
+      for (int64_t g = 0; g < G; ++g) {
+        // S = Q K^T for 16 queries of head g and the tile's keys.
+        const uint16_t* qa = t.q + qs * t.token_stride + g * D;
+        for (int64_t v = 0; v < key_vecs; ++v) {
+          switch (v) {
+            case 0: _tile_zero(0); break;
+            case 1: _tile_zero(1); break;
+            case 2: _tile_zero(2); break;
+            default: _tile_zero(3); break;
+          }
+        }
+        for (int64_t c = 0; c < P / 16; ++c) {
+          _tile_loadd(4, qa + 32 * c, q_bytes);
+          const uint32_t* kb = kp + 16 * c * kKeyTile;
+          _tile_loadd(6, kb, kKeyTile * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          if (key_vecs > 1) {
+            _tile_loadd(7, kb + 16, kKeyTile * 4);
+            _tile_dpbf16ps(1, 4, 7);
+          }
+          if (key_vecs > 2) {
+            _tile_loadd(6, kb + 32, kKeyTile * 4);
+            _tile_dpbf16ps(2, 4, 6);
+          }
+          if (key_vecs > 3) {
+            _tile_loadd(7, kb + 48, kKeyTile * 4);
+            _tile_dpbf16ps(3, 4, 7);
+          }
+        }
+        _tile_stored(0, scores[0], kKeyTile * 4);
+        if (key_vecs > 1) _tile_stored(1, scores[0] + 16, kKeyTile * 4);
+        if (key_vecs > 2) _tile_stored(2, scores[0] + 32, kKeyTile * 4);
+        if (key_vecs > 3) _tile_stored(3, scores[0] + 48, kKeyTile * 4);
+        for (int64_t i = 0; i < nq; ++i) {
+          const int64_t r = (qs + i) * G + g;
+          const int64_t qpos = t.q_pos0 + qs + i;
+          const __m512i qp = _mm512_set1_epi32(int32_t(qpos));
+          __mmask16 m[kKeyVecs] = {};
+          __mmask16 any = 0;
+          for (int64_t v = 0; v < key_vecs; ++v) {
+            m[v] = _mm512_cmple_epi32_mask(kpos[v], qp) & _mm512_cmplt_epi32_mask(kpos[v], limit);
+            if (t.window > 0) m[v] &= _mm512_cmpgt_epi32_mask(kpos[v], _mm512_set1_epi32(int32_t(qpos - t.window)));
+            any |= m[v];
+          }
+          if (any == 0) {
+            std::fill(pb[i], pb[i] + kKeyTile, uint16_t(0));
+            continue;
+          }
+          __m512 sv[kKeyVecs];
+          __m512 vmax = _mm512_set1_ps(kNegInf);
+          for (int64_t v = 0; v < key_vecs; ++v) {
+            sv[v] = _mm512_mul_ps(_mm512_load_ps(scores[i] + 16 * v), _mm512_set1_ps(t.scale));
+            if (t.has_cap) {
+              _mm512_store_ps(sc, sv[v]);
+              for (int64_t x = 0; x < 16; ++x) sc[x] = t.cap * std::tanh(sc[x] / t.cap);
+              sv[v] = _mm512_load_ps(sc);
+            }
+            vmax = _mm512_mask_max_ps(vmax, m[v], vmax, sv[v]);
+          }
+          const float new_max = std::max(run_max[r], _mm512_reduce_max_ps(vmax));
+          const float rescale = std::exp(run_max[r] - new_max);
+          const __m512 nm = _mm512_set1_ps(new_max);
+          __m512 psum = _mm512_setzero_ps();
+          __m512 pv[kKeyVecs];
+          for (int64_t v = 0; v < kKeyVecs; ++v) {
+            pv[v] = v < key_vecs ? _mm512_maskz_mov_ps(m[v], exp_ps(_mm512_sub_ps(sv[v], nm))) : _mm512_setzero_ps();
+            psum = _mm512_add_ps(psum, pv[v]);
+          }
+          run_sum[r] = run_sum[r] * rescale + _mm512_reduce_add_ps(psum);
+          run_max[r] = new_max;
+          if (rescale != 1.f) {
+            float* ar = acc.data() + r * D;
+            const __m512 rs = _mm512_set1_ps(rescale);
+            for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(ar + d, _mm512_mul_ps(_mm512_loadu_ps(ar + d), rs));
+          }
+          for (int64_t v = 0; v < kKeyVecs; v += 2)
+            _mm512_store_si512(pb[i] + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(pv[v + 1], pv[v]));
+        }
+        for (int64_t i = nq; i < 16; ++i) std::fill(pb[i], pb[i] + kKeyTile, uint16_t(0));
+        // O += P V, 64 dimensions (four accumulator tiles) at a time.
+        _tile_loadd(4, pb[0], kKeyTile * 2);
+        if (key_halves > 1) _tile_loadd(5, pb[0] + 32, kKeyTile * 2);
+        float* ag = acc.data() + (qs * G + g) * D;
+        for (int64_t c = 0; c < D; c += 64) {
+          _tile_loadd(0, ag + c, acc_bytes);
+          _tile_loadd(1, ag + c + 16, acc_bytes);
+          _tile_loadd(2, ag + c + 32, acc_bytes);
+          _tile_loadd(3, ag + c + 48, acc_bytes);
+          const uint32_t* vb = vp + c;
+          _tile_loadd(6, vb, D * 4);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, vb + 16, D * 4);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(6, vb + 32, D * 4);
+          _tile_dpbf16ps(2, 4, 6);
+          _tile_loadd(7, vb + 48, D * 4);
+          _tile_dpbf16ps(3, 4, 7);
+          if (key_halves > 1) {
+            const uint32_t* vb2 = vp + 16 * D + c;
+            _tile_loadd(6, vb2, D * 4);
+            _tile_dpbf16ps(0, 5, 6);
+            _tile_loadd(7, vb2 + 16, D * 4);
+            _tile_dpbf16ps(1, 5, 7);
+            _tile_loadd(6, vb2 + 32, D * 4);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, vb2 + 48, D * 4);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, ag + c, acc_bytes);
+          _tile_stored(1, ag + c + 16, acc_bytes);
+          _tile_stored(2, ag + c + 32, acc_bytes);
+          _tile_stored(3, ag + c + 48, acc_bytes);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const __m512 inv = _mm512_set1_ps(run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f);
+    uint16_t* dst = t.out + (r / G) * t.token_stride + (r % G) * D;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)o);
+    }
+  }
+}
+
+std::atomic<bool>& amx_switch() {
+  static std::atomic<bool> on{tandem_amx::amx_granted()};
+  return on;
+}
+
+// attend_tile on AMX where the tiles are on.
+template <class Keys>
+void attend(const Keys& keys, const Tile& t, int64_t call) {
+  if (call >= 0) {
+    attend_tile_amx(keys, t, call);
+  } else {
+    attend_tile(keys, t);
+  }
+}
+
 struct Work {
   int64_t seq, head, q0, cost;
 };
@@ -237,6 +442,13 @@ void check_common(const at::Tensor& q, int64_t kvh) {
 
 bool bf16_prefill_available() { return true; }
 
+bool attention_amx() { return amx_switch().load(); }
+
+void set_attention_amx(bool on) {
+  TORCH_CHECK(!on || tandem_amx::amx_granted(), "set_attention_amx: this CPU (or kernel) gives no AMX tiles");
+  amx_switch().store(on);
+}
+
 // Every chunk attends causally to itself: chunk s is tokens starts[s] .. starts[s] + lens[s] of q/k/v.
 at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts,
                                    at::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
@@ -259,13 +471,14 @@ at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at:
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t group = H / kvh;
+  const int64_t call = amx_switch().load() ? tandem_amx::amx_call() : -1;
   run_items(q_lens, q_lens, kvh, [&](const Work& w) {
     const int64_t base = sp[w.seq];
     const DenseKeys keys{kp + base * kvh * D + w.head * D, vp + base * kvh * D + w.head * D, kvh * D};
     const int64_t off = (base + w.q0) * H * D + w.head * group * D;
     const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_lens[w.seq] - w.q0), group, D,
                     w.q0, 0, q_lens[w.seq], window, float(scale), float(cap), has_cap};
-    attend_tile(keys, tile);
+    attend(keys, tile, call);
   });
   return out;
 }
@@ -290,12 +503,13 @@ at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor 
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t group = H / kvh, n_keys = ctx_len - kv_start;
+  const int64_t call = amx_switch().load() ? tandem_amx::amx_call() : -1;
   run_items({q_len}, {n_keys}, kvh, [&](const Work& w) {
     const PagedKeys keys{kvp, rp + w.head * nb, rp + (kvh + w.head) * nb, bs, D};
     const int64_t off = w.q0 * H * D + w.head * group * D;
     const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_len - w.q0), group, D,
                     ctx_len - q_len + w.q0, kv_start, n_keys, window, float(scale), float(cap), has_cap};
-    attend_tile(keys, tile);
+    attend(keys, tile, call);
   });
   return out;
 }
@@ -303,6 +517,10 @@ at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor 
 #else  // built without AVX-512 bf16: the Python side keeps these chunks on the torch reference
 
 bool bf16_prefill_available() { return false; }
+
+bool attention_amx() { return false; }
+
+void set_attention_amx(bool on) { TORCH_CHECK(!on, "set_attention_amx: this build has no AVX-512 bf16"); }
 
 at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                    double, int64_t, bool, double) {

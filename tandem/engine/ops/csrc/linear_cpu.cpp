@@ -11,12 +11,9 @@
 
 #include <immintrin.h>
 
+#include "amx.h"
 #include "parallel.h"
 #include "simd.h"
-
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -122,7 +119,6 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
     while (pf->left > 0) pf->step();
 }
 
-
 // ---- AMX (Intel Sapphire Rapids and later) ------------------------------------------------------------------------
 // The same packed blocks feed the tile unit: a B tile is 16 of a block's K pairs for 16 of its columns, 64 bytes a
 // row at a stride of one pair's 256 bytes ([K/2][64][2]), so one packed copy serves both paths. One work item
@@ -137,33 +133,14 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
 constexpr int64_t kAmxRows = 32;    // rows of x per work item: two A tiles
 constexpr int64_t kAmxMinRows = 4;  // fewer rows stream the weights faster on the AVX-512 path
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Products so far: a thread's tile shapes are only trusted within one product, since other code on the thread
-// between two products (oneDNN's AMX kernels) releases the tiles (TILERELEASE) or loads shapes of its own.
-std::atomic<int64_t> amx_products{0};
-
-// The tile shapes for an item of r0 (+ r1) rows, loaded on this thread when this product has not loaded them yet.
-__attribute__((target("amx-tile"))) void configure_tiles(int64_t product, int r0, int r1) {
-  thread_local int64_t loaded_product = -1;
-  thread_local int loaded = -1;
-  const int key = r0 * 64 + r1;
-  if (loaded_product == product && loaded == key) return;
-  loaded_product = product;
-  TileConfig cfg;
-  for (int t : {0, 1, 4}) cfg.rows[t] = uint8_t(r0), cfg.colsb[t] = 64;
+// The tile shapes for an item of r0 (+ r1) rows: C tmm0-1 (rows 0-15) and tmm2-3 (16-31), A tmm4-5, B tmm6-7.
+inline void configure_tiles(int64_t call, int r0, int r1) {
+  tandem_amx::TileConfig cfg;
+  for (int t : {0, 1, 4}) cfg.set(t, r0, 64);
   if (r1 > 0)
-    for (int t : {2, 3, 5}) cfg.rows[t] = uint8_t(r1), cfg.colsb[t] = 64;
-  for (int t : {6, 7}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  // NOTE: GCC 12 does not tell the optimiser that ldtilecfg reads `cfg`: without the barrier it dropped the stores
-  // of the shapes (and the tile instructions then faulted as unconfigured).
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-  loaded = key;
+    for (int t : {2, 3, 5}) cfg.set(t, r1, 64);
+  for (int t : {6, 7}) cfg.set(t, 16, 64);
+  tandem_amx::load_tiles(call, r0 * 64 + r1, cfg);
 }
 
 // x rows [0, 16) (and [16, 32) with TWO) times 32 columns of a block (`w` at the first), K a multiple of 32, into
@@ -240,20 +217,9 @@ void amx_item(int64_t product, const bf16* w, const bf16* x, int64_t rows, int64
   }
 }
 
-bool cpu_has_amx() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
-  // Linux hands a process the tile state only once asked (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}
-
 }  // namespace
 
-bool linear_amx_available() {
-  static const bool available = cpu_has_amx();
-  return available;
-}
+bool linear_amx_available() { return tandem_amx::amx_granted(); }
 
 namespace {
 
@@ -270,9 +236,6 @@ void set_linear_amx(bool on) {
   TORCH_CHECK(!on || linear_amx_available(), "set_linear_amx: this CPU (or kernel) gives no AMX tiles");
   amx_switch().store(on);
 }
-
-namespace {
-}  // namespace
 
 // W [N, K] bf16 (K even) -> [ceil(N/64), K/2, 64, 2], the columns past N zero.
 at::Tensor pack_linear_weight(at::Tensor weight) {
@@ -306,7 +269,7 @@ void run_product(const bf16* xd, const bf16* wd, const float* bd, bf16* od, int6
                  int64_t n, const LinePrefetch* prefetch) {
   const bool amx = M >= kAmxMinRows && K % 32 == 0 && linear_amx();
   const int64_t most = amx ? kAmxRows : kRowChunk;
-  const int64_t product = amx ? amx_products.fetch_add(1, std::memory_order_relaxed) : 0;
+  const int64_t product = amx ? tandem_amx::amx_call() : 0;
   const int64_t chunk = M <= most ? M : most, chunks = (M + chunk - 1) / chunk;
   const int64_t parts = GATED || (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
   const int64_t items = blocks * parts * chunks;
