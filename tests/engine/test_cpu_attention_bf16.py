@@ -3,7 +3,9 @@
 Prefill (``csrc/prefill_attention_cpu.cpp``): ragged chunks (shorter than a tile, not tile-aligned, longer than
 several), GQA groups, head sizes 64-256, sliding windows, softcapping, chunks over a cached prefix in scattered blocks,
 a whole step through ``forward``. Decode (the bf16 path of ``csrc/paged_attention_cpu.cpp``): ragged contexts,
-windows, softcapping, long contexts split across threads, and never-written cache slots (NaN) beside the keys."""
+windows, softcapping, long contexts split across threads, and never-written cache slots (NaN) beside the keys.
+
+Where the CPU has AMX, every test runs with the prefill kernels on the tile unit and on AVX-512 only."""
 
 from __future__ import annotations
 
@@ -32,6 +34,24 @@ def backend():
     if not backend.bf16_prefill:
         pytest.skip("this CPU has no AVX-512 bf16: the prefill kernels are not built")
     return backend
+
+
+@pytest.fixture(autouse=True, params=["avx512", "amx"])
+def tiles(request, backend):
+    """The prefill kernels' path for the test: AMX tiles or AVX-512 only (restored after)."""
+    from tandem.engine.attention import cpu_paged
+
+    module = cpu_paged._extension
+    before = module.attention_amx()
+    if request.param == "amx":
+        try:
+            module.set_attention_amx(True)
+        except RuntimeError:
+            pytest.skip("this CPU gives no AMX tiles")
+    else:
+        module.set_attention_amx(False)
+    yield request.param
+    module.set_attention_amx(before)
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:

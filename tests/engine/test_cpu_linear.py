@@ -1,6 +1,9 @@
 """Tandem's bf16 CPU linear (``tandem/engine/ops/csrc/linear_cpu.cpp``) against the exact product: every output
 within one bf16 rounding of the fp32 sum, for row counts on and off its 6-row tiles, widths on and off its
-64-column blocks, with and without bias; ``PackedLinear`` takes it with the fused ops and oneDNN without."""
+64-column blocks, with and without bias; ``PackedLinear`` takes it with the fused ops and oneDNN without.
+
+Every test runs on both paths of the kernel where the CPU has AMX: the AVX-512 products and the tile unit's (which
+takes products of 4 or more rows there); on other CPUs the AMX runs are skipped."""
 
 from __future__ import annotations
 
@@ -15,6 +18,18 @@ from tandem.engine.models.common import PackedLinear
 @pytest.fixture(scope="module")
 def ops(cpu_ops):
     return cpu_ops
+
+
+@pytest.fixture(autouse=True, params=["avx512", "amx"])
+def products(request, cpu_ops):
+    """The kernel's path for the test: AMX tiles or AVX-512 only (restored after)."""
+    module = cpu_ops.module
+    if request.param == "amx" and not module.linear_amx_available():
+        pytest.skip("this CPU gives no AMX tiles")
+    before = module.linear_amx()
+    module.set_linear_amx(request.param == "amx")
+    yield request.param
+    module.set_linear_amx(before)
 
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
