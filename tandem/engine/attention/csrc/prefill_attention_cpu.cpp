@@ -70,6 +70,68 @@ struct Tile {
   bool has_cap;
 };
 
+// 16 rows of 16 dwords (row i at rows[i]) transposed into out[j * out_stride + i].
+inline void transpose16(const uint32_t* const* rows, uint32_t* out, int64_t out_stride) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows[i]);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4 b + k] now holds, in 128-bit lane l, element 4 l + k of rows 4 b .. 4 b + 3; gather the four groups' lanes.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
+  }
+  for (int e = 0; e < 16; ++e) _mm512_storeu_si512(out + e * out_stride, r[e]);
+}
+
+
+// Keys [j0, j0 + count) of a tile packed as vdpbf16ps and the tile unit multiply them: K as [D/2][kKeyTile] pairs of
+// dimensions (keys past the count zero), V as [keys/2][D] pairs of keys (a missing second key zero).
+template <class Keys>
+void pack_key_tile(const Keys& keys, int64_t j0, int64_t count, int64_t D, uint32_t* kp, uint32_t* vp) {
+  alignas(64) static const uint32_t zero_pairs[kMaxD / 2] = {};
+  const int64_t P = D / 2;
+  for (int64_t x0 = 0; x0 < kKeyTile; x0 += 16) {
+    const uint32_t* kr[16];
+    for (int64_t i = 0; i < 16; ++i)
+      kr[i] = x0 + i < count ? reinterpret_cast<const uint32_t*>(keys.key(j0 + x0 + i)) : zero_pairs;
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      const uint32_t* src[16];
+      for (int64_t i = 0; i < 16; ++i) src[i] = kr[i] + p0;
+      transpose16(src, kp + p0 * kKeyTile + x0, kKeyTile);
+    }
+  }
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                          37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int64_t jj = 0; jj < (count + 1) / 2; ++jj) {
+    const uint16_t* va = keys.value(j0 + 2 * jj);
+    const uint16_t* vb = 2 * jj + 1 < count ? keys.value(j0 + 2 * jj + 1) : reinterpret_cast<const uint16_t*>(zero_pairs);
+    uint32_t* dst = vp + jj * D;
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512i a = _mm512_loadu_si512(va + d), b = _mm512_loadu_si512(vb + d);
+      _mm512_store_si512(dst + d, _mm512_permutex2var_epi16(a, lo_idx, b));
+      _mm512_store_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi_idx, b));
+    }
+  }
+}
+
 template <class Keys>
 void attend_tile(const Keys& keys, const Tile& t) {
   const int64_t D = t.D, P = D / 2, n_rows = t.n_q * t.group;
@@ -90,23 +152,8 @@ void attend_tile(const Keys& keys, const Tile& t) {
   const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, j_end - j0);
-    for (int64_t x = 0; x < count; ++x) {
-      const uint32_t* kr = reinterpret_cast<const uint32_t*>(keys.key(j0 + x));
-      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = kr[p];
-    }
-    for (int64_t x = count; x < kKeyTile; ++x)
-      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = 0;
+    pack_key_tile(keys, j0, count, D, kp, vp);
     const int64_t pairs = (count + 1) / 2;
-    for (int64_t jj = 0; jj < pairs; ++jj) {
-      const uint16_t* va = keys.value(j0 + 2 * jj);
-      uint32_t* dst = vp + jj * D;
-      if (2 * jj + 1 < count) {
-        const uint16_t* vb = keys.value(j0 + 2 * jj + 1);
-        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]) | (uint32_t(vb[d]) << 16);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]);
-      }
-    }
     __m512i kpos[kKeyVecs];
     for (int64_t v = 0; v < kKeyVecs; ++v) kpos[v] = _mm512_add_epi32(iota, _mm512_set1_epi32(int32_t(t.k_pos0 + j0 + 16 * v)));
     const __m512i limit = _mm512_set1_epi32(int32_t(t.k_pos0 + j0 + count));  // keys past the tile's count
@@ -211,6 +258,7 @@ void attend_tile(const Keys& keys, const Tile& t) {
 }
 
 
+
 // ---- the same tile on AMX (Intel Sapphire Rapids and later) ------------------------------------------------------
 // attend_tile's packed key tile is already what the tile unit multiplies: kp ([P][64 keys] pairs) holds, from pair
 // 16 c and key 16 v, a B tile of 16 pairs x 16 keys at a 256-byte stride, and vp ([32 key pairs][D]) from key pair
@@ -243,23 +291,8 @@ __attribute__((target("amx-tile,amx-bf16"))) void attend_tile_amx(const Keys& ke
   const int64_t q_bytes = t.token_stride * 2, acc_bytes = G * D * 4;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kKeyTile) {
     const int64_t count = std::min(kKeyTile, j_end - j0);
-    for (int64_t x = 0; x < count; ++x) {
-      const uint32_t* kr = reinterpret_cast<const uint32_t*>(keys.key(j0 + x));
-      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = kr[p];
-    }
-    for (int64_t x = count; x < kKeyTile; ++x)
-      for (int64_t p = 0; p < P; ++p) kp[p * kKeyTile + x] = 0;
+    pack_key_tile(keys, j0, count, D, kp, vp);
     const int64_t pairs = (count + 1) / 2;
-    for (int64_t jj = 0; jj < pairs; ++jj) {
-      const uint16_t* va = keys.value(j0 + 2 * jj);
-      uint32_t* dst = vp + jj * D;
-      if (2 * jj + 1 < count) {
-        const uint16_t* vb = keys.value(j0 + 2 * jj + 1);
-        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]) | (uint32_t(vb[d]) << 16);
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = uint32_t(va[d]);
-      }
-    }
     // The B tiles of the value products cover 16 key pairs: pairs past the keys read zeros, never stale values
     // (a NaN there would survive its zero probability).
     const int64_t key_halves = (pairs + 15) / 16;
