@@ -70,6 +70,8 @@ class ModelRunner:
         if can_pack_linears(self.dtype, self.device):
             self.model.pack_linears(ops)
             if ops is not None:
+                logger.info("CPU linears: %s", "AMX tiles for products of 4 or more rows, AVX-512 below"
+                            if ops.module.linear_amx() else "AVX-512 (no AMX on this CPU)")
                 why_not = self.model.build_native_decoder(ops)
                 logger.info("decode steps: %s", "every layer in one native call" if why_not is None
                             else f"layer by layer ({why_not})")

@@ -122,7 +122,8 @@ class CpuPagedBackend(TorchReferenceBackend):
         module = load_extension(verbose=verbose or bool(os.environ.get("TANDEM_VERBOSE_BUILD")))
         register_op(module)
         bf16_prefill = bool(module.bf16_prefill_available())
-        logger.info("CPU paged attention: bf16 prefill kernels %s", "on" if bf16_prefill else
+        logger.info("CPU paged attention: bf16 prefill kernels %s", ("on, on AMX tiles" if module.attention_amx()
+                    else "on (AVX-512)") if bf16_prefill else
                     "off (no AVX-512 bf16 at build time): long bf16 chunks use the torch reference")
         return cls(bf16_prefill)
 
