@@ -121,15 +121,16 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
 
 // ---- AMX (Intel Sapphire Rapids and later) ------------------------------------------------------------------------
 // The same packed blocks feed the tile unit: a B tile is 16 of a block's K pairs for 16 of its columns, 64 bytes a
-// row at a stride of one pair's 256 bytes ([K/2][64][2]), so one packed copy serves both paths. One work item
-// computes up to 32 rows x 32 or 64 columns as 2 x 2 fp32 tiles per 32 columns (tmm0-3), x's rows as two A tiles
-// (tmm4-5) and two B tiles (tmm6-7); the sums go to a stack buffer and leave through the same epilogue arithmetic as
+// row at a stride of one pair's 256 bytes ([K/2][64][2]), so one packed copy serves both paths. A work item of up to
+// 16 rows takes its 32 or 64 columns in one pass (amx_wide); one of up to 32 rows as 2 x 2 fp32 tiles per 32 columns
+// (tmm0-3), x's rows as two A tiles (tmm4-5) and two B tiles (tmm6-7) (amx_half); the sums go to a stack buffer and
+// leave through the same epilogue arithmetic as
 // the AVX-512 path's (bias, rounding to bf16, the gated product's silu_mul), so the gated product still equals the
 // plain one followed by silu_mul bit for bit. The tile unit sums in its own order: AMX products are not bit-identical
 // to the AVX-512 ones, so a process uses one path for all its products (`linear_amx`).
 //
-// Measured here (2 vCPUs of a Xeon with AMX under KVM, SmolLM2's shapes): oneDNN's AMX product ran 2,300-2,700
-// GFLOP/s at 2,048 rows and 640-1,100 at 32 where the AVX-512 path ran 190-220.
+// Measured here (2 vCPUs of a Xeon with AMX under KVM, SmolLM2's shapes, weights warm): this path 1,650-2,350 GFLOP/s
+// at 32 rows and 2,100-2,400 at 2,048; oneDNN's AMX product 700-1,250 and 2,500-2,900; the AVX-512 path ~210.
 constexpr int64_t kAmxRows = 32;    // rows of x per work item: two A tiles
 constexpr int64_t kAmxMinRows = 4;  // fewer rows stream the weights faster on the AVX-512 path
 constexpr int64_t kPanelChunks = 16;  // chunks of rows (512 rows) per panel of a many-row product (see run_product)
