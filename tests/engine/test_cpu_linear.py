@@ -103,6 +103,20 @@ def test_packed_linear_agrees_with_onednns(ops):
     torch.testing.assert_close(ours(x).float(), onednn(x).float(), rtol=2**-7, atol=1e-2)
 
 
+def test_products_after_another_librarys_amx_kernels(ops):
+    """oneDNN's bf16 products take the tile unit too, and leave it released (TILERELEASE) or in shapes of their own: a
+    product after one reloads its tile shapes (before it did, the next AMX product faulted: SIGILL, the whole
+    process). Alternates the two on the same thread, over the row counts that take each of the kernel's shapes."""
+    for rows in (4, 16, 33, 130, 7, 64):
+        layer = linear(960, 576, False, seed=rows)
+        x = rand(rows, 576, seed=rows + 3)
+        ours, onednn = PackedLinear(layer, ops), PackedLinear(layer)
+        onednn(x)
+        within_one_rounding(ours(x), exact(x, layer))
+        onednn(x)
+        within_one_rounding(ours(x), exact(x, layer))
+
+
 def test_shapes_the_kernel_does_not_take(ops):
     """An odd K keeps oneDNN's linear; a mismatched weight or a non-bf16 input is refused by name."""
     odd = linear(64, 33, False, seed=11)
