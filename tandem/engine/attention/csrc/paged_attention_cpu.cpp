@@ -259,7 +259,6 @@ inline __m512 sum16(const __m512* v) {
                        _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-
 // The K and V rows of one block of a decode item (its KV heads [h0, h0 + nh)), prefetched into L2 a few lines at a
 // time: the item walks them in order (every head's K row, then every head's V row), a share before each query head's
 // scores, so that the lines arrive spread over the attention of the block kPrefetchBlocks before, not in one burst;

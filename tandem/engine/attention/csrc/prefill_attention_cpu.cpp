@@ -191,7 +191,6 @@ void attend_tile(const Keys& keys, const Tile& t) {
   // fp32 model (teacher-forced top-1 over 5,087 positions): 0.998 agreement, SDPA's bf16 path 0.993, keeping ~16 bits
   // (a hi + lo split, one more product) 0.995: within noise, for 1.5x the value products.
   alignas(64) uint32_t pb[kRowBlock][kKeyTile / 2];
-  alignas(64) float sc[kKeyTile];
   std::vector<float> acc(n_rows * D, 0.f), run_max(n_rows, kNegInf), run_sum(n_rows, 0.f);
   auto row_q = [&](int64_t r) {
     return reinterpret_cast<const uint32_t*>(t.q + (r / t.group) * t.token_stride + (r % t.group) * D);
@@ -307,7 +306,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void attend_tile_amx(const Keys& ke
   alignas(64) uint32_t vp[kKeyTile / 2 * kMaxD];  // [kKeyTile / 2][D]
   alignas(64) float scores[16][kKeyTile];
   alignas(64) uint16_t pb[16][kKeyTile];          // probabilities, bf16: two A tiles of 32 keys
-  alignas(64) float sc[kKeyTile];
   std::vector<float> acc(n_rows * D, 0.f), run_max(n_rows, kNegInf), run_sum(n_rows, 0.f);
   const int64_t last_pos = t.q_pos0 + t.n_q - 1;
   const int64_t j_end = std::min(t.n_keys, last_pos - t.k_pos0 + 1);

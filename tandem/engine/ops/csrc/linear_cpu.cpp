@@ -44,6 +44,20 @@ struct PrefetchCursor {
   }
 };
 
+// The epilogue both paths store their fp32 sums through, 16 columns at a time, the first `lanes` of them: the sums
+// rounded once to bf16 (any bias already in them: the AVX-512 path starts from it, AMX adds it after); or, for a
+// gated product, silu(gate) * up with gate and up rounded as the plain product stores them, then silu_mul's
+// arithmetic and rounding (fused_cpu.cpp), so the two agree bit for bit.
+inline void store_columns(bf16* out, __m512 sums, int lanes) {
+  _mm256_mask_storeu_epi16(out, __mmask16((1u << lanes) - 1), (__m256i)_mm512_cvtneps_pbh(sums));
+}
+inline void store_gated_columns(bf16* out, __m512 gate_sums, __m512 up_sums, int lanes) {
+  const __m512 gate = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(gate_sums));
+  const __m512 up = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(up_sums));
+  _mm256_mask_storeu_epi16(out, __mmask16((1u << lanes) - 1),
+                           tandem_simd::bf16_bits16(tandem_simd::silu_mul16(gate, up, out)));
+}
+
 // Rows [0, MR) of x times NT 16-column tiles of a packed block (`w` at the first of them): MR x NT accumulators,
 // x's pairs broadcast from memory. `valid`: how many of the NT * 16 columns exist.
 // The gated epilogue (GATED): tiles 0-1 hold 32 columns of the gate and tiles 2-3 the same columns of the up
@@ -77,24 +91,12 @@ void tiles_product(const bf16* w, const bf16* x, int64_t K, const float* bias, b
       for (int j = 0; j < NT; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wt[j], pair);
     }
   }
-  if constexpr (GATED) {
-    for (int m = 0; m < MR; ++m) {
-      for (int j = 0; j < 2; ++j) {
-        const int lanes = std::clamp(valid - 16 * j, 0, 16);
-        // gate and up rounded as the plain product stores them, then silu_mul's arithmetic and rounding
-        const __m512 gate = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(acc[m][j]));
-        const __m512 up = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(acc[m][2 + j]));
-        const __m256i v = tandem_simd::bf16_bits16(tandem_simd::silu_mul16(gate, up, out));
-        _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
-      }
-    }
-    return;
-  }
   for (int m = 0; m < MR; ++m) {
-    for (int j = 0; j < NT; ++j) {
-      const int lanes = std::clamp(valid - 16 * j, 0, 16);
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(acc[m][j]);
-      _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
+    if constexpr (GATED) {
+      for (int j = 0; j < 2; ++j)
+        store_gated_columns(out + m * ldo + 16 * j, acc[m][j], acc[m][2 + j], std::clamp(valid - 16 * j, 0, 16));
+    } else {
+      for (int j = 0; j < NT; ++j) store_columns(out + m * ldo + 16 * j, acc[m][j], std::clamp(valid - 16 * j, 0, 16));
     }
   }
 }
@@ -124,9 +126,8 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
 // row at a stride of one pair's 256 bytes ([K/2][64][2]), so one packed copy serves both paths. A work item of up to
 // 16 rows takes its 32 or 64 columns in one pass (amx_wide); one of up to 32 rows as 2 x 2 fp32 tiles per 32 columns
 // (tmm0-3), x's rows as two A tiles (tmm4-5) and two B tiles (tmm6-7) (amx_half); the sums go to a stack buffer and
-// leave through the same epilogue arithmetic as
-// the AVX-512 path's (bias, rounding to bf16, the gated product's silu_mul), so the gated product still equals the
-// plain one followed by silu_mul bit for bit. The tile unit sums in its own order: AMX products are not bit-identical
+// leave through the AVX-512 path's epilogue (store_columns, store_gated_columns), so the gated product still equals
+// the plain one followed by silu_mul bit for bit. The tile unit sums in its own order: AMX products are not bit-identical
 // to the AVX-512 ones, so a process uses one path for all its products (`linear_amx`).
 //
 // Measured here (2 vCPUs of a Xeon with AMX under KVM, SmolLM2's shapes, weights warm): this path 1,650-2,350 GFLOP/s
@@ -274,20 +275,14 @@ void amx_item(int64_t product, const bf16* w, const bf16* x, int64_t rows, int64
   for (int64_t m = 0; m < rows; ++m) {
     const float* a = acc + m * kBlock;
     if constexpr (GATED) {
-      for (int j = 0; j < 2; ++j) {
-        const int lanes = std::clamp(valid - 16 * j, 0, 16);
-        const __m512 gate = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(a + 16 * j)));
-        const __m512 up = tandem_simd::widen16((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(a + 32 + 16 * j)));
-        const __m256i v = tandem_simd::bf16_bits16(tandem_simd::silu_mul16(gate, up, out));
-        _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1), v);
-      }
+      for (int j = 0; j < 2; ++j)
+        store_gated_columns(out + m * ldo + 16 * j, _mm512_load_ps(a + 16 * j), _mm512_load_ps(a + 32 + 16 * j),
+                            std::clamp(valid - 16 * j, 0, 16));
     } else {
       for (int j = 0; j < width / 16; ++j) {
-        const int lanes = std::clamp(valid - 16 * j, 0, 16);
         __m512 v = _mm512_load_ps(a + 16 * j);
         if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + 16 * j));
-        _mm256_mask_storeu_epi16(out + m * ldo + 16 * j, __mmask16((1u << lanes) - 1),
-                                 (__m256i)_mm512_cvtneps_pbh(v));
+        store_columns(out + m * ldo + 16 * j, v, std::clamp(valid - 16 * j, 0, 16));
       }
     }
   }
