@@ -243,22 +243,6 @@ void attend_item_vec(const scalar_t* q, const scalar_t* kv, const int64_t* rows,
 // to fp32; from memory 12.6 vs 13.2 ms: at batch 32 decode attention waits on the KV reads (software prefetching of
 // the next blocks, tried at two distances and two cache levels, gained nothing measurable).
 
-// Lane k of the result is the sum of the lanes of v[k].
-inline __m512 sum16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // The K and V rows of one block of a decode item (its KV heads [h0, h0 + nh)), prefetched into L2 a few lines at a
 // time: the item walks them in order (every head's K row, then every head's V row), a share before each query head's
 // scores, so that the lines arrive spread over the attention of the block kPrefetchBlocks before, not in one burst;
@@ -435,7 +419,7 @@ void attend_decode_bf16(const c10::BFloat16* q, const c10::BFloat16* kv, const i
             for (int64_t j = 0; j < NP; ++j) a = _mm512_dpbf16_ps(a, qv[j], loadu_bh(kp + t * D + 32 * j));
             part[t] = a;
           }
-          __m512 s = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
+          __m512 s = _mm512_mul_ps(tandem_simd::sum16(part), _mm512_set1_ps(scale));
           if (has_cap) {
             _mm512_store_ps(sc, s);
             for (int64_t t = 0; t < 16; ++t) sc[t] = cap * std::tanh(sc[t] / cap);
