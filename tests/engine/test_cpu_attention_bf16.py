@@ -138,6 +138,28 @@ def test_other_dtypes_and_head_sizes_use_the_reference(backend):
     torch.testing.assert_close(backend.forward(q, k, v, kv_rows, spec, meta), want, rtol=1e-5, atol=1e-5)
 
 
+def test_chunks_read_from_one_projection_row_and_written_in_place(backend):
+    """q, k and v as the model splits them from one qkv row (strided views, no copies) give the same bits as
+    contiguous copies, written into the chunks' rows of ``out`` and nowhere else."""
+    from tandem.engine.attention import cpu_paged
+
+    h, kvh, d = 9, 3, 64
+    T = 150
+    qkv = rand(T, (h + 2 * kvh) * d, seed=40)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([h * d, kvh * d, kvh * d], dim=-1))
+    assert not q.is_contiguous()
+    starts, lens = torch.tensor([0, 70]), torch.tensor([70, 75])  # rows 145..149 belong to no chunk
+    want = cpu_paged._extension.prefill_attention_dense(q.contiguous(), k.contiguous(), v.contiguous(), starts, lens,
+                                                         d ** -0.5, 0, False, 0.0)
+    out = torch.full((T, h, d), 7.0, dtype=torch.bfloat16)
+    cpu_paged._extension.prefill_attention_dense_into(q, k, v, starts, lens, d ** -0.5, 0, False, 0.0, out)
+    assert torch.equal(out[:145], want[:145])
+    assert torch.equal(out[145:], torch.full((5, h, d), 7.0, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="k: expected \\[T, heads, D\\] with each token's heads contiguous"):
+        cpu_paged._extension.prefill_attention_dense_into(q, k.transpose(0, 1).contiguous().transpose(0, 1), v,
+                                                          starts, lens, d ** -0.5, 0, False, 0.0, out)
+
+
 def test_bad_shapes_are_refused_not_read_out_of_bounds(backend):
     q, k = rand(10, 4, 64, seed=0), rand(10, 2, 64, seed=1)
     with pytest.raises(RuntimeError, match="a chunk lies outside q"):

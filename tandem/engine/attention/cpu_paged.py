@@ -150,13 +150,15 @@ class CpuPagedBackend(TorchReferenceBackend):
         if fresh:  # every chunk without a cached prefix in one call
             starts = torch.tensor([seq.q_start for seq in fresh], dtype=torch.long)
             lens = torch.tensor([seq.q_len for seq in fresh], dtype=torch.long)
-            args = (q.contiguous(), k.contiguous(), v.contiguous(), starts, lens, spec.scale, window)
-            if (ext := _eager()) is not None:
-                o = ext.prefill_attention_dense(*args, spec.softcap is not None, spec.softcap or 0.0)
+            if (ext := _eager()) is not None:  # q, k, v as the projection left them; into out's rows
+                ext.prefill_attention_dense_into(_token_rows(q), _token_rows(k), _token_rows(v), starts, lens,
+                                                 spec.scale, window, spec.softcap is not None, spec.softcap or 0.0,
+                                                 out)
             else:
-                o = torch.ops.tandem.prefill_dense(*args, spec.softcap)
-            for seq in fresh:
-                out[seq.q_start : seq.q_start + seq.q_len] = o[seq.q_start : seq.q_start + seq.q_len]
+                o = torch.ops.tandem.prefill_dense(q.contiguous(), k.contiguous(), v.contiguous(), starts, lens,
+                                                   spec.scale, window, spec.softcap)
+                for seq in fresh:
+                    out[seq.q_start : seq.q_start + seq.q_len] = o[seq.q_start : seq.q_start + seq.q_len]
         for seq in prefills:
             if seq.gather_rows is None:
                 continue
@@ -185,6 +187,13 @@ class CpuPagedBackend(TorchReferenceBackend):
         o = paged_attention(q[chunk].unsqueeze(0), kv_rows, seq.gather_rows[spec.layer],
                             prefix_mask(seq, spec.window, kv_rows.shape[1] // D), spec)
         return o[0]
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[T, heads, D]`` as the dense prefill kernel reads it: each token's heads side by side, tokens at any
+    stride (q, k and v split from one projection row are such views; anything else is copied)."""
+    T, heads, D = x.shape
+    return x if x.stride(2) == 1 and x.stride(1) == D and x.stride(0) >= heads * D else x.contiguous()
 
 
 def prefix_mask(seq: PrefillSeq, window: int | None, block_size: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ bool attention_amx();
 void set_attention_amx(bool on);
 at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts, at::Tensor lens,
                                    double scale, int64_t window, bool has_cap, double cap);
+void prefill_attention_dense_into(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts, at::Tensor lens,
+                                  double scale, int64_t window, bool has_cap, double cap, at::Tensor out);
 at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor rows, int64_t kv_start,
                                    int64_t ctx_len, double scale, int64_t window, bool has_cap, double cap,
                                    int64_t num_kv_heads);

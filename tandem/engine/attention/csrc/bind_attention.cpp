@@ -16,6 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("prefill_attention_dense", &prefill_attention_dense, "causal attention of chunks to themselves (bf16)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_dense_into", &prefill_attention_dense_into,
+        "prefill_attention_dense into the chunks' rows of `out`; q, k, v, out may be strided token rows",
+        py::call_guard<py::gil_scoped_release>());
   m.def("prefill_attention_paged", &prefill_attention_paged, "a chunk's attention over its cached blocks (bf16)",
         py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention_kernels", [] {

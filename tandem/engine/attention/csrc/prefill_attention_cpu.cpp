@@ -44,9 +44,9 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 struct DenseKeys {
   const uint16_t* k;
   const uint16_t* v;
-  int64_t stride;
-  const uint16_t* key(int64_t j) const { return k + j * stride; }
-  const uint16_t* value(int64_t j) const { return v + j * stride; }
+  int64_t k_stride, v_stride;
+  const uint16_t* key(int64_t j) const { return k + j * k_stride; }
+  const uint16_t* value(int64_t j) const { return v + j * v_stride; }
 };
 
 // Keys of one KV head read from the paged cache: key j lies in block j / bs of the head's K (V) rows.
@@ -61,8 +61,9 @@ struct PagedKeys {
 
 struct Tile {
   const uint16_t* q;  // the tile's first query token, at its KV head's first query head
-  uint16_t* out;      // same layout as q
-  int64_t token_stride;  // elements between consecutive tokens of q / out (H * D)
+  uint16_t* out;      // the same place in out
+  int64_t token_stride;  // elements between consecutive tokens of q
+  int64_t out_stride;    // of out
   int64_t n_q, group, D;
   int64_t q_pos0, k_pos0, n_keys;  // position of the first query, of key 0; keys available
   int64_t window;
@@ -352,7 +353,7 @@ void attend_tile(const Keys& keys, const Tile& t) {
   for (int64_t r = 0; r < n_rows; ++r) {
     // NOTE: a row that saw no key (never built by the runner) is written as zeros, not NaN.
     const __m512 inv = _mm512_set1_ps(run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f);
-    uint16_t* dst = t.out + (r / t.group) * t.token_stride + (r % t.group) * D;
+    uint16_t* dst = t.out + (r / t.group) * t.out_stride + (r % t.group) * D;
     for (int64_t d = 0; d < D; d += 16) {
       const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), inv));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)o);
@@ -487,7 +488,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void attend_tile_amx(const Keys& ke
   }
   for (int64_t r = 0; r < n_rows; ++r) {
     const __m512 inv = _mm512_set1_ps(run_sum[r] > 0.f ? 1.f / run_sum[r] : 0.f);
-    uint16_t* dst = t.out + (r / G) * t.token_stride + (r % G) * D;
+    uint16_t* dst = t.out + (r / G) * t.out_stride + (r % G) * D;
     for (int64_t d = 0; d < D; d += 16) {
       const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc.data() + r * D + d), inv));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)o);
@@ -546,18 +547,31 @@ void set_attention_amx(bool on) {
   amx_switch().store(on);
 }
 
-// Every chunk attends causally to itself: chunk s is tokens starts[s] .. starts[s] + lens[s] of q/k/v.
-at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts,
-                                   at::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
+// [T, heads, D] with each token's heads side by side (strides D and 1), tokens at any stride: a view of the
+// projection's output (q, k and v split from one qkv row) needs no copy.
+void check_token_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2) && x.stride(0) >= x.size(1) * x.size(2),
+              what, ": expected [T, heads, D] with each token's heads contiguous");
+}
+
+// Every chunk attends causally to itself: chunk s is tokens starts[s] .. starts[s] + lens[s] of q/k/v, its output
+// written to the same rows of `out` (other rows untouched). q, k, v and out may be strided views (check_token_rows).
+void prefill_attention_dense_into(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts, at::Tensor lens,
+                                  double scale, int64_t window, bool has_cap, double cap, at::Tensor out) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill attention: bf16 only");
+  check_token_rows(q, "q");
+  check_token_rows(k, "k");
+  check_token_rows(v, "v");
+  check_token_rows(out, "out");
   const int64_t kvh = k.size(1), H = q.size(1), D = q.size(2);
-  check_common(q, kvh);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 3 && k.size(0) == q.size(0) && k.size(2) == D,
+  TORCH_CHECK(D % 64 == 0 && D <= kMaxD, "head_dim: a multiple of 64, at most 256");
+  TORCH_CHECK(kvh > 0 && H % kvh == 0, "num_kv_heads must divide the query heads");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == D,
               "k, v: expected [T, kv_heads, D] like q");
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.scalar_type() == q.scalar_type() &&
-              v.scalar_type() == q.scalar_type(), "k, v: expected contiguous tensors of q's dtype");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type() && out.sizes() == q.sizes(), "k, v, out: expected q's dtype");
   TORCH_CHECK(starts.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
               starts.numel() == lens.numel(), "starts, lens: expected int64 tensors of one length");
-  auto out = at::zeros_like(q);
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   std::vector<int64_t> q_lens(lp, lp + lens.numel());
@@ -567,16 +581,24 @@ at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at:
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0), os = out.stride(0);
   const int64_t group = H / kvh;
   const int64_t call = amx_switch().load() ? tandem_amx::amx_call() : -1;
   run_items(q_lens, q_lens, kvh, [&](const Work& w) {
-    const int64_t base = sp[w.seq];
-    const DenseKeys keys{kp + base * kvh * D + w.head * D, vp + base * kvh * D + w.head * D, kvh * D};
-    const int64_t off = (base + w.q0) * H * D + w.head * group * D;
-    const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_lens[w.seq] - w.q0), group, D,
-                    w.q0, 0, q_lens[w.seq], window, float(scale), float(cap), has_cap};
+    const int64_t base = sp[w.seq], head = w.head * group * D;
+    const DenseKeys keys{kp + base * ks + w.head * D, vp + base * vs + w.head * D, ks, vs};
+    const int64_t tok = base + w.q0;
+    const Tile tile{qp + tok * qs + head, op + tok * os + head, qs, os, std::min(kQTile, q_lens[w.seq] - w.q0),
+                    group, D, w.q0, 0, q_lens[w.seq], window, float(scale), float(cap), has_cap};
     attend(keys, tile, call);
   });
+}
+
+// prefill_attention_dense_into a new tensor (rows outside every chunk zero).
+at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts,
+                                   at::Tensor lens, double scale, int64_t window, bool has_cap, double cap) {
+  auto out = at::zeros(q.sizes(), q.options());
+  prefill_attention_dense_into(q, k, v, starts, lens, scale, window, has_cap, cap, out);
   return out;
 }
 
@@ -604,7 +626,7 @@ at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor 
   run_items({q_len}, {n_keys}, kvh, [&](const Work& w) {
     const PagedKeys keys{kvp, rp + w.head * nb, rp + (kvh + w.head) * nb, bs, D};
     const int64_t off = w.q0 * H * D + w.head * group * D;
-    const Tile tile{qp + off, op + off, H * D, std::min(kQTile, q_len - w.q0), group, D,
+    const Tile tile{qp + off, op + off, H * D, H * D, std::min(kQTile, q_len - w.q0), group, D,
                     ctx_len - q_len + w.q0, kv_start, n_keys, window, float(scale), float(cap), has_cap};
     attend(keys, tile, call);
   });
@@ -623,6 +645,11 @@ at::Tensor prefill_attention_dense(at::Tensor q, at::Tensor, at::Tensor, at::Ten
                                    double, int64_t, bool, double) {
   TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
   return q;
+}
+
+void prefill_attention_dense_into(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t, bool,
+                                  double, at::Tensor) {
+  TORCH_CHECK(false, "prefill attention: this build has no AVX-512 bf16");
 }
 
 at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor, at::Tensor, int64_t, int64_t, double,
