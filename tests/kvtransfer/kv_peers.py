@@ -68,8 +68,14 @@ class OwnerProcess:
         return self.read(timeout_s)
 
     def pause(self) -> None:
-        """SIGSTOP: the engine is alive but answers nothing (a hung peer)."""
+        """SIGSTOP: the engine is alive but answers nothing (a hung peer). Returns once every thread has stopped:
+        the signal is delivered asynchronously, and a READ sent before the stop lands would still be served."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not all(_thread_state(self.proc.pid, tid) in "tT" for tid in os.listdir(f"/proc/{self.proc.pid}/task")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"owner {self.proc.pid} did not stop within 10 s of SIGSTOP")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
@@ -91,3 +97,12 @@ class OwnerProcess:
             self.resume()
             self.proc.kill()
             self.proc.wait(10)
+
+
+def _thread_state(pid: int, tid: str) -> str:
+    """A thread's state letter from /proc (R, S, T, ...); "T" for a thread already gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "T"
