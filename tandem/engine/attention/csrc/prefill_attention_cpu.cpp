@@ -529,9 +529,10 @@ void run_items(const std::vector<int64_t>& q_lens, const std::vector<int64_t>& k
   for (int64_t i = 0; i < n; ++i) fn(items[i]);
 }
 
+// What both entry points ask of q [T, H, D] (its layout apart) and of the KV heads.
 void check_common(const at::Tensor& q, int64_t kvh) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill attention: bf16 only");
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: expected a contiguous [T, H, D] tensor");
+  TORCH_CHECK(q.dim() == 3, "q: expected [T, H, D]");
   TORCH_CHECK(q.size(2) % 64 == 0 && q.size(2) <= kMaxD, "head_dim: a multiple of 64, at most 256");
   TORCH_CHECK(kvh > 0 && q.size(1) % kvh == 0, "num_kv_heads must divide the query heads");
 }
@@ -558,14 +559,12 @@ void check_token_rows(const at::Tensor& x, const char* what) {
 // written to the same rows of `out` (other rows untouched). q, k, v and out may be strided views (check_token_rows).
 void prefill_attention_dense_into(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor starts, at::Tensor lens,
                                   double scale, int64_t window, bool has_cap, double cap, at::Tensor out) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "prefill attention: bf16 only");
   check_token_rows(q, "q");
   check_token_rows(k, "k");
   check_token_rows(v, "v");
   check_token_rows(out, "out");
   const int64_t kvh = k.size(1), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(D % 64 == 0 && D <= kMaxD, "head_dim: a multiple of 64, at most 256");
-  TORCH_CHECK(kvh > 0 && H % kvh == 0, "num_kv_heads must divide the query heads");
+  check_common(q, kvh);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(2) == D,
               "k, v: expected [T, kv_heads, D] like q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
@@ -609,6 +608,7 @@ at::Tensor prefill_attention_paged(at::Tensor q, at::Tensor kv_rows, at::Tensor 
                                    int64_t num_kv_heads) {
   const int64_t kvh = num_kv_heads, H = q.size(1), D = q.size(2), q_len = q.size(0);
   check_common(q, kvh);
+  TORCH_CHECK(q.is_contiguous(), "q: expected a contiguous [T, H, D] tensor");
   TORCH_CHECK(kv_rows.dim() == 2 && kv_rows.is_contiguous() && kv_rows.size(1) % D == 0 &&
               kv_rows.scalar_type() == q.scalar_type(), "kv_rows: expected a contiguous [R, bs * D] tensor of q's dtype");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() % (2 * kvh) == 0,
