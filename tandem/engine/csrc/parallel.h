@@ -24,6 +24,9 @@ struct alignas(64) Range {  // one cache line per range: the owners' cursors do 
   int64_t end = 0;
 };
 
+constexpr int64_t kMaxClaim = 4;         // items one claim takes at most
+constexpr int64_t kClaimsPerRange = 32;  // fewer items than this many claims per range: claims of one item
+
 // Calls fn(item) once for every item in [0, total), from the OpenMP threads (inline when there is one).
 template <typename F>
 void for_each_item(int64_t total, const F& fn) {
@@ -38,6 +41,12 @@ void for_each_item(int64_t total, const F& fn) {
     ranges[t].next.store(total * t / threads, std::memory_order_relaxed);
     ranges[t].end = total * (t + 1) / threads;
   }
+  // Items are claimed a few at a time: every claim is a locked instruction, which on x86 waits for the thread's
+  // pending stores to drain (an item's output rows, cold in cache), and one claim per item of a 2,048-row product
+  // (~2 us items) spent ~6% of its time there (perf: the samples on `lock xadd`; 2.2% with claims of 4). One layer's
+  // four products at 2,048 rows: 6.25 -> 6.04 ms (medians of 40, alternated in one process). A claim of up to
+  // kMaxClaim items leaves the other threads at most that many of one range to wait for at the end.
+  const int64_t claim = std::clamp<int64_t>(total / threads / kClaimsPerRange, 1, kMaxClaim);
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     // NOTE: normally one range per thread; should the pool run fewer threads, a call takes several and the
     // stealing below still covers every range.
@@ -45,9 +54,8 @@ void for_each_item(int64_t total, const F& fn) {
       for (int64_t k = 0; k < threads; ++k) {
         Range& r = ranges[(own + k) % threads];
         while (r.next.load(std::memory_order_relaxed) < r.end) {
-          const int64_t item = r.next.fetch_add(1, std::memory_order_relaxed);
-          if (item >= r.end) break;
-          fn(item);
+          const int64_t item = r.next.fetch_add(claim, std::memory_order_relaxed);
+          for (int64_t i = item; i < std::min(item + claim, r.end); ++i) fn(i);
         }
       }
     }
