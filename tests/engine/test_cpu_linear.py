@@ -132,12 +132,12 @@ def test_shapes_the_kernel_does_not_take(ops):
         ops.pack_linear_weight(rand(64, 33, seed=15))
 
 
-@pytest.mark.parametrize("rows", [1, 5, 6, 7, 24, 25, 32, 33, 130])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 24, 25, 32, 33, 100, 130, 600])
 @pytest.mark.parametrize("inter, k", [(1536, 576), (32, 34), (96, 64)])
 def test_the_gated_product_is_linear_then_silu_mul_bit_for_bit(ops, rows, inter, k):
     """``packed_linear_silu_mul`` applies silu(gate) * up as it stores the product's columns: the same bits as the
-    plain product of [gate; up] followed by ``silu_mul``, for row counts on and off the tiles and an odd count of
-    32-column blocks (96)."""
+    plain product of [gate; up] followed by ``silu_mul``, for row counts on and off the tiles (on AMX, 100 rows: a
+    64-row item and one of 32 + 4; 600: panels of 512 rows) and an odd count of 32-column blocks (96)."""
     weight = rand(2 * inter, k, seed=rows + inter) * 0.3  # gate values across silu's range, both signs
     x = rand(rows, k, seed=rows * 3 + k)
     want = ops.silu_mul(ops.packed_linear(x, ops.pack_linear_weight(weight), 2 * inter, None))

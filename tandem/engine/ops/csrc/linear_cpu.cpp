@@ -134,7 +134,7 @@ void rows_times_tiles(const bf16* w, const bf16* x, int64_t rows, int64_t K, con
 // at 32 rows and 2,100-2,400 at 2,048; oneDNN's AMX product 700-1,250 and 2,500-2,900; the AVX-512 path ~210.
 constexpr int64_t kAmxRows = 32;    // rows of x per work item: two A tiles
 constexpr int64_t kAmxMinRows = 4;  // fewer rows stream the weights faster on the AVX-512 path
-constexpr int64_t kPanelChunks = 16;  // chunks of rows (512 rows) per panel of a many-row product (see run_product)
+constexpr int64_t kPanelRows = 512;  // rows of x per panel of a many-row product (see run_product)
 // Products of up to this many rows go in 16-row items (amx_wide), whose weights stream from memory: decode steps at
 // 64 streams 47.8 -> 46.7 ms with 64 here rather than 32 (with weights warm in cache, 32-row tiles are faster).
 constexpr int64_t kWideRows = 64;
@@ -143,6 +143,13 @@ constexpr int64_t kWideRows = 64;
 // fp32 buffer between K blocks (an exact round trip: the same bits as one pass). A 2,048-row layer's four products
 // 6.1-6.7 -> 5.8-5.9 ms (blocks of 128: no better; 256: 6.5).
 constexpr int64_t kAmxKBlock = 192;
+// A gated product of more than kWideRows rows takes items of this many rows: two 32-row halves per K block of
+// kTallKBlock, so the block's columns for one K block (16 KB) serve both from L1. Its silu epilogue makes items
+// long; measured here (gate/up of 576 -> 2 x 1,536, alternated in one process): 3.86-3.89 -> 3.59-3.63 ms at 2,048
+// rows, 1.95 -> 1.81 at 1,024, level at 128 and 512. Plain products gained nothing this way (level at 2,048 rows,
+// 10-25% slower at 128-512), so they keep 32-row items.
+constexpr int64_t kTallRows = 64;
+constexpr int64_t kTallKBlock = 128;
 
 // The tile shapes for an item of r0 (+ r1) rows: C tmm0-1 (rows 0-15) and tmm2-3 (16-31), A tmm4-5, B tmm6-7.
 inline void configure_tiles(int64_t call, int r0, int r1) {
@@ -243,13 +250,29 @@ inline void configure_wide_tiles(int64_t call, int rows) {
   tandem_amx::load_tiles(call, 1 << 20 | rows, cfg);
 }
 
-// `rows` (<= 32) rows of x times columns [c, c + width) of a packed block (`w` at the block's first column), stored
-// as tiles_product stores them.
+// `rows` (<= 32; up to kTallRows in a gated product's tall items) rows of x times columns [c, c + width) of a packed
+// block (`w` at the block's first column), stored as tiles_product stores them.
 template <bool PF, bool GATED>
 void amx_item(int64_t product, const bf16* w, const bf16* x, int64_t rows, int64_t K, int c, int width,
               const float* bias, bf16* out, int64_t ldo, int valid, PrefetchCursor* pf) {
-  alignas(64) float acc[kAmxRows * kBlock];
-  if (rows <= 16) {
+  alignas(64) float acc[kTallRows * kBlock];
+  if (rows > kAmxRows) {  // a tall item: two halves of up to 32 rows, rows [32, rows) in acc's second half
+    for (int64_t k0 = 0; k0 < K; k0 += kTallKBlock) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + kTallKBlock);
+      for (int64_t sub = 0; sub < rows; sub += kAmxRows) {
+        const int sub_rows = int(std::min<int64_t>(kAmxRows, rows - sub));
+        const int r0 = std::min(sub_rows, 16), r1 = sub_rows - r0;
+        configure_tiles(product, r0, r1);
+        for (int half = c; half < c + width; half += 32) {
+          if (r1 > 0) {
+            amx_half<true, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
+          } else {
+            amx_half<false, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
+          }
+        }
+      }
+    }
+  } else if (rows <= 16) {
     configure_wide_tiles(product, int(rows));
     if (width == kBlock) {
       amx_wide<4>(w + 2 * c, x, K, acc);
@@ -340,18 +363,19 @@ void run_product(const bf16* xd, const bf16* wd, const float* bd, bf16* od, int6
                  int64_t n, const LinePrefetch* prefetch) {
   const bool amx = M >= kAmxMinRows && K % 32 == 0 && linear_amx();
   // (products of up to kWideRows rows in items of 16 rows, each one pass over its block: see amx_wide)
-  const int64_t most = amx ? (M <= kWideRows ? 16 : kAmxRows) : kRowChunk;
+  const int64_t most = amx ? (M <= kWideRows ? 16 : GATED ? kTallRows : kAmxRows) : kRowChunk;
   const int64_t product = amx ? tandem_amx::amx_call() : 0;
   const int64_t chunk = M <= most ? M : most, chunks = (M + chunk - 1) / chunk;
   const int64_t parts = GATED || (blocks * chunks) % at::get_num_threads() == 0 ? 1 : 2, width = kBlock / parts;
   const int64_t items = blocks * parts * chunks;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), items);
   const bool prefetching = prefetch != nullptr && prefetch->threads == threads;
-  // On AMX, products of many rows go panel by panel: kPanelChunks chunks of rows (in L2) against every block, so x
+  // On AMX, products of many rows go panel by panel: kPanelRows rows (in L2) against every block, so x
   // is not re-read from L3 once per block. Block-major, a 2,048-row product re-read its 2.4 MB of x per block: one
   // layer's four products at 2,048 rows took 8.4 ms that way, 6.4 ms in panels of 512 rows (7.1 ms in panels of 256;
   // oneDNN's AMX products 5.3 ms), alternating in one process.
-  const int64_t panel = amx && chunks > kPanelChunks ? kPanelChunks : chunks;
+  const int64_t panel_chunks = kPanelRows / chunk;
+  const int64_t panel = amx && chunks > panel_chunks ? panel_chunks : chunks;
   const int64_t panel_items = blocks * parts * panel;
   tandem_parallel::for_each_item(items, [&](int64_t item) {
     const int64_t first_chunk = item / panel_items * panel, in_panel = std::min(panel, chunks - first_chunk);
