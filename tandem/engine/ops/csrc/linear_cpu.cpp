@@ -256,23 +256,7 @@ template <bool PF, bool GATED>
 void amx_item(int64_t product, const bf16* w, const bf16* x, int64_t rows, int64_t K, int c, int width,
               const float* bias, bf16* out, int64_t ldo, int valid, PrefetchCursor* pf) {
   alignas(64) float acc[kTallRows * kBlock];
-  if (rows > kAmxRows) {  // a tall item: two halves of up to 32 rows, rows [32, rows) in acc's second half
-    for (int64_t k0 = 0; k0 < K; k0 += kTallKBlock) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + kTallKBlock);
-      for (int64_t sub = 0; sub < rows; sub += kAmxRows) {
-        const int sub_rows = int(std::min<int64_t>(kAmxRows, rows - sub));
-        const int r0 = std::min(sub_rows, 16), r1 = sub_rows - r0;
-        configure_tiles(product, r0, r1);
-        for (int half = c; half < c + width; half += 32) {
-          if (r1 > 0) {
-            amx_half<true, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
-          } else {
-            amx_half<false, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
-          }
-        }
-      }
-    }
-  } else if (rows <= 16) {
+  if (rows <= 16) {
     configure_wide_tiles(product, int(rows));
     if (width == kBlock) {
       amx_wide<4>(w + 2 * c, x, K, acc);
@@ -280,15 +264,25 @@ void amx_item(int64_t product, const bf16* w, const bf16* x, int64_t rows, int64
       amx_wide<2>(w + 2 * c, x, K, acc);
     }
   } else {
-    const int r0 = int(std::min<int64_t>(rows, 16)), r1 = int(rows - r0);
-    configure_tiles(product, r0, r1);
-    for (int64_t k0 = 0; k0 < K; k0 += kAmxKBlock) {
-      const int64_t k1 = std::min<int64_t>(K, k0 + kAmxKBlock);
-      for (int half = c; half < c + width; half += 32) {
-        if (r1 > 0) {
-          amx_half<true, PF>(w + 2 * half, x, K, k0, k1, acc, half - c, pf);
-        } else {
-          amx_half<false, PF>(w + 2 * half, x, K, k0, k1, acc, half - c, pf);
+    // Per K block, the item's rows in 32-row halves (two in a gated product's tall items: rows [32, rows) in acc's
+    // second half), each half times the block's 32-column halves; the tile shapes set again only when they change.
+    const int64_t k_block = rows > kAmxRows ? kTallKBlock : kAmxKBlock;
+    int shapes = -1;
+    for (int64_t k0 = 0; k0 < K; k0 += k_block) {
+      const int64_t k1 = std::min<int64_t>(K, k0 + k_block);
+      for (int64_t sub = 0; sub < rows; sub += kAmxRows) {
+        const int sub_rows = int(std::min<int64_t>(kAmxRows, rows - sub));
+        const int r0 = std::min(sub_rows, 16), r1 = sub_rows - r0;
+        if (r0 * 64 + r1 != shapes) {
+          configure_tiles(product, r0, r1);
+          shapes = r0 * 64 + r1;
+        }
+        for (int half = c; half < c + width; half += 32) {
+          if (r1 > 0) {
+            amx_half<true, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
+          } else {
+            amx_half<false, PF>(w + 2 * half, x + sub * K, K, k0, k1, acc + sub * kBlock, half - c, pf);
+          }
         }
       }
     }
